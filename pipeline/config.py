@@ -1,0 +1,103 @@
+"""One configuration object for every bucketlens command.
+
+Precedence: command-line flag > ``BUCKETLENS_*`` environment variable > default. The same
+variables are what ``bucketlens local env`` prints, so ``eval "$(bucketlens local env)"``
+points every command at the local stack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, get_type_hints
+
+ENV_PREFIX = "BUCKETLENS_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a command needs to find its resources and tune its work."""
+
+    project: str = "bucketlens-local"
+    bucket: str = "bucketlens-images"
+    prefix: str = ""  # only objects under this prefix are classified
+    topic: str = "bucketlens-uploads"
+    subscription: str = "bucketlens-uploads-sub"
+    dead_letter_topic: str = "bucketlens-uploads-dlq"
+    dataset: str = "bucketlens"
+    table: str = "predictions"
+    dead_letter_table: str = "dead_letters"
+    bq_endpoint: str = ""  # empty = the real BigQuery API
+    bq_location: str = "US"
+    model: str = "mobilenet_v2"
+    weights: str = ""  # empty = the model's default weights; else a path or gs:// URI
+    batch_size: int = 16
+    top_k: int = 5
+    min_confidence: float = 0.0
+    checkpoint: str = ".bucketlens/checkpoints/predictions"
+    trigger_seconds: float = 2.0
+    max_messages_per_batch: int = 1000
+    num_partitions: int = 0  # 0 = Spark's default parallelism
+    ack_deadline_seconds: int = 60
+    fetch_threads: int = 8
+    max_bytes: int = 32 * 1024 * 1024
+    max_pixels: int = 64_000_000
+    spark_master: str = "local[2]"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from ``BUCKETLENS_*`` variables, then apply non-None overrides."""
+        env = os.environ if env is None else env
+        hints = get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _coerce(f.name, hints[f.name], raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown settings: {sorted(unknown)}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @property
+    def table_id(self) -> str:
+        return f"{self.project}.{self.dataset}.{self.table}"
+
+    @property
+    def dead_letter_table_id(self) -> str:
+        return f"{self.project}.{self.dataset}.{self.dead_letter_table}"
+
+    @property
+    def subscription_path(self) -> str:
+        return f"projects/{self.project}/subscriptions/{self.subscription}"
+
+    @property
+    def topic_path(self) -> str:
+        return f"projects/{self.project}/topics/{self.topic}"
+
+    @property
+    def dead_letter_topic_path(self) -> str:
+        return f"projects/{self.project}/topics/{self.dead_letter_topic}"
+
+    def as_env(self) -> dict[str, str]:
+        """The ``BUCKETLENS_*`` variables that reproduce these settings."""
+        return {ENV_PREFIX + f.name.upper(): str(getattr(self, f.name)) for f in fields(self)}
+
+
+def _coerce(name: str, kind: Any, raw: str) -> Any:
+    try:
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        if kind is bool:
+            return raw.strip().lower() in {"1", "true", "yes", "on"}
+        return raw
+    except ValueError as exc:
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind.__name__}") from exc

@@ -1,0 +1,49 @@
+"""Shared fixtures: one real local stack per test session, isolated resources per test.
+
+fake-gcs-server publishes every bucket's notifications to the one topic it was started with,
+so isolation comes from a fresh bucket, subscription (created before the test uploads) and
+dataset per test, all on the shared emulators.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from deploy import localstack, provision
+from pipeline.config import Settings
+
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[localstack.StackState]:
+    """The Pub/Sub emulator, fake-gcs-server and bqemulator, started once on free ports."""
+    run_dir = tmp_path_factory.mktemp("stack")
+    state = localstack.up(run_dir, Settings())
+    mp = pytest.MonkeyPatch()
+    for k, v in state.env().items():
+        mp.setenv(k, v)
+    try:
+        yield state
+    finally:
+        mp.undo()
+        localstack.down(run_dir)
+
+
+@pytest.fixture
+def isolated(stack: localstack.StackState, tmp_path) -> Settings:
+    """Settings with a bucket, subscription, dead-letter topic and dataset of this test's own."""
+    uid = uuid.uuid4().hex[:8]
+    settings = stack.settings(Settings()).replace(
+        bucket=f"test-{uid}",
+        subscription=f"sub-{uid}",
+        dead_letter_topic=f"dlq-{uid}",
+        dataset=f"ds_{uid}",
+        checkpoint=str(tmp_path / "checkpoint"),
+    )
+    provision.apply(settings)
+    return settings
