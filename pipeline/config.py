@@ -34,6 +34,7 @@ class Settings:
     model: str = "mobilenet_v2"
     weights: str = ""  # empty = the model's default weights; else a path or gs:// URI
     batch_size: int = 16
+    torch_threads: int = 0  # 0 = 1 inside a Spark worker, all cores elsewhere
     top_k: int = 5
     min_confidence: float = 0.0
     checkpoint: str = ".bucketlens/checkpoints/predictions"
@@ -42,9 +43,11 @@ class Settings:
     num_partitions: int = 0  # 0 = Spark's default parallelism
     ack_deadline_seconds: int = 60
     fetch_threads: int = 8
+    fetch_timeout_seconds: float = 60.0
     max_bytes: int = 32 * 1024 * 1024
     max_pixels: int = 64_000_000
     spark_master: str = "local[2]"
+    jsonl_uri: str = ""  # JSON-lines sink target; empty = gs://<bucket>/_bucketlens/<table>
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

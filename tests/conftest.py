@@ -47,3 +47,22 @@ def isolated(stack: localstack.StackState, tmp_path) -> Settings:
     )
     provision.apply(settings)
     return settings
+
+
+@pytest.fixture(scope="session")
+def spark(stack):
+    """One local[2] Spark session for the whole run (start-up costs 10-30 s)."""
+    from pipeline.spark import session
+
+    s = session("local[2]", app="bucketlens-tests")
+    yield s
+    s.stop()
+
+
+def publish(settings: Settings, payloads: list[tuple[bytes, dict[str, str]]]) -> list[str]:
+    """Publish messages to the settings' topic and wait for their ids."""
+    from pipeline import clients
+
+    pub = clients.publisher_client()
+    futures = [pub.publish(settings.topic_path, data, **attrs) for data, attrs in payloads]
+    return [f.result(timeout=30) for f in futures]

@@ -1,0 +1,137 @@
+"""Figures behind the classify stage's defaults: batch size, memory format and JPEG decoder.
+
+Prints model-only throughput by batch size (random-init torchvision weights time the same as
+trained ones, so nothing is downloaded) and decode + preprocess cost per image for each
+decoder, on package-shipped photos and on a camera-sized (12 MP) JPEG. Not a test.
+
+    .venv/bin/python bench/classify_bench.py [--seconds 2] [--models mobilenet_v2,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import time
+from collections.abc import Callable
+
+import torch
+import torchvision
+from PIL import Image
+
+from pipeline import classify, images
+from pipeline.config import Settings
+
+BATCH_SIZES = (1, 4, 8, 16, 32, 64)
+
+
+def per_call(fn: Callable[[], object], seconds: float, rounds: int = 3) -> float:
+    """Seconds per call: the best of ``rounds`` round means (each >= 2 calls), after a warm-up.
+
+    The best round, as in ``timeit``, because on a shared 2-core machine other processes only
+    ever make a round slower.
+    """
+    fn()
+    best = float("inf")
+    for _ in range(rounds):
+        calls, started = 0, time.perf_counter()
+        while calls < 2 or time.perf_counter() - started < seconds / rounds:
+            fn()
+            calls += 1
+        best = min(best, (time.perf_counter() - started) / calls)
+    return best
+
+
+def build(name: str) -> torch.nn.Module:
+    """Trained weights where bundled; otherwise random ones with calibrated batch norm."""
+    if name == classify.EFFICIENTNET_LITE0:
+        return classify.build_model(name, classify.WeightsSource("default"), Settings())
+    model = torchvision.models.get_model(name, weights=None)
+    # Fresh batch-norm statistics shrink activations to ~1e-9 by the logits: denormal floats,
+    # which run far slower than a trained model's. A few train-mode passes fix the statistics.
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = None  # cumulative average
+    with torch.no_grad():
+        for _ in range(2):
+            model.train()(torch.randn(8, 3, 224, 224))
+    return model.eval()
+
+
+def bench_models(names: list[str], seconds: float) -> None:
+    print(f"\nmodel-only images/s (threads={torch.get_num_threads()}, 224x224, inference_mode)")
+    print(f"{'model':<22}{'format':<15}" + "".join(f"{'b=' + str(b):>9}" for b in BATCH_SIZES))
+    for name in names:
+        model = build(name).eval()
+        for memory_format in (torch.channels_last, torch.contiguous_format):
+            model = model.to(memory_format=memory_format)
+            rates = []
+            for batch_size in BATCH_SIZES:
+                batch = torch.randn(batch_size, 3, 224, 224).to(memory_format=memory_format)
+                with torch.inference_mode():
+                    rates.append(batch_size / per_call(lambda m=model, b=batch: m(b), seconds))
+            label = str(memory_format).removeprefix("torch.")
+            print(f"{name:<22}{label:<15}" + "".join(f"{r:>9.1f}" for r in rates))
+
+
+def jpeg(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def sample_jpegs() -> dict[str, bytes]:
+    import skimage.data
+
+    photos = [Image.fromarray(getattr(skimage.data, n)()) for n in ("chelsea", "coffee", "rocket")]
+    camera = photos[0].resize((4032, 3024), Image.Resampling.BICUBIC)
+    return {"photos (~450x300)": photos, "camera 4032x3024": [camera]}
+
+
+def bench_decoders(seconds: float) -> None:
+    spec = classify.model_spec(classify.DEFAULT_MODEL, classify.WeightsSource("default"))
+    limits = {"max_bytes": Settings().max_bytes, "max_pixels": Settings().max_pixels}
+    sets = sample_jpegs()
+    print(f"\ndecode + resize {spec.preprocess.resize} + crop + normalise, ms/image")
+    print(f"{'decoder':<14}" + "".join(f"{name:>20}" for name in sets))
+    encoded = {name: [jpeg(img) for img in imgs] for name, imgs in sets.items()}
+    for decoder in images.DECODERS:
+        cells = []
+        for blobs in encoded.values():
+
+            def run(blobs: list[bytes] = blobs, decoder: str = decoder) -> None:
+                for data in blobs:
+                    images.load(data, spec.preprocess, decoder=decoder, **limits)
+
+            cells.append(1000 * per_call(run, seconds) / len(blobs))
+        print(f"{decoder:<14}" + "".join(f"{ms:>20.2f}" for ms in cells))
+
+
+def bench_end_to_end(seconds: float) -> None:
+    """run_inference on real JPEG bytes: what one Spark task sees per image."""
+    handler = classify.TorchModelHandler(Settings(model=classify.EFFICIENTNET_LITE0))
+    blobs = [jpeg(img) for img in sample_jpegs()["photos (~450x300)"]] * 16  # 3 batches
+    rate = len(blobs) / per_call(lambda: handler.run_inference(blobs), seconds)
+    print(f"\nend to end (decode + {handler.name}, batch {handler.settings.batch_size}): "
+          f"{rate:.1f} images/s")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=1.0, help="time per measurement")
+    parser.add_argument("--models", default=f"mobilenet_v2,{classify.EFFICIENTNET_LITE0}")
+    parser.add_argument("--threads", type=int, help="torch threads (default: as the pipeline)")
+    args = parser.parse_args()
+    if args.threads:
+        os.environ[classify.THREADS_ENV] = str(args.threads)  # the handler honours it too
+    torch.set_num_threads(classify.torch_threads(os.environ, os.cpu_count()))
+    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")  # fmt: skip
+    bench_models(args.models.split(","), args.seconds)
+    bench_decoders(args.seconds)
+    bench_end_to_end(args.seconds)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""``bucketlens demo``: the whole product on the embedded local stack, in one command.
+
+local up → replay the bundled sample photos → stream until every upload is a row (or the
+timeout) → print what the model saw → local down. The last stdout line (printed by the CLI)
+is one JSON object: uploaded, rows, distinct_keys, errors, seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from deploy import localstack
+from pipeline.config import Settings
+
+console = Console(stderr=True)
+
+SUMMARY_SQL = """
+SELECT true_label, top1_label, COUNT(*) AS n, ROUND(AVG(top1_prob), 3) AS avg_prob
+FROM `{table}` WHERE bucket = @bucket
+GROUP BY true_label, top1_label ORDER BY true_label, n DESC
+"""
+COUNTS_SQL = """
+SELECT COUNT(*) AS rows_,
+       COUNT(DISTINCT CONCAT(bucket, '/', name, '#', CAST(generation AS STRING))) AS keys_,
+       COUNTIF(status NOT IN ('ok', 'low_confidence')) AS errors
+FROM `{table}` WHERE bucket = @bucket
+"""
+
+
+def _query(bq, sql: str, bucket: str) -> list:
+    from google.cloud import bigquery
+
+    cfg = bigquery.QueryJobConfig(query_parameters=[
+        bigquery.ScalarQueryParameter("bucket", "STRING", bucket)])
+    return list(bq.query(sql, job_config=cfg).result())
+
+
+def counts(bq, settings: Settings) -> tuple[int, int, int]:
+    row = _query(bq, COUNTS_SQL.format(table=settings.table_id), settings.bucket)[0]
+    return int(row["rows_"]), int(row["keys_"]), int(row["errors"] or 0)
+
+
+def run(images: int = 60, rate: float = 10.0, timeout: float = 600.0,
+        run_dir: Path = Path(".bucketlens/demo")) -> dict:
+    from pipeline import classify, clients, stream
+    from producer.datasets import discover, sample_dataset
+    from producer.replay import replay
+
+    started = time.monotonic()
+    console.rule("[bold]bucketlens demo")
+    console.print(f"starting the local stack in {run_dir} …")
+    state = localstack.up(run_dir)
+    env = state.env()
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    query = None
+    try:
+        settings = Settings.from_env()
+        console.print(f"loading model {settings.model} …")
+        classify.get_handler(settings)
+        dataset = sample_dataset()
+        items = discover(dataset)
+        console.print(f"sample set: {len(items)} real photos in "
+                      f"{len({i.class_name for i in items})} classes ({dataset})")
+        console.print("starting Spark and the stream …")
+        query, _ = stream.start(settings)
+        console.print(f"uploading {images} images at {rate:g}/s into gs://{settings.bucket} …")
+        summary = replay(items, settings, rate=rate, limit=images, loop=True, seed=0,
+                         progress=False)
+        uploaded = summary.uploaded
+        bq = clients.bigquery_client(settings)
+        rows = keys = errors = 0
+        deadline = time.monotonic() + timeout
+        with console.status("waiting for rows in BigQuery …") as status:
+            while time.monotonic() < deadline:
+                if query.exception():
+                    raise RuntimeError(f"the stream failed: {query.exception()}")
+                rows, keys, errors = counts(bq, settings)
+                status.update(f"rows in BigQuery: {rows}/{uploaded}")
+                if rows >= uploaded:
+                    break
+                time.sleep(1.0)
+        _print_summary(bq, settings)
+        return {"uploaded": uploaded, "rows": rows, "distinct_keys": keys,
+                "errors": errors + summary.failed,
+                "seconds": round(time.monotonic() - started, 1)}
+    finally:
+        if query is not None:
+            query.stop()
+        localstack.down(run_dir)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _print_summary(bq, settings: Settings) -> None:
+    table = Table(title=f"what {settings.model} saw (SELECT true_label, top1_label, COUNT(*) …)")
+    for col in ("true_label", "top1_label", "n", "avg_prob"):
+        table.add_column(col, justify="right" if col in ("n", "avg_prob") else "left")
+    for r in _query(bq, SUMMARY_SQL.format(table=settings.table_id), settings.bucket):
+        table.add_row(str(r["true_label"]), str(r["top1_label"]), str(r["n"]), str(r["avg_prob"]))
+    Console(file=sys.stdout).print(table)

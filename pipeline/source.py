@@ -1,0 +1,364 @@
+"""``spark.readStream.format("pubsub")``: a Structured Streaming source for Google Pub/Sub.
+
+    from pyspark.sql import SparkSession
+    from pipeline.source import PubSubDataSource
+
+    spark = SparkSession.builder.getOrCreate()
+    spark.dataSource.register(PubSubDataSource)
+    messages = (spark.readStream.format("pubsub")
+                .option("subscription", "projects/my-project/subscriptions/uploads")
+                .option("maxMessagesPerBatch", 500)
+                .load())
+    query = messages.writeStream.foreachBatch(handle).option("checkpointLocation", "/ckpt").start()
+
+Delivery semantics (at-least-once, nothing lost):
+
+* A background thread on the driver pulls messages into a buffer. ``latestOffset`` numbers
+  buffered messages with a monotonically increasing sequence (admission control:
+  ``maxMessagesPerBatch``); ``partitions`` ships the numbered messages themselves to the
+  executors, so ``read`` never talks to Pub/Sub.
+* A message is acknowledged only in ``commit(end)``, which Spark calls after the micro-batch
+  (and its ``foreachBatch``) has completed. A batch that fails is never acked: its messages
+  come back by redelivery.
+* A lease thread (modelled on python-pubsub's ``leaser.py``) extends the ack deadline of every
+  held message while batches run, so a slow batch causes no redelivery; leases are dropped
+  after ``maxLeaseSeconds`` so a stuck batch cannot hold messages forever.
+* ``stop()`` hands unacked messages back at once (ack deadline 0).
+* After a crash, the restarted reader has no buffer for the planned-but-uncommitted batch: it
+  yields nothing for that range, Pub/Sub redelivers those messages, and numbering continues
+  after the checkpointed offset so offsets stay monotonic.
+
+Duplicates are possible (redelivery, replay); the sink is idempotent on the object key.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from pyspark.sql.datasource import DataSource, DataSourceStreamReader, InputPartition
+from pyspark.sql.streaming.datasource import ReadAllAvailable, ReadLimit, ReadMaxRows
+from pyspark.sql.types import StructType
+
+log = logging.getLogger("bucketlens.source")
+
+SCHEMA = ("message_id string, publish_time timestamp, attributes map<string,string>, "
+          "data binary, delivery_attempt int")
+OFFSET_KEY = "seq"
+ACK_CHUNK = 1000  # Pub/Sub accepts at most 2,500 ack ids per request; stay well below
+
+
+@dataclass(frozen=True)
+class PubSubOptions:
+    """Source options as typed values (Spark passes every option as a string)."""
+
+    subscription: str
+    max_messages_per_batch: int = 1000
+    num_partitions: int = 2
+    ack_deadline_seconds: int = 60  # each lease extension asks for this much
+    max_lease_seconds: float = 3600.0
+    max_buffered: int = 0  # 0 = 2 x max_messages_per_batch
+    pull_timeout_seconds: float = 5.0
+    emulator_host: str = ""
+
+    @classmethod
+    def parse(cls, options: dict[str, str]) -> PubSubOptions:
+        opts = {k.lower(): v for k, v in options.items()}
+        sub = opts.get("subscription", "")
+        if not sub:
+            raise ValueError('the pubsub source needs .option("subscription", ...)')
+        if not sub.startswith("projects/"):
+            project = opts.get("project") or os.environ.get("BUCKETLENS_PROJECT")
+            if not project:
+                raise ValueError(f"subscription {sub!r} is not a full path and no project is set")
+            sub = f"projects/{project}/subscriptions/{sub}"
+        o = cls(
+            subscription=sub,
+            max_messages_per_batch=int(opts.get("maxmessagesperbatch", 1000)),
+            num_partitions=int(opts.get("numpartitions", 2)),
+            ack_deadline_seconds=int(opts.get("ackdeadlineseconds", 60)),
+            max_lease_seconds=float(opts.get("maxleaseseconds", 3600)),
+            max_buffered=int(opts.get("maxbuffered", 0)),
+            pull_timeout_seconds=float(opts.get("pulltimeoutseconds", 5)),
+            emulator_host=opts.get("emulatorhost", ""),
+        )
+        if o.max_messages_per_batch < 1 or o.num_partitions < 1:
+            raise ValueError("maxMessagesPerBatch and numPartitions must be >= 1")
+        if not 10 <= o.ack_deadline_seconds <= 600:
+            raise ValueError("ackDeadlineSeconds must be between 10 and 600 (Pub/Sub's range)")
+        return o
+
+    @property
+    def buffer_limit(self) -> int:
+        return self.max_buffered or 2 * self.max_messages_per_batch
+
+
+@dataclass
+class Held:
+    """A pulled, not yet acknowledged message and its lease."""
+
+    ack_id: str
+    row: tuple
+    leased_at: float
+    seq: int | None = None
+
+
+@dataclass
+class MessagePartition(InputPartition):
+    """The messages of one Spark task: carried from the driver, so executors need no client."""
+
+    rows: list[tuple] = field(default_factory=list)
+
+
+def message_row(received: Any) -> tuple:
+    """A ReceivedMessage as a row of SCHEMA."""
+    m = received.message
+    publish_time: datetime | None = m.publish_time or None
+    return (m.message_id, publish_time, dict(m.attributes), bytes(m.data),
+            int(received.delivery_attempt or 0) or None)
+
+
+def split(items: Sequence[Any], n: int) -> list[list[Any]]:
+    """Split into at most n contiguous, non-empty, near-equal chunks."""
+    n = max(1, min(n, len(items)))
+    size, extra = divmod(len(items), n)
+    out, i = [], 0
+    for k in range(n):
+        j = i + size + (1 if k < extra else 0)
+        out.append(list(items[i:j]))
+        i = j
+    return [c for c in out if c]
+
+
+def chunks(items: Sequence[str], size: int = ACK_CHUNK) -> Iterator[list[str]]:
+    for i in range(0, len(items), size):
+        yield list(items[i:i + size])
+
+
+class _Runtime:
+    """Driver-side state: the client, the buffer and two threads. Never pickled."""
+
+    def __init__(self, opts: PubSubOptions) -> None:
+        from pipeline.clients import subscriber_client
+
+        if opts.emulator_host:
+            os.environ["PUBSUB_EMULATOR_HOST"] = opts.emulator_host
+        self.opts = opts
+        self.client = subscriber_client()
+        self.lock = threading.Lock()
+        self.unplanned: deque[Held] = deque()
+        self.planned: dict[int, Held] = {}
+        self.next_seq = 0
+        self.stopping = threading.Event()
+        self.stats = {"pulled": 0, "acked": 0, "extended": 0, "expired": 0, "nacked": 0}
+        self.threads = [
+            threading.Thread(target=self._pull_loop, name="pubsub-pull", daemon=True),
+            threading.Thread(target=self._lease_loop, name="pubsub-lease", daemon=True),
+        ]
+        for t in self.threads:
+            t.start()
+
+    # -- pulling -------------------------------------------------------------------------
+    def _pull_loop(self) -> None:
+        from google.api_core import exceptions as gexc
+
+        while not self.stopping.is_set():
+            with self.lock:
+                room = self.opts.buffer_limit - len(self.unplanned)
+            if room <= 0:  # flow control: let Spark catch up before pulling more
+                self.stopping.wait(0.05)
+                continue
+            try:
+                resp = self.client.pull(
+                    subscription=self.opts.subscription, max_messages=min(room, 1000),
+                    timeout=self.opts.pull_timeout_seconds,
+                )
+            except (gexc.DeadlineExceeded, gexc.ServiceUnavailable, gexc.InternalServerError,
+                    gexc.Aborted, gexc.Unknown) as exc:
+                log.debug("pull: %s", exc)
+                self.stopping.wait(0.5)
+                continue
+            except Exception:  # noqa: BLE001 - keep pulling; the query must not die silently
+                log.exception("pull failed")
+                self.stopping.wait(1.0)
+                continue
+            if not resp.received_messages:
+                continue
+            now = time.monotonic()
+            held = [Held(r.ack_id, message_row(r), now) for r in resp.received_messages]
+            # Take the lease at once: the subscription's own deadline may be shorter.
+            self._modack([h.ack_id for h in held], self.opts.ack_deadline_seconds)
+            with self.lock:
+                self.unplanned.extend(held)
+                self.stats["pulled"] += len(held)
+
+    # -- leases --------------------------------------------------------------------------
+    def _lease_loop(self) -> None:
+        deadline = self.opts.ack_deadline_seconds
+        while not self.stopping.wait(random.uniform(0.5, 0.8) * deadline):
+            now = time.monotonic()
+            with self.lock:
+                held = list(self.unplanned) + list(self.planned.values())
+                expired = [h for h in held if now - h.leased_at > self.opts.max_lease_seconds]
+                for h in expired:  # stop extending: Pub/Sub will redeliver them
+                    self._forget(h)
+                gone = {id(h) for h in expired}
+                live = [h.ack_id for h in held if id(h) not in gone]
+                self.stats["expired"] += len(expired)
+            if expired:
+                log.warning("dropped the lease of %d messages held over %.0fs",
+                            len(expired), self.opts.max_lease_seconds)
+            if live:
+                self._modack(live, deadline)
+                self.stats["extended"] += len(live)
+
+    def _forget(self, h: Held) -> None:
+        if h.seq is not None:
+            self.planned.pop(h.seq, None)
+        else:
+            try:
+                self.unplanned.remove(h)
+            except ValueError:
+                pass
+
+    def _modack(self, ack_ids: Sequence[str], seconds: int) -> None:
+        for part in chunks(ack_ids):
+            try:
+                self.client.modify_ack_deadline(
+                    subscription=self.opts.subscription, ack_ids=part,
+                    ack_deadline_seconds=seconds)
+            except Exception as exc:  # noqa: BLE001 - a lost lease means a redelivery, not a loss
+                log.warning("modify_ack_deadline(%d ids, %ds) failed: %s", len(part), seconds, exc)
+
+    # -- offsets -------------------------------------------------------------------------
+    def number(self, start: int, limit: int | None) -> int:
+        """Give sequence numbers to up to ``limit`` buffered messages; return the end offset."""
+        with self.lock:
+            # After a restart ``start`` is the checkpointed offset: continue after it.
+            self.next_seq = max(self.next_seq, start)
+            take = len(self.unplanned) if limit is None else min(limit, len(self.unplanned))
+            for _ in range(take):
+                h = self.unplanned.popleft()
+                h.seq = self.next_seq
+                self.planned[h.seq] = h
+                self.next_seq += 1
+            return self.next_seq
+
+    def rows(self, start: int, end: int) -> list[tuple]:
+        with self.lock:
+            return [self.planned[s].row for s in range(start, end) if s in self.planned]
+
+    def ack_below(self, end: int) -> int:
+        with self.lock:
+            done = [s for s in self.planned if s < end]
+            ack_ids = [self.planned.pop(s).ack_id for s in done]
+        for part in chunks(ack_ids):
+            _ack_with_retry(self.client, self.opts.subscription, part)
+        self.stats["acked"] += len(ack_ids)
+        return len(ack_ids)
+
+    def close(self) -> None:
+        """Stop the threads and hand every unacked message back to Pub/Sub at once."""
+        self.stopping.set()
+        with self.lock:
+            held = [h.ack_id for h in self.unplanned] + [h.ack_id for h in self.planned.values()]
+            self.unplanned.clear()
+            self.planned.clear()
+        self._modack(held, 0)
+        self.stats["nacked"] += len(held)
+        for t in self.threads:
+            t.join(timeout=self.opts.pull_timeout_seconds + 1)
+        try:
+            self.client.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _ack_with_retry(client: Any, subscription: str, ack_ids: list[str]) -> None:
+    from google.api_core import exceptions as gexc
+    from tenacity import (
+        retry,
+        retry_if_exception_type,
+        stop_after_attempt,
+        wait_exponential_jitter,
+    )
+
+    transient = (gexc.ServiceUnavailable, gexc.InternalServerError, gexc.DeadlineExceeded,
+                 gexc.Aborted, gexc.Unknown, gexc.TooManyRequests)
+
+    @retry(retry=retry_if_exception_type(transient), stop=stop_after_attempt(5),
+           wait=wait_exponential_jitter(initial=0.2, max=5), reraise=True)
+    def ack() -> None:
+        client.acknowledge(subscription=subscription, ack_ids=ack_ids)
+
+    try:
+        ack()
+    except Exception as exc:  # noqa: BLE001 - unacked means redelivered; the sink dedupes
+        log.warning("acknowledge of %d messages failed, they will be redelivered: %s",
+                    len(ack_ids), exc)
+
+
+class PubSubStreamReader(DataSourceStreamReader):
+    """The driver-side reader. Only ``opts`` is pickled; the runtime stays on the driver."""
+
+    def __init__(self, opts: PubSubOptions) -> None:
+        self.opts = opts
+        self._rt: _Runtime | None = None
+
+    def __getstate__(self) -> dict:
+        return {"opts": self.opts, "_rt": None}
+
+    @property
+    def runtime(self) -> _Runtime:
+        if self._rt is None:
+            self._rt = _Runtime(self.opts)
+        return self._rt
+
+    def initialOffset(self) -> dict:
+        self.runtime  # start pulling as early as possible  # noqa: B018
+        return {OFFSET_KEY: 0}
+
+    def getDefaultReadLimit(self) -> ReadLimit:
+        return ReadMaxRows(self.opts.max_messages_per_batch)
+
+    def latestOffset(self, start: dict, limit: ReadLimit) -> dict:
+        max_rows = None if isinstance(limit, ReadAllAvailable) else getattr(limit, "max_rows", None)
+        return {OFFSET_KEY: self.runtime.number(int(start[OFFSET_KEY]), max_rows)}
+
+    def partitions(self, start: dict, end: dict) -> Sequence[InputPartition]:
+        rows = self.runtime.rows(int(start[OFFSET_KEY]), int(end[OFFSET_KEY]))
+        return [MessagePartition(rows=c) for c in split(rows, self.opts.num_partitions)]
+
+    def read(self, partition: InputPartition) -> Iterator[tuple]:
+        yield from partition.rows  # type: ignore[attr-defined]
+
+    def commit(self, end: dict) -> None:
+        n = self.runtime.ack_below(int(end[OFFSET_KEY]))
+        log.debug("committed offset %s: acked %d", end, n)
+
+    def stop(self) -> None:
+        if self._rt is not None:
+            self._rt.close()
+            self._rt = None
+
+
+class PubSubDataSource(DataSource):
+    """Register with ``spark.dataSource.register(PubSubDataSource)``; use ``format("pubsub")``."""
+
+    @classmethod
+    def name(cls) -> str:
+        return "pubsub"
+
+    def schema(self) -> str:
+        return SCHEMA
+
+    def streamReader(self, schema: StructType) -> DataSourceStreamReader:
+        return PubSubStreamReader(PubSubOptions.parse(dict(self.options)))

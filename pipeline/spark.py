@@ -1,0 +1,36 @@
+"""The Spark session bucketlens runs on, with the Pub/Sub source registered.
+
+Python workers must use this interpreter (the one with torch and bucketlens installed), and on
+the local stack all traffic stays on loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from pyspark.sql import SparkSession
+
+from pipeline.source import PubSubDataSource
+
+
+def session(master: str = "local[2]", app: str = "bucketlens", conf: dict | None = None) -> SparkSession:
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    builder = (
+        SparkSession.builder.master(master).appName(app)
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.shuffle.partitions", "2")
+        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        .config("spark.python.worker.reuse", "true")
+        .config("spark.sql.streaming.stopTimeout", "30s")
+    )
+    if os.environ.get("SPARK_LOCAL_IP"):
+        builder = builder.config("spark.driver.host", os.environ["SPARK_LOCAL_IP"]) \
+            .config("spark.driver.bindAddress", os.environ["SPARK_LOCAL_IP"])
+    for k, v in (conf or {}).items():
+        builder = builder.config(k, v)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(os.environ.get("BUCKETLENS_SPARK_LOG_LEVEL", "WARN"))
+    spark.dataSource.register(PubSubDataSource)
+    return spark

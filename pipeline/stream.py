@@ -1,0 +1,227 @@
+"""The streaming job: Pub/Sub notifications → fetch → classify → idempotent sink.
+
+    from pipeline.config import Settings
+    from pipeline.stream import start
+    query, _ = start(Settings.from_env())   # a running StreamingQuery
+    query.awaitTermination()
+
+Per micro-batch (``foreachBatch``) the driver does the control plane — parse notifications,
+dead-letter poison messages, filter event types and prefixes, de-duplicate, skip keys the sink
+already holds — and the executors do the data plane with ``mapInPandas``: generation-pinned
+downloads in parallel, then batched inference with a model cached once per Python worker.
+The result rows come back to the driver for one idempotent write per batch. Only after that
+returns does Spark commit the batch, and only then does the source acknowledge the messages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import pandas as pd
+
+from pipeline.config import Settings
+from pipeline.notifications import Notification, ObjectKey, PoisonMessage, dedupe, parse, wanted
+
+log = logging.getLogger("bucketlens.stream")
+
+WORK_SCHEMA = "bucket string, name string, generation long, size long"
+RESULT_SCHEMA = ("bucket string, name string, generation long, status string, reason string, "
+                 "topk string, worker_pid long, model_loads long")
+CHUNK = 64  # objects fetched and classified together inside one partition
+
+
+@dataclass
+class BatchReport:
+    """What one micro-batch did; logged, returned to callers, and used by tests."""
+
+    batch_id: int
+    messages: int = 0
+    poison: int = 0
+    ignored: int = 0
+    duplicates: int = 0
+    already_done: int = 0
+    classified: int = 0
+    inserted: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    statuses: dict[str, int] = field(default_factory=dict)
+    workers: dict[int, int] = field(default_factory=dict)  # worker pid → model loads there
+
+
+@dataclass(frozen=True)
+class Triage:
+    """The driver-side split of one batch's messages (pure)."""
+
+    todo: list[Notification]
+    dead_letters: list[tuple[tuple, str]]  # (message row, reason)
+    ignored: list[tuple[Notification, str]]
+    duplicates: int
+
+
+def triage(rows: Sequence[tuple], settings: Settings) -> Triage:
+    """Parse, filter and de-duplicate message rows (message_id, publish_time, attributes, data)."""
+    parsed, dead, ignored = [], [], []
+    for row in rows:
+        message_id, publish_time, attributes, data = row[0], row[1], row[2] or {}, row[3]
+        try:
+            n = parse(message_id, attributes, data, publish_time)
+        except PoisonMessage as exc:
+            dead.append((row, str(exc)))
+            continue
+        why = wanted(n, settings.prefix, settings.max_bytes)
+        if why:
+            ignored.append((n, why))
+        else:
+            parsed.append(n)
+    todo = dedupe(parsed)
+    return Triage(todo, dead, ignored, len(parsed) - len(todo))
+
+
+PartitionFn = Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]
+
+
+def classify_partitions(settings: Settings) -> PartitionFn:
+    """The executor side: fetch then classify, CHUNK objects at a time, model cached per worker."""
+
+    def run(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        from pipeline import classify, fetch
+
+        handler = classify.get_handler(settings)
+        client = None
+        for frame in frames:
+            for lo in range(0, len(frame), CHUNK):
+                part = frame.iloc[lo:lo + CHUNK]
+                keys, sizes = [], {}
+                for b, n, g, size in zip(part["bucket"], part["name"], part["generation"],
+                                         part["size"], strict=True):
+                    keys.append(ObjectKey(b, n, int(g)))
+                    if pd.notna(size):
+                        sizes[keys[-1]] = int(size)
+                if client is None:
+                    from pipeline.clients import storage_client
+
+                    client = storage_client(settings)
+                yield _classified(keys, fetch.fetch_all(keys, settings, client, sizes=sizes), handler)
+
+    return run
+
+
+def _classified(keys: list[ObjectKey], fetched: list, handler) -> pd.DataFrame:
+    from pipeline import classify
+
+    results: dict[ObjectKey, tuple[str, str, str]] = {}
+    good = [f for f in fetched if f.status == "ok"]
+    for f in fetched:
+        if f.status != "ok":
+            results[f.key] = (f.status, f.reason, "[]")
+    for f, p in zip(good, handler.run_inference([f.data for f in good]), strict=True):
+        results[f.key] = (p.status, p.reason, json.dumps([list(t) for t in p.topk]))
+    pid, loads = os.getpid(), classify.model_load_count()
+    return pd.DataFrame(
+        [(k.bucket, k.name, k.generation, *results[k], pid, loads) for k in keys],
+        columns=["bucket", "name", "generation", "status", "reason", "topk", "worker_pid",
+                 "model_loads"],
+    )
+
+
+class BatchProcessor:
+    """The ``foreachBatch`` function. Raises on sink failure so the batch is not committed."""
+
+    def __init__(self, settings: Settings, sink=None) -> None:
+        from pipeline.sink import make_sink
+
+        self.settings = settings
+        self.sink = sink if sink is not None else make_sink("bigquery", settings)
+        self.reports: list[BatchReport] = []
+
+    def __call__(self, batch_df, batch_id: int) -> None:
+        self.process(batch_df, batch_id)
+
+    def process(self, batch_df, batch_id: int) -> BatchReport:
+        from pipeline.sink import build_row, dead_letter_record
+
+        started = time.monotonic()
+        rows = [tuple(r) for r in batch_df.collect()]
+        report = BatchReport(batch_id, messages=len(rows))
+        t = triage(rows, self.settings)
+        report.poison, report.ignored, report.duplicates = (
+            len(t.dead_letters), len(t.ignored), t.duplicates)
+        if t.dead_letters:
+            records = [dead_letter_record(r[0], why, r[2] or {}, r[3], r[1], batch_id)
+                       for r, why in t.dead_letters]
+            self.sink.write_dead_letters(records, batch_id)
+        for n, why in t.ignored:
+            log.debug("batch %d: %s/%s#%d ignored: %s", batch_id, *_k(n.key), why)
+        todo = t.todo
+        if todo:
+            done = self.sink.existing_keys([n.key for n in todo])
+            report.already_done = len(done)
+            todo = [n for n in todo if n.key not in done]
+        if todo:
+            spark = batch_df.sparkSession
+            work = spark.createDataFrame(
+                [(n.key.bucket, n.key.name, n.key.generation, n.size) for n in todo], WORK_SCHEMA)
+            cores = self.settings.num_partitions or spark.sparkContext.defaultParallelism
+            parts = min(len(todo), cores)
+            results = (work.repartition(parts)
+                       .mapInPandas(classify_partitions(self.settings), RESULT_SCHEMA)
+                       .collect())
+            by_key = {ObjectKey(r.bucket, r.name, r.generation): r for r in results}
+            now = datetime.now(UTC)
+            out = []
+            for n in todo:
+                r = by_key[n.key]
+                topk = [tuple(x) for x in json.loads(r.topk)]
+                out.append(build_row(n, status=r.status, reason=r.reason or "",
+                                     model=self.settings.model, topk=topk,
+                                     batch_id=batch_id, processed_at=now))
+                report.statuses[r.status] = report.statuses.get(r.status, 0) + 1
+                report.workers[int(r.worker_pid)] = int(r.model_loads)
+            report.classified = len(out)
+            report.errors = sum(v for s, v in report.statuses.items()
+                                if s not in ("ok", "low_confidence"))
+            report.inserted = self.sink.write(out, batch_id)
+        report.seconds = time.monotonic() - started
+        self.reports.append(report)
+        log.info("batch %d: %d messages, %d classified, %d inserted, %d errors, %d poison, "
+                 "%d ignored, %d already done, %.2fs", batch_id, report.messages,
+                 report.classified, report.inserted, report.errors, report.poison,
+                 report.ignored, report.already_done, report.seconds)
+        return report
+
+
+def _k(key: ObjectKey) -> tuple[str, str, int]:
+    return key.bucket, key.name, key.generation
+
+
+def messages(spark, settings: Settings):
+    """The notification stream as a DataFrame (the source's schema)."""
+    reader = (spark.readStream.format("pubsub")
+              .option("subscription", settings.subscription_path)
+              .option("maxMessagesPerBatch", settings.max_messages_per_batch)
+              .option("numPartitions", max(1, settings.num_partitions or 2))
+              .option("ackDeadlineSeconds", settings.ack_deadline_seconds))
+    if os.environ.get("PUBSUB_EMULATOR_HOST"):
+        reader = reader.option("emulatorHost", os.environ["PUBSUB_EMULATOR_HOST"])
+    return reader.load()
+
+
+def start(settings: Settings, spark=None, processor: BatchProcessor | None = None):
+    """Start the streaming query; returns (StreamingQuery, BatchProcessor)."""
+    from pipeline.spark import session
+
+    spark = spark or session(settings.spark_master)
+    processor = processor or BatchProcessor(settings)
+    query = (messages(spark, settings).writeStream
+             .foreachBatch(processor)
+             .option("checkpointLocation", settings.checkpoint)
+             .trigger(processingTime=f"{settings.trigger_seconds} seconds")
+             .queryName(f"bucketlens-{settings.table}")
+             .start())
+    return query, processor

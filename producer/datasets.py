@@ -1,0 +1,243 @@
+"""Where the images come from: class-folder discovery, the bundled sample set, the flowers download.
+
+Every source ends up as the same thing, a directory laid out ``<root>/<class>/<file>``, so the
+replay never needs to know which one it got. Downloads and generated sets live in one cache
+directory and are built atomically (temporary name, then rename), so an interrupted run never
+leaves a half-built dataset that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import importlib.util
+import mimetypes
+import os
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FLOWERS_URL = (
+    "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
+)
+# From tensorflow/datasets url_checksums/tf_flowers.txt; checked only for this exact URL, since
+# a mirror or a test server (BUCKETLENS_FLOWERS_URL) serves other bytes.
+FLOWERS_SIZE = 228_813_984
+FLOWERS_SHA256 = "4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a7183e3e595d9c"
+FLOWERS_CLASSES = ("daisy", "dandelion", "roses", "sunflowers", "tulips")
+FLOWERS_DIR = "flower_photos"
+
+CACHE_ENV = "BUCKETLENS_CACHE"
+FLOWERS_URL_ENV = "BUCKETLENS_FLOWERS_URL"
+
+
+class DatasetError(RuntimeError):
+    """A dataset problem the user can fix; the message is one sentence that says how."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to replay: its true label (the class folder) and where it lies."""
+
+    class_name: str
+    path: Path
+    relative: str = ""  # path below the class folder, '/'-separated; defaults to the file name
+
+    def __post_init__(self) -> None:
+        if not self.relative:
+            object.__setattr__(self, "relative", self.path.name)
+
+
+def is_image(path: Path) -> bool:
+    """Image files by extension (any ``image/*`` type), so new formats need no code change."""
+    kind, _ = mimetypes.guess_type(path.name)
+    return kind is not None and kind.startswith("image/")
+
+
+def _hidden(parts: Iterable[str]) -> bool:
+    return any(p.startswith(".") for p in parts)
+
+
+def discover(root: Path | str) -> list[Item]:
+    """Every image under ``root/<class>/``, sorted so that a seed alone fixes the replay order.
+
+    Hidden files and folders and non-images (a LICENSE.txt, a .DS_Store) are skipped; files
+    directly in ``root`` have no class and are skipped too.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"Dataset directory {root} does not exist.")
+    items = []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not _hidden([p.name])):
+        for path in sorted(class_dir.rglob("*")):
+            rel = path.relative_to(class_dir)
+            if path.is_file() and not _hidden(rel.parts) and is_image(path):
+                items.append(Item(class_dir.name, path, rel.as_posix()))
+    return items
+
+
+def cache_dir() -> Path:
+    """``$BUCKETLENS_CACHE``, else the XDG cache (``~/.cache/bucketlens``)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "bucketlens"
+
+
+# --- the flowers download -------------------------------------------------------------------
+
+
+def download_flowers(
+    cache: Path | None = None,
+    url: str | None = None,
+    *,
+    timeout: float = 30.0,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """The TF flower_photos set (5 classes, 3,670 photos), downloaded once and then reused.
+
+    ``url`` defaults to ``$BUCKETLENS_FLOWERS_URL``, then the TensorFlow URL. Returns the
+    class-folder directory.
+    """
+    cache = cache or cache_dir()
+    url = url or os.environ.get(FLOWERS_URL_ENV) or FLOWERS_URL
+    dest = cache / FLOWERS_DIR
+    if dest.is_dir():
+        return dest
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".flowers-") as tmp:
+        archive = Path(tmp) / "flower_photos.tgz"
+        if log:
+            log(f"downloading {url} into {cache}")
+        size, digest = _fetch(url, archive, timeout)
+        if url == FLOWERS_URL and (size, digest) != (FLOWERS_SIZE, FLOWERS_SHA256):
+            raise DatasetError(
+                f"The download from {url} is corrupt ({size} bytes, sha256 {digest}, expected "
+                f"{FLOWERS_SIZE} bytes, sha256 {FLOWERS_SHA256}); run the command again."
+            )
+        extracted = _extract_flowers(archive, Path(tmp) / "x", url)
+        extracted.rename(dest)
+    return dest
+
+
+def _fetch(url: str, dest: Path, timeout: float) -> tuple[int, str]:
+    """Stream ``url`` into ``dest``; returns its size and sha256."""
+    sha, size = hashlib.sha256(), 0
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp, dest.open("wb") as out:
+            while chunk := resp.read(1 << 20):
+                sha.update(chunk)
+                size += len(chunk)
+                out.write(chunk)
+    except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise DatasetError(
+            f"Could not download the flowers dataset from {url} ({reason}); without internet, "
+            "replay a local class-folder directory with --dataset DIR or the bundled sample "
+            "photos with --sample."
+        ) from exc
+    return size, sha.hexdigest()
+
+
+def _extract_flowers(archive: Path, into: Path, url: str) -> Path:
+    """Extract safely (no absolute paths, links out, devices) and check the 5 class folders."""
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            tar.extractall(into, filter="data")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise DatasetError(f"The download from {url} is not a valid .tgz archive ({exc}).") from exc
+    root = into / FLOWERS_DIR
+    missing = [c for c in FLOWERS_CLASSES
+               if not (root / c).is_dir() or not any((root / c).iterdir())]
+    if missing:
+        raise DatasetError(
+            f"The archive from {url} lacks the flower class folders {', '.join(missing)} "
+            f"under {FLOWERS_DIR}/."
+        )
+    return root
+
+
+# --- the bundled sample set -----------------------------------------------------------------
+
+
+def _skimage(name: str) -> Callable[[], Any]:
+    def load() -> Any:
+        from skimage import data
+
+        img = getattr(data, name)()
+        return img[0] if isinstance(img, tuple) else img  # stereo_motorcycle: (left, right, disp)
+
+    return load
+
+
+def _sklearn(name: str) -> Callable[[], Any]:
+    def load() -> Any:
+        # The photo is package data; finding it without importing scikit-learn saves ~3 s.
+        spec = importlib.util.find_spec("sklearn")
+        if spec is None or spec.origin is None:
+            raise ImportError("scikit-learn is not installed")
+        return Path(spec.origin).parent / "datasets" / "images" / name
+
+    return load
+
+
+def _matplotlib(name: str) -> Callable[[], Any]:
+    def load() -> Any:
+        from matplotlib import cbook
+
+        return cbook.get_sample_data(name, asfileobj=False)
+
+    return load
+
+
+# (class, file stem, loader) — real photos that installed packages ship (the `samples` extra).
+SAMPLE_SOURCES: tuple[tuple[str, str, Callable[[], Any]], ...] = (
+    ("cat", "chelsea", _skimage("chelsea")),
+    ("coffee", "coffee", _skimage("coffee")),
+    ("astronaut", "astronaut", _skimage("astronaut")),
+    ("rocket", "rocket", _skimage("rocket")),
+    ("motorcycle", "motorcycle", _skimage("stereo_motorcycle")),
+    ("camera", "cameraman", _skimage("camera")),
+    ("coins", "coins", _skimage("coins")),
+    ("daisy", "flower", _sklearn("flower.jpg")),
+    ("palace", "china", _sklearn("china.jpg")),
+    ("person", "grace_hopper", _matplotlib("grace_hopper.jpg")),
+)
+
+
+def sample_dataset(dest: Path | None = None) -> Path:
+    """A small class-folder set of real photos, written as RGB JPEGs; idempotent.
+
+    Works offline: the photos come from scikit-image, scikit-learn and matplotlib. Sources whose
+    package is missing are left out; none at all is an error.
+    """
+    from PIL import Image
+
+    dest = dest or cache_dir() / "sample"
+    written = 0
+    for class_name, stem, load in SAMPLE_SOURCES:
+        target = dest / class_name / f"{stem}.jpg"
+        if target.is_file():
+            written += 1
+            continue
+        try:
+            source = load()
+            img = Image.open(source) if isinstance(source, str | Path) else Image.fromarray(source)
+        except (ImportError, FileNotFoundError):  # that package (or its photo) is absent
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        img.convert("RGB").save(tmp, format="JPEG", quality=92)
+        tmp.replace(target)
+        written += 1
+    if not written:
+        raise DatasetError(
+            "No sample photos are available: install bucketlens with the `samples` extra "
+            "(scikit-image, scikit-learn, matplotlib) or replay a directory with --dataset DIR."
+        )
+    return dest

@@ -1,0 +1,8 @@
+-- The newest generation of each object: an overwrite adds a row for its new generation (the
+-- sink never updates rows), so analytics that mean "what is in the bucket now" read this view.
+-- Placeholders {project}, {dataset}, {table} are filled in by pipeline.sink.create_views.
+CREATE OR REPLACE VIEW `{project}.{dataset}.latest_predictions` AS
+SELECT *
+FROM `{project}.{dataset}.{table}`
+WHERE TRUE  -- BigQuery accepts QUALIFY only alongside WHERE, GROUP BY or HAVING
+QUALIFY ROW_NUMBER() OVER (PARTITION BY bucket, name ORDER BY generation DESC) = 1

@@ -1,0 +1,241 @@
+"""Fetch against fake-gcs-server, with a fault-injecting 127.0.0.1 proxy in front of it."""
+
+from __future__ import annotations
+
+import http.client
+import random
+import threading
+import urllib.parse
+from collections import Counter
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import requests
+from google.api_core import exceptions as api_exceptions
+from tenacity import stop_after_attempt, wait_none
+
+from pipeline import clients, fetch
+from pipeline.config import Settings
+from pipeline.fetch import Fetched, fetch_all
+from pipeline.notifications import ObjectKey
+
+Fault = Callable[[str, str], int | None]  # (method, path) -> status to answer instead, or None
+
+
+class FaultyProxy:
+    """Forwards to fake-gcs-server, answering ``fault(method, path)`` instead when it says so."""
+
+    def __init__(self, upstream: str, fault: Fault | None = None) -> None:
+        self.upstream = urllib.parse.urlsplit(upstream)
+        self.fault = fault or (lambda method, path: None)
+        self.seen: list[tuple[str, str, int]] = []
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _any(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                status = proxy.fault(self.command, self.path)
+                if status is None:
+                    status, headers, payload = proxy.forward(self.command, self.path,
+                                                             dict(self.headers), body)
+                else:
+                    headers, payload = [], b'{"error": {"code": %d}}' % status
+                with proxy.lock:
+                    proxy.seen.append((self.command, self.path, status))
+                self.send_response(status)
+                for k, v in headers:
+                    if k.lower() not in {"content-length", "transfer-encoding", "connection"}:
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _any
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def forward(self, method: str, path: str, headers: dict, body: bytes):
+        conn = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=10)
+        try:
+            headers.pop("Host", None)
+            conn.request(method, path, body=body or None, headers=headers)
+            resp = conn.getresponse()
+            return resp.status, resp.getheaders(), resp.read()
+        finally:
+            conn.close()
+
+    def hits(self, needle: str) -> list[tuple[str, str, int]]:
+        with self.lock:
+            return [s for s in self.seen if needle in s[1]]
+
+
+def every_other(max_failures: int) -> Fault:
+    """503 on each path's 1st, 3rd, … request, at most ``max_failures`` times in all."""
+    counts: Counter[tuple[str, str]] = Counter()
+    failed = 0
+    lock = threading.Lock()
+
+    def fault(method: str, path: str) -> int | None:
+        nonlocal failed
+        with lock:
+            counts[(method, path)] += 1
+            if counts[(method, path)] % 2 == 1 and failed < max_failures:
+                failed += 1
+                return 503
+        return None
+
+    return fault
+
+
+@pytest.fixture
+def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fetch, "RETRY_WAIT", wait_none())
+    monkeypatch.setattr(fetch, "RETRY_STOP", stop_after_attempt(3))
+
+
+@pytest.fixture
+def proxy_factory(monkeypatch: pytest.MonkeyPatch, stack) -> Iterator[Callable[..., FaultyProxy]]:
+    started: list[FaultyProxy] = []
+
+    def start(fault: Fault | None = None) -> FaultyProxy:
+        p = FaultyProxy(stack.storage_host, fault)
+        p.thread.start()
+        started.append(p)
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", p.url)
+        return p
+
+    yield start
+    for p in started:
+        p.server.shutdown()
+        p.server.server_close()
+
+
+def upload(settings: Settings, name: str, data: bytes) -> ObjectKey:
+    blob = clients.storage_client(settings).bucket(settings.bucket).blob(name)
+    blob.upload_from_string(data)
+    return ObjectKey(settings.bucket, name, blob.generation)
+
+
+# --- pure -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("exc, transient", [
+    (api_exceptions.ServiceUnavailable("x"), True),
+    (api_exceptions.TooManyRequests("x"), True),
+    (api_exceptions.InternalServerError("x"), True),
+    (requests.ConnectionError("reset"), True),
+    (requests.ReadTimeout("slow"), True),
+    (ConnectionResetError(), True),
+    (api_exceptions.NotFound("x"), False),
+    (api_exceptions.Forbidden("x"), False),
+    (api_exceptions.BadRequest("x"), False),
+    (ValueError("bug"), False),
+])
+def test_is_transient(exc: BaseException, transient: bool) -> None:
+    assert fetch.is_transient(exc) is transient
+
+
+def test_empty_batch_needs_no_client() -> None:
+    assert fetch_all([], Settings(), client=object()) == []  # type: ignore[arg-type]
+
+
+# --- integration ------------------------------------------------------------------------------
+
+@pytest.mark.integration
+def test_pinned_read_never_returns_the_newer_generation(isolated: Settings) -> None:
+    old = upload(isolated, "flowers/rose/a.jpg", b"old bytes")
+    new = upload(isolated, "flowers/rose/a.jpg", b"new bytes")
+    assert new.generation != old.generation
+    got_old, got_new = fetch_all([old, new], isolated)
+    assert got_new == Fetched(new, b"new bytes", "ok", "")
+    # fake-gcs-server's filesystem backend keeps only the live generation (no versioning), so
+    # the overwritten one is gone; a versioned bucket would still serve the old bytes.
+    assert (got_old.status, got_old.data) in {("gone", None), ("ok", b"old bytes")}
+    assert got_old.status == "gone" and "no longer exists" in got_old.reason
+
+
+@pytest.mark.integration
+def test_deleted_object_is_gone_without_retries(isolated: Settings, proxy_factory,
+                                                fast_retries) -> None:
+    key = upload(isolated, "x/deleted.jpg", b"soon gone")
+    clients.storage_client(isolated).bucket(isolated.bucket).blob(key.name).delete()
+    proxy = proxy_factory()
+    [got] = fetch_all([key], isolated)
+    assert got.status == "gone" and got.data is None
+    assert len(proxy.hits("deleted.jpg")) == 1, proxy.seen  # a 404 is final: one request
+
+
+@pytest.mark.integration
+def test_forbidden_is_not_retried(isolated: Settings, proxy_factory, fast_retries) -> None:
+    key = upload(isolated, "x/secret.jpg", b"private")
+    proxy = proxy_factory(lambda method, path: 403 if "secret" in path else None)
+    [got] = fetch_all([key], isolated)
+    assert got.status == "forbidden" and got.data is None
+    assert len(proxy.hits("secret.jpg")) == 1
+
+
+@pytest.mark.integration
+def test_transient_503s_are_retried_until_ok(isolated: Settings, proxy_factory,
+                                             fast_retries) -> None:
+    keys = [upload(isolated, f"x/{i}.jpg", f"payload {i}".encode()) for i in range(6)]
+    proxy = proxy_factory(every_other(max_failures=50))
+    got = fetch_all(keys, isolated.replace(fetch_threads=3))
+    assert [(f.status, f.data) for f in got] == [("ok", f"payload {i}".encode())
+                                                 for i in range(6)]
+    # The client also reads the bucket's metadata once in the background; count object requests.
+    failures = [s for s in proxy.hits("/o/x%2F") if s[2] == 503]
+    assert len(failures) == 12  # metadata + download of each object failed once, then passed
+
+
+@pytest.mark.integration
+def test_retries_exhausted_is_fetch_error(isolated: Settings, proxy_factory,
+                                          fast_retries) -> None:
+    key = upload(isolated, "x/flaky.jpg", b"never served")
+    proxy = proxy_factory(lambda method, path: 503 if "flaky" in path else None)
+    [got] = fetch_all([key], isolated)
+    assert got.status == "fetch_error" and "ServiceUnavailable" in got.reason
+    assert len(proxy.hits("flaky.jpg")) == 3  # RETRY_STOP = 3 attempts
+
+
+@pytest.mark.integration
+def test_unreachable_storage_is_fetch_error(isolated: Settings, monkeypatch,
+                                            fast_retries) -> None:
+    key = upload(isolated, "x/a.jpg", b"data")
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")  # discard port: refused
+    [got] = fetch_all([key], isolated)
+    assert got.status == "fetch_error" and "ConnectionError" in got.reason
+
+
+@pytest.mark.integration
+def test_many_keys_in_parallel_keep_their_order(isolated: Settings) -> None:
+    rng = random.Random(7)
+    payloads = {f"many/{i:03d}.jpg": rng.randbytes(rng.randrange(1, 20_000)) for i in range(40)}
+    keys = [upload(isolated, name, data) for name, data in payloads.items()]
+    rng.shuffle(keys)
+    got = fetch_all(keys, isolated.replace(fetch_threads=8))
+    assert [f.key for f in got] == keys
+    assert [f.data for f in got] == [payloads[k.name] for k in keys]
+
+
+@pytest.mark.integration
+def test_over_max_bytes_is_too_large_without_download(isolated: Settings,
+                                                      proxy_factory) -> None:
+    big = upload(isolated, "x/big.jpg", b"x" * 2000)
+    small = upload(isolated, "x/small.jpg", b"y" * 10)
+    proxy = proxy_factory()
+    settings = isolated.replace(max_bytes=1000)
+    got = fetch_all([big, small], settings)
+    assert [f.status for f in got] == ["too_large", "ok"]
+    assert got[0].data is None and "2000 bytes" in got[0].reason
+    assert not [h for h in proxy.hits("big.jpg") if "/download/" in h[1]]
+    assert [h for h in proxy.hits("small.jpg") if "/download/" in h[1]]
+    # a size known from the notification saves even the metadata request
+    before = len(proxy.seen)
+    [again] = fetch_all([big], settings, sizes={big: 2000})
+    assert again.status == "too_large" and len(proxy.seen) == before

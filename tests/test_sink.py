@@ -1,0 +1,216 @@
+"""Sink: pure row building and SQL, then idempotent writes against bqemulator and fake-gcs."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+from google.api_core import exceptions as api_exceptions
+
+from pipeline import clients, sink
+from pipeline.config import Settings
+from pipeline.notifications import Notification, ObjectKey, parse
+
+T0 = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
+
+
+def note(name: str = "flowers/daisy/1.jpg", generation: int = 7, bucket: str = "b",
+         **kw) -> Notification:
+    return Notification(ObjectKey(bucket, name, generation), "OBJECT_FINALIZE", **kw)
+
+
+def rows_for(settings: Settings, *keys: tuple[str, int], status: str = "ok") -> list[dict]:
+    return [sink.build_row(note(name, gen, settings.bucket), status=status, processed_at=T0)
+            for name, gen in keys]
+
+
+# --- pure -------------------------------------------------------------------------------------
+
+def test_build_row_fields_top1_and_timestamps() -> None:
+    n = parse("msg-9", {"eventType": "OBJECT_FINALIZE", "bucketId": "b",
+                        "objectId": "flowers/daisy/1.jpg", "objectGeneration": "42",
+                        "eventTime": "2024-05-06T07:00:00Z"},
+              json.dumps({"size": "1234", "contentType": "image/jpeg"}).encode(),
+              publish_time=datetime(2024, 5, 6, 9, 0, tzinfo=timezone(timedelta(hours=2))))
+    topk = [(985, "daisy", 0.75), (309, "bee", 0.125)]
+    row = sink.build_row(n, status="ok", model="m", topk=topk, batch_id=3, processed_at=T0)
+    assert row == {
+        "bucket": "b", "name": "flowers/daisy/1.jpg", "generation": 42, "status": "ok",
+        "reason": None, "true_label": "daisy", "model": "m",
+        "top1_class_id": 985, "top1_label": "daisy", "top1_prob": 0.75,
+        "top5": [{"class_id": 985, "label": "daisy", "prob": 0.75},
+                 {"class_id": 309, "label": "bee", "prob": 0.125}],
+        "size": 1234, "content_type": "image/jpeg",
+        "event_time": "2024-05-06T07:00:00+00:00",
+        "publish_time": "2024-05-06T07:00:00+00:00",  # converted to UTC
+        "processed_at": "2024-05-06T07:08:09.123456+00:00",
+        "message_id": "msg-9", "batch_id": 3,
+    }
+    json.dumps(row)  # JSON-ready as it stands
+
+
+def test_build_row_without_prediction_has_reason_and_no_top1() -> None:
+    row = sink.build_row(note("loose.jpg"), status="gone", reason="overwritten")
+    assert (row["status"], row["reason"], row["true_label"]) == ("gone", "overwritten", None)
+    assert row["top1_class_id"] is row["top1_label"] is row["top1_prob"] is None
+    assert row["top5"] == [] and row["message_id"] is None
+    processed = datetime.fromisoformat(row["processed_at"])
+    assert processed.tzinfo and abs(datetime.now(UTC) - processed) < timedelta(minutes=1)
+
+
+def test_build_row_accepts_numpy_like_numbers() -> None:
+    class Num(float):  # what a numpy scalar looks like to json: not a plain float
+        pass
+
+    row = sink.build_row(note(), status="ok", topk=[(Num(3.0), "x", Num(0.5))])  # type: ignore[list-item]
+    assert type(row["top1_class_id"]) is int and type(row["top1_prob"]) is float
+
+
+def test_dead_letter_record() -> None:
+    rec = sink.dead_letter_record("m1", "not JSON", {"b": "2", "a": "1"}, b"\xff\x00", T0, 5,
+                                  recorded_at=T0)
+    assert rec == {"message_id": "m1", "reason": "not JSON", "attributes": '{"a": "1", "b": "2"}',
+                   "data": base64.b64encode(b"\xff\x00").decode(), "batch_id": 5,
+                   "publish_time": "2024-05-06T07:08:09.123456+00:00",
+                   "recorded_at": "2024-05-06T07:08:09.123456+00:00"}
+    assert sink.dead_letter_record("m", "r", {}, None, None, None)["data"] is None
+
+
+def test_merge_sql_is_insert_only_with_explicit_columns() -> None:
+    sql = sink.merge_sql("p.d.t", "p.d._s", ["bucket", "name", "generation", "status"],
+                         sink.PREDICTION_KEY, "processed_at")
+    assert "ON T.bucket = S.bucket AND T.name = S.name AND T.generation = S.generation" in sql
+    assert "INSERT (bucket, name, generation, status)" in sql
+    assert "VALUES (S.bucket, S.name, S.generation, S.status)" in sql
+    assert "MATCHED THEN UPDATE" not in sql and "INSERT ROW" not in sql
+    assert "PARTITION BY bucket, name, generation ORDER BY processed_at" in sql
+
+
+def test_staging_table_id_is_unique_and_valid_for_backfill() -> None:
+    a, b = (sink.staging_table_id("p.d.predictions", -1) for _ in range(2))
+    assert a != b and a.startswith("p.d._staging_predictions_m1_") and "-" not in a[4:]
+
+
+def test_bigquery_rate_limit_403_is_retried_but_access_denied_is_not() -> None:
+    assert sink._bq_transient(api_exceptions.Forbidden(
+        "x", errors=[{"reason": "rateLimitExceeded"}]))
+    assert not sink._bq_transient(api_exceptions.Forbidden(
+        "x", errors=[{"reason": "accessDenied"}]))
+    assert sink._bq_transient(api_exceptions.ServiceUnavailable("x"))
+
+
+def test_make_sink_kinds() -> None:
+    s = Settings()
+    assert isinstance(sink.make_sink("console", s), sink.ConsoleSink)
+    assert isinstance(sink.make_sink("jsonl", s), sink.JsonLinesSink)
+    assert isinstance(sink.make_sink("bigquery", s), sink.BigQuerySink)  # no client made yet
+    with pytest.raises(ValueError, match="bigquery, jsonl, console"):
+        sink.make_sink("kafka", s)
+
+
+def test_console_sink_prints_json_lines() -> None:
+    out = io.StringIO()
+    console = sink.ConsoleSink(stream=out)
+    assert console.write(rows_for(Settings(), ("a/1.jpg", 1), ("a/2.jpg", 2)), 4) == 2
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [(x["batch_id"], x["name"]) for x in lines] == [(4, "a/1.jpg"), (4, "a/2.jpg")]
+    assert console.existing_keys([ObjectKey("b", "a/1.jpg", 1)]) == set()
+
+
+# --- bqemulator -------------------------------------------------------------------------------
+
+def count(settings: Settings, table_id: str) -> int:
+    c = clients.bigquery_client(settings)
+    return next(iter(c.query(f"SELECT COUNT(*) AS n FROM `{table_id}`").result()))["n"]
+
+
+@pytest.mark.integration
+def test_write_twice_inserts_once_and_drops_staging(isolated: Settings) -> None:
+    bq = sink.make_sink("bigquery", isolated)
+    assert isinstance(bq, sink.BigQuerySink)
+    rows = rows_for(isolated, ("a/1.jpg", 1), ("a/2.jpg", 1), ("a/1.jpg", 2))
+    assert bq.write(rows, batch_id=0) == 3
+    assert bq.write(rows, batch_id=0) == 0  # a replayed batch
+    assert count(isolated, isolated.table_id) == 3
+    tables = [t.table_id for t in bq.client.list_tables(f"{isolated.project}.{isolated.dataset}")]
+    assert not [t for t in tables if t.startswith("_staging_")], tables
+    assert bq.write([], batch_id=1) == 0
+
+
+@pytest.mark.integration
+def test_two_rows_for_one_key_in_a_batch_insert_one(isolated: Settings) -> None:
+    bq = sink.BigQuerySink(isolated)
+    first = rows_for(isolated, ("a/1.jpg", 5), status="fetch_error")
+    later = [{**rows_for(isolated, ("a/1.jpg", 5))[0],
+              "processed_at": (T0 + timedelta(seconds=1)).isoformat()}]
+    assert bq.write(later + first, batch_id=2) == 1
+    c = clients.bigquery_client(isolated)
+    rows = list(c.query(f"SELECT status FROM `{isolated.table_id}`").result())
+    assert [r["status"] for r in rows] == ["fetch_error"]  # the earliest processed_at wins
+
+
+@pytest.mark.integration
+def test_existing_keys_returns_exactly_the_written_keys(isolated: Settings) -> None:
+    bq = sink.BigQuerySink(isolated)
+    bq.write(rows_for(isolated, ("a/1.jpg", 1), ("a/2.jpg", 1), ("b/3.jpg", 9)), batch_id=0)
+    b = isolated.bucket
+    written = {ObjectKey(b, "a/1.jpg", 1), ObjectKey(b, "b/3.jpg", 9)}
+    unseen = {ObjectKey(b, "a/1.jpg", 2),       # newer generation of a written object
+              ObjectKey(b, "a/3.jpg", 1),       # never written
+              ObjectKey("other", "a/1.jpg", 1)}  # same name, other bucket
+    assert bq.existing_keys([*unseen, *written]) == written
+    assert bq.existing_keys([]) == set()
+
+
+@pytest.mark.integration
+def test_dead_letters_are_idempotent_on_message_and_reason(isolated: Settings) -> None:
+    bq = sink.BigQuerySink(isolated)
+    recs = [sink.dead_letter_record("m1", "not JSON", {"k": "v"}, b"{", T0, 0),
+            sink.dead_letter_record("m1", "lacks generation", {}, None, None, 0),
+            sink.dead_letter_record("m2", "not JSON", {}, b"x", None, 0)]
+    assert bq.write_dead_letters(recs, batch_id=0) == 3
+    assert bq.write_dead_letters(recs[:2], batch_id=1) == 0
+    assert count(isolated, isolated.dead_letter_table_id) == 3
+
+
+@pytest.mark.integration
+def test_latest_generation_view(isolated: Settings) -> None:
+    bq = sink.BigQuerySink(isolated)
+    bq.write(rows_for(isolated, ("x.jpg", 1), ("x.jpg", 3), ("x.jpg", 2), ("y.jpg", 5)), 0)
+    views = sink.create_views(isolated)
+    view = f"{isolated.project}.{isolated.dataset}.latest_predictions"
+    assert views == [view]
+    assert sink.create_views(isolated) == views  # CREATE OR REPLACE: repeatable
+    c = clients.bigquery_client(isolated)
+    got = {(r["name"], r["generation"]) for r in c.query(f"SELECT * FROM `{view}`").result()}
+    assert got == {("x.jpg", 3), ("y.jpg", 5)}
+
+
+# --- fake-gcs ---------------------------------------------------------------------------------
+
+@pytest.mark.integration
+def test_jsonl_sink_writes_one_object_per_batch_and_a_replay_overwrites(
+        isolated: Settings) -> None:
+    js = sink.make_sink("jsonl", isolated)
+    assert isinstance(js, sink.JsonLinesSink)
+    assert js.write(rows_for(isolated, ("a/1.jpg", 1), ("a/2.jpg", 1)), batch_id=7) == 2
+    replay = rows_for(isolated, ("a/1.jpg", 1), ("a/2.jpg", 1), ("a/3.jpg", 1))
+    assert js.write(replay, batch_id=7) == 3
+    bucket = clients.storage_client(isolated).bucket(isolated.bucket)
+    names = [b.name for b in bucket.list_blobs(prefix=f"{sink.RESULTS_PREFIX}/")]
+    assert names == [f"{sink.RESULTS_PREFIX}/{isolated.table}/batch-7.jsonl"]
+    lines = bucket.blob(names[0]).download_as_bytes().decode().splitlines()
+    assert [json.loads(x)["name"] for x in lines] == ["a/1.jpg", "a/2.jpg", "a/3.jpg"]
+    assert js.existing_keys([ObjectKey(isolated.bucket, "a/1.jpg", 1)]) == set()
+
+
+@pytest.mark.integration
+def test_jsonl_sink_ignores_its_own_output_objects(isolated: Settings) -> None:
+    js = sink.JsonLinesSink(isolated)
+    own = rows_for(isolated, (f"{sink.RESULTS_PREFIX}/{isolated.table}/batch-1.jsonl", 1))
+    assert js.write(own, batch_id=2) == 0  # would otherwise loop: output → notification → row
+    bucket = clients.storage_client(isolated).bucket(isolated.bucket)
+    assert not list(bucket.list_blobs(prefix=f"{sink.RESULTS_PREFIX}/"))

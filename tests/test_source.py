@@ -1,0 +1,177 @@
+"""The Pub/Sub source against the real Pub/Sub emulator and real Spark.
+
+Every message reaches foreachBatch; a failed batch is never acknowledged; a batch slower than
+the ack deadline causes no redelivery; a SIGKILLed query restarted on its checkpoint loses
+nothing.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from deploy import provision
+from pipeline import clients
+from pipeline.source import PubSubOptions, split
+from tests.conftest import publish
+
+pytestmark = [pytest.mark.integration, pytest.mark.spark]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- pure parts --------------------------------------------------------------------------
+def test_split_is_contiguous_and_balanced() -> None:
+    assert split(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert split([1], 4) == [[1]]
+    assert split([], 2) == []
+
+
+def test_options_parse_and_validate(monkeypatch) -> None:
+    o = PubSubOptions.parse({"subscription": "s", "project": "p", "maxMessagesPerBatch": "7"})
+    assert o.subscription == "projects/p/subscriptions/s" and o.max_messages_per_batch == 7
+    assert o.buffer_limit == 14
+    with pytest.raises(ValueError, match="needs"):
+        PubSubOptions.parse({})
+    with pytest.raises(ValueError, match="between 10 and 600"):
+        PubSubOptions.parse({"subscription": "projects/p/subscriptions/s",
+                             "ackDeadlineSeconds": "5"})
+
+
+# -- with the emulator and Spark ------------------------------------------------------------
+def _stream(spark, settings, handler, *, max_per_batch=50, ack_deadline=60):
+    return (spark.readStream.format("pubsub")
+            .option("subscription", settings.subscription_path)
+            .option("maxMessagesPerBatch", max_per_batch)
+            .option("ackDeadlineSeconds", ack_deadline)
+            .option("emulatorHost", os.environ["PUBSUB_EMULATOR_HOST"])
+            .load().writeStream.foreachBatch(handler)
+            .option("checkpointLocation", settings.checkpoint)
+            .trigger(processingTime="500 milliseconds").start())
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _left_in_subscription(settings) -> int:
+    """Messages still deliverable (i.e. never acked), drained with short pulls."""
+    sub = clients.subscriber_client()
+    n = 0
+    for _ in range(3):
+        resp = sub.pull(subscription=settings.subscription_path, max_messages=1000, timeout=3)
+        n += len(resp.received_messages)
+    return n
+
+
+def _msgs(n: int, tag: str) -> list[tuple[bytes, dict[str, str]]]:
+    return [(f'{{"i": {i}}}'.encode(), {"idx": f"{tag}-{i}", "eventType": "TEST"})
+            for i in range(n)]
+
+
+def test_500_messages_each_reach_foreach_batch_across_many_batches(spark, isolated) -> None:
+    seen: list[str] = []
+    batches: list[int] = []
+
+    def handle(df, batch_id):
+        rows = df.collect()
+        if rows:
+            batches.append(len(rows))
+        seen.extend(r.attributes["idx"] for r in rows)
+
+    publish(isolated, _msgs(500, "a"))
+    q = _stream(spark, isolated, handle, max_per_batch=50)
+    try:
+        _wait(lambda: len(set(seen)) >= 500, 120, "500 messages")
+        time.sleep(2)  # let the last batch commit (the source acks when the next is planned)
+    finally:
+        q.stop()
+    assert set(seen) == {f"a-{i}" for i in range(500)}
+    assert len(batches) >= 10 and max(batches) <= 50, batches
+    assert _left_in_subscription(isolated) <= 50  # at most the last batch awaits its commit
+
+
+def test_failed_batch_is_not_acked_and_comes_back(spark, isolated) -> None:
+    def explode(df, batch_id):
+        if df.count():
+            raise RuntimeError("sink down")
+
+    publish(isolated, _msgs(30, "f"))
+    q = _stream(spark, isolated, explode, max_per_batch=100)
+    with pytest.raises(Exception, match="sink down"):
+        q.awaitTermination(90)
+    q.stop()
+    seen: list[str] = []
+    q2 = _stream(spark, isolated, lambda df, b: seen.extend(
+        r.attributes["idx"] for r in df.collect()))
+    try:
+        _wait(lambda: len(set(seen)) >= 30, 90, "redelivery after the failed batch")
+    finally:
+        q2.stop()
+    assert set(seen) == {f"f-{i}" for i in range(30)}
+
+
+def test_batch_slower_than_ack_deadline_causes_no_redelivery(spark, isolated) -> None:
+    slow = isolated.replace(subscription=isolated.subscription + "-slow", ack_deadline_seconds=10)
+    provision.apply(slow)  # this subscription's ack deadline: 10 s
+    seen: collections.Counter[str] = collections.Counter()
+
+    def handle(df, batch_id):
+        rows = df.collect()
+        seen.update(r.message_id for r in rows)
+        if rows and batch_id <= 2:
+            time.sleep(25)  # 2.5 x the subscription's ack deadline
+
+    publish(slow, _msgs(20, "s"))
+    q = _stream(spark, slow, handle, max_per_batch=10, ack_deadline=10)
+    try:
+        _wait(lambda: len(seen) >= 20, 120, "20 messages")
+        time.sleep(15)  # long enough for any expired lease to be redelivered
+    finally:
+        q.stop()
+    assert len(seen) == 20
+    assert max(seen.values()) == 1, [m for m, c in seen.items() if c > 1]
+
+
+def test_sigkill_and_restart_on_same_checkpoint_loses_nothing(stack, isolated, tmp_path) -> None:
+    out = tmp_path / "seen.txt"
+    out.touch()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "tests.helpers.consume", isolated.subscription_path,
+           isolated.checkpoint, str(out)]
+
+    def lines() -> list[str]:
+        return out.read_text().split()[1::2]
+
+    publish(isolated, _msgs(200, "k"))
+    for round_ in range(2):
+        before = len(lines())
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            _wait(lambda b=before: len(lines()) >= b + 30, 120, f"progress in round {round_}")
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)  # no stop(), no nack: a real crash
+            proc.wait(30)
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        # unacked messages of the killed runs come back after their ack deadline (60 s)
+        _wait(lambda: set(lines()) >= {f"k-{i}" for i in range(200)}, 240, "all 200 messages")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+    batch_ids = [int(b) for b in out.read_text().split()[0::2]]
+    assert set(lines()) == {f"k-{i}" for i in range(200)}
+    assert len(batch_ids) >= 200
