@@ -1,0 +1,307 @@
+"""``bucketlens backfill``: classify the objects already in a bucket, exactly as the stream would.
+
+A stream only sees uploads made after it started. The backfill lists the bucket instead, turns
+each live object generation into the ``OBJECT_FINALIZE`` notification GCS would have sent, and
+hands it to the stream's own executor code (``classify_partitions``) and sink, so the rows are
+the same rows. Everything is keyed on (bucket, name, generation) and written with the sink's
+insert-only MERGE, so a backfill can be re-run at any time, also while the stream runs: keys
+already in BigQuery are skipped up front, and a race with the stream still inserts one row.
+
+    bucketlens backfill --bucket B [--prefix P] [--since 2024-05-06T00:00Z|6h] [--batch 500]
+
+The listing is processed ``batch`` objects at a time (one existing-keys query, one Spark job and
+one MERGE per chunk), so memory stays bounded and an interrupted backfill resumes by re-running.
+Chunks are written with negative batch ids (-1, -2, …) so they never look like stream batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from pipeline.config import Settings
+from pipeline.notifications import FINALIZE, Notification, ObjectKey, wanted
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+    from pipeline.sink import Sink
+
+CLASSIFIED = ("ok", "low_confidence")  # every other status is an error row (gone, undecodable …)
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+@dataclass
+class BackfillSummary:
+    """What a backfill did: ``listed`` = ``ignored`` + ``skipped_existing`` + ``pending``."""
+
+    listed: int = 0
+    skipped_existing: int = 0
+    classified: int = 0
+    inserted: int = 0  # fewer than classified when the stream wrote some keys meanwhile
+    errors: int = 0
+    seconds: float = 0.0
+    ignored: int = 0  # listed but never classified by the stream either (too large, folders)
+    pending: int = 0  # needed classifying; equals ``classified`` unless this was a dry run
+    statuses: dict[str, int] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        """The final stdout line: the six headline counts first, then the breakdown."""
+        out = {k: v for k, v in asdict(self).items() if k != "statuses"}
+        out["seconds"] = round(self.seconds, 3)
+        return out
+
+
+# --- pure pieces ------------------------------------------------------------------------------
+
+def parse_since(raw: str, now: datetime | None = None) -> datetime:
+    """An ISO-8601 time (naive = UTC) or an age such as ``90m``, ``6h``, ``2d`` before ``now``."""
+    text = raw.strip()
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhdw])", text)
+    if match:
+        age = timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
+        return (now or datetime.now(UTC)) - age
+    try:
+        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{raw!r} is neither an ISO-8601 time nor an age like 90m, 6h, 2d") from None
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def own_prefixes(settings: Settings) -> tuple[str, ...]:
+    """Where bucketlens writes into the watched bucket itself: never input to classify."""
+    from pipeline.sink import RESULTS_PREFIX
+
+    prefixes = [f"{RESULTS_PREFIX}/"]
+    bucket, _, prefix = settings.jsonl_uri.removeprefix("gs://").partition("/")
+    if settings.jsonl_uri.startswith("gs://") and bucket == settings.bucket and prefix.strip("/"):
+        prefixes.append(prefix.strip("/") + "/")
+    return tuple(prefixes)
+
+
+def notification(blob: Any) -> Notification:
+    """The OBJECT_FINALIZE notification GCS sent (or would have sent) for a listed object."""
+    metadata = blob.metadata
+    return Notification(
+        key=ObjectKey(blob.bucket.name, blob.name, int(blob.generation)),
+        event_type=FINALIZE,
+        event_time=blob.time_created,
+        size=int(blob.size) if blob.size is not None else None,
+        content_type=blob.content_type,
+        metadata=dict(metadata) if metadata else None,
+    )
+
+
+def selected(blob: Any, own: Sequence[str], since: datetime | None) -> bool:
+    """Not the sink's own output, and created or updated at or after ``since``."""
+    if blob.name.startswith(tuple(own)):
+        return False
+    if since is None:
+        return True
+    changed = blob.updated or blob.time_created
+    return changed is not None and changed >= since
+
+
+def batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive lists of at most ``size`` items from any iterable, consumed lazily."""
+    if size < 1:
+        raise ValueError("batch size must be >= 1")
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+# --- the shared classify-and-write step -------------------------------------------------------
+
+@dataclass
+class Written:
+    """What classifying and writing one set of notifications did."""
+
+    classified: int = 0
+    inserted: int = 0
+    errors: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+    workers: dict[int, int] = field(default_factory=dict)  # worker pid → model loads there
+
+
+def classify_and_write(spark: SparkSession, todo: Sequence[Notification], settings: Settings,
+                       sink: Sink, batch_id: int) -> Written:
+    """Fetch → classify on the executors (the stream's ``mapInPandas``), then one sink write.
+
+    Written so ``BatchProcessor.process`` can call it for its ``todo`` too; until then it mirrors
+    that block, reusing its schemas and partition function rather than its text.
+    """
+    from pipeline.sink import build_row
+    from pipeline.stream import RESULT_SCHEMA, WORK_SCHEMA, classify_partitions
+
+    done = Written()
+    if not todo:
+        return done
+    work = spark.createDataFrame(
+        [(n.key.bucket, n.key.name, n.key.generation, n.size) for n in todo], WORK_SCHEMA)
+    cores = settings.num_partitions or spark.sparkContext.defaultParallelism
+    results = (work.repartition(min(len(todo), cores))
+               .mapInPandas(classify_partitions(settings), RESULT_SCHEMA)
+               .collect())
+    by_key = {ObjectKey(r.bucket, r.name, r.generation): r for r in results}
+    now = datetime.now(UTC)
+    rows = []
+    for n in todo:
+        r = by_key[n.key]
+        rows.append(build_row(n, status=r.status, reason=r.reason or "", model=settings.model,
+                              topk=[tuple(x) for x in json.loads(r.topk)], batch_id=batch_id,
+                              processed_at=now))
+        done.statuses[r.status] = done.statuses.get(r.status, 0) + 1
+        done.workers[int(r.worker_pid)] = int(r.model_loads)
+    done.classified = len(rows)
+    done.errors = sum(v for s, v in done.statuses.items() if s not in CLASSIFIED)
+    done.inserted = sink.write(rows, batch_id)
+    return done
+
+
+# --- the backfill -----------------------------------------------------------------------------
+
+def backfill(settings: Settings, spark: SparkSession | None = None, *, prefix: str = "",
+             since: datetime | None = None, batch: int = 500, progress: bool = True,
+             dry_run: bool = False, sink: Sink | None = None, client: Any = None
+             ) -> BackfillSummary:
+    """Classify every live object in ``settings.bucket`` under ``prefix`` that BigQuery lacks.
+
+    ``prefix`` defaults to ``settings.prefix``. A dry run lists and checks BigQuery for existing
+    keys but classifies and writes nothing (and starts no Spark). Spark starts on the first
+    chunk with work when ``spark`` is None. Raises on a sink failure: chunks already written
+    stay written, and a re-run picks up from there.
+    """
+    from pipeline import clients
+    from pipeline.sink import make_sink
+
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    sink = sink if sink is not None else make_sink("bigquery", settings)
+    client = client or clients.storage_client(settings)
+    prefix = prefix or settings.prefix
+    own = own_prefixes(settings)
+    summary = BackfillSummary()
+    started = time.monotonic()
+    listing = (b for b in client.list_blobs(settings.bucket, prefix=prefix or None,
+                                            page_size=min(batch, 1000))
+               if selected(b, own, since))
+    title = f"backfill gs://{settings.bucket}/{prefix}" + (" (dry run)" if dry_run else "")
+    with _progress(title, enabled=progress) as show:
+        for index, chunk in enumerate(batches(listing, batch), start=1):
+            summary.listed += len(chunk)
+            todo = []
+            for n in map(notification, chunk):
+                if wanted(n, "", settings.max_bytes):
+                    summary.ignored += 1
+                else:
+                    todo.append(n)
+            show(summary, f"chunk {index}: checking BigQuery")
+            done = sink.existing_keys([n.key for n in todo]) if todo else set()
+            summary.skipped_existing += len(done)
+            todo = [n for n in todo if n.key not in done]
+            summary.pending += len(todo)
+            if todo and not dry_run:
+                show(summary, f"chunk {index}: classifying {len(todo)}")
+                if spark is None:
+                    from pipeline.spark import session
+
+                    spark = session(settings.spark_master)
+                written = classify_and_write(spark, todo, settings, sink, batch_id=-index)
+                summary.classified += written.classified
+                summary.inserted += written.inserted
+                summary.errors += written.errors
+                for status, count in written.statuses.items():
+                    summary.statuses[status] = summary.statuses.get(status, 0) + count
+            summary.seconds = time.monotonic() - started
+            show(summary, "listing")
+        summary.seconds = time.monotonic() - started
+        show(summary, "done")
+    return summary
+
+
+@contextmanager
+def _progress(title: str, *, enabled: bool) -> Iterator[Callable[[BackfillSummary, str], None]]:
+    """A rich status line on stderr (the listing's length is unknown until it ends)."""
+    if not enabled:
+        yield lambda summary, stage: None
+        return
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    counts = ("{task.fields[listed]} listed · {task.fields[skipped]} already done · "
+              "{task.fields[classified]} classified · {task.fields[inserted]} inserted · "
+              "[red]{task.fields[errors]} errors[/]")
+    with Progress(SpinnerColumn(), TextColumn(title), TextColumn(counts),
+                  TextColumn("[dim]{task.fields[stage]}"), TimeElapsedColumn(),
+                  console=Console(stderr=True)) as bar:
+        task = bar.add_task(title, total=None, listed=0, skipped=0, classified=0, inserted=0,
+                            errors=0, stage="listing")
+
+        def show(summary: BackfillSummary, stage: str) -> None:
+            bar.update(task, listed=summary.listed, skipped=summary.skipped_existing,
+                       classified=summary.classified, inserted=summary.inserted,
+                       errors=summary.errors, stage=stage)
+
+        yield show
+
+
+# --- command line -----------------------------------------------------------------------------
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {raw}")
+    return value
+
+
+def _since(raw: str) -> datetime:
+    try:
+        return parse_since(raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+_since.__name__ = "time"  # argparse names the type in its error messages
+
+
+def add_backfill_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``backfill`` on the top-level CLI; dispatch with ``args.func(args)``."""
+    parser = subparsers.add_parser(
+        "backfill", help="classify the objects already in the bucket",
+        description="List the bucket and classify every object BigQuery has no row for, with "
+                    "the stream's code and rows. Safe to re-run, also while the stream runs.")
+    parser.add_argument("--bucket", required=True, help="bucket to list (its objects' rows)")
+    parser.add_argument("--prefix", default="", help="only objects under this prefix "
+                        "(default: BUCKETLENS_PREFIX)")
+    parser.add_argument("--since", type=_since, metavar="TIME",
+                        help="only objects created or updated since TIME: ISO 8601 "
+                             "(naive = UTC) or an age like 90m, 6h, 2d")
+    parser.add_argument("--batch", type=_positive_int, default=500, metavar="N",
+                        help="objects per chunk: one BigQuery check, Spark job and MERGE "
+                             "(default: %(default)s)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list and check BigQuery only: classify and write nothing")
+    parser.set_defaults(func=run_backfill)
+    return parser
+
+
+def run_backfill(args: argparse.Namespace, spark: SparkSession | None = None) -> int:
+    """Print the summary as the last stdout line; 0 = every object classified, 1 = error rows."""
+    settings = Settings.from_env(bucket=args.bucket)
+    if not args.dry_run:
+        from pipeline import classify
+
+        classify.get_handler(settings)  # fail fast, in one sentence, if the model cannot load
+    summary = backfill(settings, spark, prefix=args.prefix, since=args.since, batch=args.batch,
+                       progress=True, dry_run=args.dry_run)
+    print(json.dumps(summary.as_json()), flush=True)
+    return 1 if summary.errors else 0

@@ -1,0 +1,175 @@
+"""End to end through real Spark: uploads → notifications → stream → BigQuery rows.
+
+Exactly-once *results*: every upload becomes one row keyed on (bucket, name, generation),
+whatever Pub/Sub redelivers or Spark replays; poison messages become dead-letter records.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from pipeline import clients, stream
+from pipeline.config import Settings
+from pipeline.sink import create_views
+from producer.datasets import discover, sample_dataset
+from producer.replay import replay
+from tests.conftest import publish
+
+pytestmark = [pytest.mark.integration, pytest.mark.spark]
+
+
+def rows_of(settings: Settings, table: str | None = None) -> list[dict]:
+    bq = clients.bigquery_client(settings)
+    table_id = f"{settings.project}.{settings.dataset}.{table or settings.table}"
+    return [dict(r.items()) for r in bq.query(f"SELECT * FROM `{table_id}`").result()]
+
+
+def wait_rows(settings: Settings, n: int, query, timeout: float = 180,
+              table: str | None = None) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    rows: list[dict] = []
+    while time.monotonic() < deadline:
+        if query.exception():
+            raise AssertionError(f"stream failed: {query.exception()}")
+        rows = rows_of(settings, table)
+        if len(rows) >= n:
+            return rows
+        time.sleep(1)
+    raise AssertionError(f"only {len(rows)} of {n} rows after {timeout}s")
+
+
+def keys(rows: list[dict]) -> set[tuple]:
+    return {(r["bucket"], r["name"], r["generation"]) for r in rows}
+
+
+@pytest.fixture
+def running(spark, isolated):
+    """Start the real stream on the isolated resources; stop it afterwards."""
+    settings = isolated.replace(trigger_seconds=1.0)
+    query, processor = stream.start(settings, spark=spark)
+    yield settings, query, processor
+    query.stop()
+
+
+def upload_samples(settings: Settings, n: int):
+    items = discover(sample_dataset())
+    summary = replay(items, settings, rate=50, limit=n, loop=True, seed=1, progress=False)
+    assert summary.uploaded == n and summary.failed == 0
+    return summary
+
+
+def test_20_uploads_become_exactly_20_rows(running) -> None:
+    settings, query, processor = running
+    summary = upload_samples(settings, 20)
+    rows = wait_rows(settings, 20, query)
+    time.sleep(3)  # any extra (duplicate) row would land in the next batch or two
+    rows = rows_of(settings)
+    assert len(rows) == 20
+    assert keys(rows) == {(settings.bucket, n, g) for n, g in summary.objects}
+    ok = [r for r in rows if r["status"] in ("ok", "low_confidence")]
+    assert len(ok) == 20, [(r["name"], r["status"], r["reason"]) for r in rows]
+    for r in rows:
+        assert r["true_label"] == r["name"].split("/")[-2]
+        assert r["model"] == settings.model and r["event_time"] is not None
+        assert len(r["top5"]) == 5 and r["top1_label"] == r["top5"][0]["label"]
+        assert 0 < r["top1_prob"] <= 1 and r["top1_prob"] >= r["top5"][1]["prob"]
+    coffee = [r for r in rows if r["true_label"] == "coffee"]
+    assert coffee and all(r["top1_label"] in ("espresso", "cup", "coffee mug") for r in coffee)
+
+
+def test_notifications_published_three_times_still_one_row_each(spark, isolated) -> None:
+    # Capture the real notifications on a tap subscription, then publish each twice more.
+    tap = isolated.replace(subscription=isolated.subscription + "-tap")
+    from deploy import provision
+
+    provision.apply(tap)
+    summary = upload_samples(isolated, 12)
+    sub = clients.subscriber_client()
+    originals = []
+    deadline = time.monotonic() + 30
+    while len(originals) < 12 and time.monotonic() < deadline:
+        resp = sub.pull(subscription=tap.subscription_path, max_messages=100, timeout=5)
+        originals += [m.message for m in resp.received_messages
+                      if m.message.attributes.get("bucketId") == isolated.bucket]
+    assert len(originals) == 12
+    publish(isolated, [(m.data, dict(m.attributes)) for m in originals] * 2)
+    query, processor = stream.start(isolated.replace(trigger_seconds=1.0), spark=spark)
+    try:
+        wait_rows(isolated, 12, query)
+        deadline = time.monotonic() + 60  # until all 36 messages went through
+        while sum(r.messages for r in processor.reports) < 36 and time.monotonic() < deadline:
+            time.sleep(1)
+    finally:
+        query.stop()
+    assert sum(r.messages for r in processor.reports) >= 36
+    rows = rows_of(isolated)
+    assert len(rows) == 12 and keys(rows) == {(isolated.bucket, n, g) for n, g in summary.objects}
+
+
+def test_same_batch_processed_twice_adds_nothing(spark, isolated) -> None:
+    items = discover(sample_dataset())[:3]
+    summary = replay(items, isolated, rate=50, limit=3, progress=False)
+    msgs = [(f"m{i}", None, {"eventType": "OBJECT_FINALIZE", "bucketId": isolated.bucket,
+                             "objectId": name, "objectGeneration": str(gen)}, b"", 1)
+            for i, (name, gen) in enumerate(summary.objects)]
+    from pipeline.source import SCHEMA
+
+    df = spark.createDataFrame(msgs, SCHEMA)
+    processor = stream.BatchProcessor(isolated)
+    first = processor.process(df, 7)
+    second = processor.process(df, 7)
+    assert first.inserted == 3 and first.classified == 3
+    assert second.inserted == 0 and second.already_done == 3 and second.classified == 0
+    assert len(rows_of(isolated)) == 3
+
+
+def test_poison_and_foreign_events_do_not_stop_the_stream(running) -> None:
+    settings, query, processor = running
+    publish(settings, [
+        (b"\x00\x01 definitely not json", {"eventType": "OBJECT_FINALIZE"}),
+        (b"{}", {"eventType": "OBJECT_FINALIZE", "bucketId": settings.bucket}),
+        (b"{}", {"eventType": "OBJECT_DELETE", "bucketId": settings.bucket,
+                 "objectId": "x/y.jpg", "objectGeneration": "5"}),
+    ])
+    upload_samples(settings, 4)
+    wait_rows(settings, 4, query)
+    dead = wait_rows(settings, 2, query, table=settings.dead_letter_table)
+    reasons = sorted(d["reason"] for d in dead)
+    assert len(dead) == 2
+    assert "data is not JSON" in reasons[0] and "lacks name, generation" in reasons[1]
+    assert all(d["message_id"] for d in dead)
+    assert sum(r.ignored for r in processor.reports) >= 1  # the DELETE: acked, not classified
+    assert len(rows_of(settings)) == 4
+
+
+def test_overwrite_gives_two_rows_and_latest_view_shows_new_generation(running) -> None:
+    settings, query, _ = running
+    blob = clients.storage_client(settings).bucket(settings.bucket).blob("photos/cat/c.jpg")
+    data = (sample_dataset() / "cat").glob("*")
+    payload = next(iter(data)).read_bytes()
+    blob.upload_from_string(payload, content_type="image/jpeg")
+    first_gen = blob.generation
+    wait_rows(settings, 1, query)
+    blob.upload_from_string(payload[: len(payload) // 2], content_type="image/jpeg")  # truncated
+    rows = wait_rows(settings, 2, query)
+    by_gen = {r["generation"]: r for r in rows}
+    assert set(by_gen) == {first_gen, blob.generation}
+    assert by_gen[first_gen]["status"] == "ok"
+    assert by_gen[blob.generation]["status"] in ("corrupt", "gone")
+    create_views(settings)
+    bq = clients.bigquery_client(settings)
+    latest = list(bq.query(
+        f"SELECT name, generation FROM `{settings.project}.{settings.dataset}.latest_predictions`"
+    ).result())
+    assert [(r["name"], r["generation"]) for r in latest] == [("photos/cat/c.jpg", blob.generation)]
+
+
+def test_batch_report_is_json_serialisable(running) -> None:
+    settings, query, processor = running
+    upload_samples(settings, 2)
+    wait_rows(settings, 2, query)
+    done = [r for r in processor.reports if r.classified]
+    assert done and json.loads(json.dumps(done[0].__dict__))["classified"] >= 1
