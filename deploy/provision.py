@@ -2,7 +2,8 @@
 
 Each resource knows how to look itself up, create itself and delete itself; ``plan`` lists
 what is missing without changing anything, ``apply`` creates only what is missing (so running
-it twice changes nothing), ``destroy`` deletes in reverse order.
+it twice changes nothing), ``destroy`` deletes in reverse order. What an emulator cannot do
+(bucket notification configs, IAM) is reported as ``skip`` with the reason, never faked.
 
     from deploy import provision
     from pipeline.config import Settings
@@ -14,26 +15,54 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
-from google.api_core.exceptions import NotFound
+from google.api_core.exceptions import BadRequest, NotFound
 
+from deploy import iam
 from pipeline import clients
-from pipeline.config import Settings
+from pipeline.config import ENV_PREFIX, Settings
 
 SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"
 MAX_DELIVERY_ATTEMPTS = 5  # then Pub/Sub moves the message to the dead-letter topic
+NOTIFICATION_EVENTS = ["OBJECT_FINALIZE"]
+NOTIFICATION_FORMAT = "JSON_API_V1"
+IAM_PROPAGATION_SECONDS = 120  # a new service account can be unknown to IAM for a while
+EMULATOR_NOTIFICATION = "emulator: fake-gcs-server publishes by its -event.* flags instead"
+EMULATOR_IAM = "emulator: no IAM"
 
 
 def load_schema(name: str) -> list:
     """A BigQuery schema from ``schemas/<name>.json`` as SchemaField objects."""
     from google.cloud import bigquery
 
-    fields = json.loads((SCHEMAS_DIR / f"{name}.json").read_text())
-    return [bigquery.SchemaField.from_api_repr(f) for f in fields]
+    fields_ = json.loads((SCHEMAS_DIR / f"{name}.json").read_text())
+    return [bigquery.SchemaField.from_api_repr(f) for f in fields_]
+
+
+@dataclass(frozen=True)
+class Options:
+    """Deployment knobs ``Settings`` does not carry yet; read from it first once it does."""
+
+    region: str = ""  # the bucket's location; empty = Cloud Storage's default (US multi-region)
+    service_account: str = "bucketlens-job"  # the job's identity (name or full email)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, env: Mapping[str, str] | None = None,
+                      **overrides: Any) -> Options:
+        """Flag > Settings field (when it exists) > ``BUCKETLENS_*`` variable > default."""
+        env = os.environ if env is None else env
+        values = {}
+        for f in fields(cls):
+            value = overrides.get(f.name)
+            if value is None:
+                value = getattr(settings, f.name, None) or env.get(ENV_PREFIX + f.name.upper())
+            values[f.name] = value if value not in (None, "") else f.default
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -41,9 +70,11 @@ class Action:
     verb: str  # "create", "exists", "delete", "absent", "skip"
     kind: str
     name: str
+    note: str = ""
 
     def __str__(self) -> str:
-        return f"{self.verb:<7} {self.kind:<13} {self.name}"
+        text = f"{self.verb:<7} {self.kind:<15} {self.name}"
+        return f"{text}  ({self.note})" if self.note else text
 
 
 @dataclass(frozen=True)
@@ -53,9 +84,12 @@ class Resource:
     exists: Callable[[], bool]
     create: Callable[[], object]
     delete: Callable[[], object]
+    skip: str = ""  # non-empty: not managed here, and why (plan/apply/destroy report it)
 
 
 class _Clients:
+    """Clients made on first use, so a plan for the emulator never needs gcloud or credentials."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
@@ -75,10 +109,22 @@ class _Clients:
     def bigquery(self):
         return clients.bigquery_client(self.settings)
 
+    @cached_property
+    def iam(self) -> iam.GcloudIam:
+        return iam.GcloudIam(self.settings.project)
+
 
 def _found(lookup: Callable[[], object]) -> bool:
     try:
         return lookup() is not None
+    except NotFound:
+        return False
+
+
+def _holds(check: Callable[[], object]) -> bool:
+    """``check()`` is truthy; a missing parent (NotFound) means no."""
+    try:
+        return bool(check())
     except NotFound:
         return False
 
@@ -97,13 +143,52 @@ def on_emulator() -> bool:
     return bool(os.environ.get("STORAGE_EMULATOR_HOST"))
 
 
-def resources(settings: Settings, c: _Clients | None = None) -> list[Resource]:
-    """Every resource bucketlens needs, in creation order."""
+def emulated(settings: Settings) -> bool:
+    """Any service pointed at an emulator: then there is no IAM to manage."""
+    return on_emulator() or bool(os.environ.get("PUBSUB_EMULATOR_HOST") or settings.bq_endpoint)
+
+
+def notification_matches(n: Any, settings: Settings) -> bool:
+    """Whether a bucket notification config is the one bucketlens needs (pure)."""
+    return (n.topic_name == settings.topic and n.topic_project == settings.project
+            and list(n.event_types or []) == NOTIFICATION_EVENTS
+            and n.payload_format == NOTIFICATION_FORMAT
+            and (n.blob_name_prefix or "") == settings.prefix)
+
+
+def targets(settings: Settings) -> dict[str, str]:
+    """The full name of each kind of resource IAM roles are granted on."""
+    s = settings
+    return {"bucket": s.bucket, "topic": s.topic_path, "dead_letter_topic": s.dead_letter_topic_path,
+            "subscription": s.subscription_path, "dataset": f"{s.project}.{s.dataset}",
+            "project": s.project}
+
+
+def view_ids(settings: Settings) -> list[str]:
+    """The views ``sink.create_views`` makes, one per ``schemas/views/*.sql``."""
+    from pipeline import sink  # sink imports this module: import late
+
+    return [sink.view_id(sink.render_view(p.read_text(), settings))
+            for p in sorted(sink.VIEWS_DIR.glob("*.sql"))]
+
+
+def _delete_bucket(c: _Clients, name: str) -> None:
+    bucket = c.storage.bucket(name)
+    try:
+        bucket.delete(force=True)
+    except ValueError:  # force=True refuses more than 256 objects: empty it page by page
+        for blob in c.storage.list_blobs(name):
+            _ignore_missing(blob.delete)()
+        bucket.delete()
+
+
+def core_resources(settings: Settings, c: _Clients, options: Options) -> list[Resource]:
+    """Bucket, topics, subscriptions, dataset, tables and views, in creation order."""
     from google.cloud import bigquery
 
-    c = c or _Clients(settings)
     s = settings
     dlq_sub = f"projects/{s.project}/subscriptions/{s.dead_letter_topic}-sub"
+    dataset_id = f"{s.project}.{s.dataset}"
 
     def topic(path: str) -> Resource:
         return Resource(
@@ -138,16 +223,27 @@ def resources(settings: Settings, c: _Clients | None = None) -> list[Resource]:
         )
 
     def create_dataset() -> None:
-        ds = bigquery.Dataset(f"{s.project}.{s.dataset}")
+        ds = bigquery.Dataset(dataset_id)
         ds.location = s.bq_location
         c.bigquery.create_dataset(ds)
+
+    def views() -> Resource:
+        from pipeline import sink
+
+        ids = view_ids(s)
+        return Resource(
+            "views", f"{dataset_id}: " + (", ".join(v.rsplit(".", 1)[1] for v in ids) or "none defined"),
+            exists=lambda: all(_found(lambda v=v: c.bigquery.get_table(v)) for v in ids),
+            create=lambda: sink.create_views(s, c.bigquery),
+            delete=lambda: [c.bigquery.delete_table(v, not_found_ok=True) for v in ids],
+        )
 
     return [
         Resource(
             "bucket", s.bucket,
             exists=lambda: c.storage.lookup_bucket(s.bucket) is not None,
-            create=lambda: c.storage.create_bucket(s.bucket),
-            delete=_ignore_missing(lambda: c.storage.bucket(s.bucket).delete(force=True)),
+            create=lambda: c.storage.create_bucket(s.bucket, location=options.region or None),
+            delete=_ignore_missing(lambda: _delete_bucket(c, s.bucket)),
         ),
         topic(s.topic_path),
         topic(s.dead_letter_topic_path),
@@ -164,28 +260,122 @@ def resources(settings: Settings, c: _Clients | None = None) -> list[Resource]:
             "filter": 'attributes.eventType = "OBJECT_FINALIZE"',
         }),
         Resource(
-            "dataset", f"{s.project}.{s.dataset}",
-            exists=lambda: _found(lambda: c.bigquery.get_dataset(f"{s.project}.{s.dataset}")),
+            "dataset", dataset_id,
+            exists=lambda: _found(lambda: c.bigquery.get_dataset(dataset_id)),
             create=create_dataset,
-            delete=lambda: c.bigquery.delete_dataset(
-                f"{s.project}.{s.dataset}", delete_contents=True, not_found_ok=True),
+            delete=lambda: c.bigquery.delete_dataset(dataset_id, delete_contents=True,
+                                                     not_found_ok=True),
         ),
         table(s.table_id, "predictions"),
         table(s.dead_letter_table_id, "dead_letters"),
+        views(),
     ]
 
 
-def plan(settings: Settings) -> list[Action]:
-    """What ``apply`` would do; changes nothing."""
-    return [Action("exists" if r.exists() else "create", r.kind, r.name)
-            for r in resources(settings)]
+def _iam_not_ready(exc: BaseException) -> bool:
+    """IAM has not heard of a just-created service account yet (eventual consistency)."""
+    return isinstance(exc, BadRequest | iam.GcloudError) and "does not exist" in str(exc)
 
 
-def apply(settings: Settings) -> list[Action]:
-    """Create whatever is missing; a second run reports only ``exists``."""
+def _retry_propagation(fn: Callable[[], object]) -> Callable[[], object]:
+    def run() -> object:
+        from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
+
+        return Retrying(retry=retry_if_exception(_iam_not_ready), reraise=True,
+                        stop=stop_after_delay(IAM_PROPAGATION_SECONDS),
+                        wait=wait_exponential(multiplier=1, max=15))(fn)
+
+    return run
+
+
+def iam_resources(settings: Settings, c: _Clients, options: Options, *, skip: str = "") -> list[Resource]:
+    """The job's service account, then every row of ``iam.ROLES`` as one grant."""
+    s = settings
+    email = iam.service_account_email(options.service_account, s.project)
+    members: dict[str, Callable[[], str]] = {
+        iam.JOB: lambda: f"serviceAccount:{email}",
+        iam.GCS_AGENT: lambda: f"serviceAccount:{c.storage.get_service_account_email(project=s.project)}",
+        iam.PUBSUB_AGENT: lambda: iam.pubsub_service_agent(c.iam.project_number()),
+    }
+    stores: dict[str, Callable[[str], iam.PolicyStore]] = {
+        "bucket": lambda name: iam.BucketPolicy(c.storage.bucket(name)),
+        "topic": lambda name: iam.PubSubPolicy(c.publisher, name),
+        "dead_letter_topic": lambda name: iam.PubSubPolicy(c.publisher, name),
+        "subscription": lambda name: iam.PubSubPolicy(c.subscriber, name),
+        "dataset": lambda name: iam.DatasetAccess(c.bigquery, name),
+        "project": lambda name: c.iam.project_policy(),
+    }
+
+    def grant(g: iam.Grant) -> Resource:
+        store = lambda: stores[g.kind](g.target)  # noqa: E731 — made when used, not when planned
+        member = members[g.principal]
+        label = email if g.principal == iam.JOB else g.principal
+        return Resource(
+            "iam", f"{g.role} → {label} on {g.kind} {g.target}",
+            exists=lambda: _holds(lambda: member() in store().members(g.role)),
+            create=_retry_propagation(lambda: store().add(g.role, member())),
+            delete=_ignore_missing(lambda: store().remove(g.role, member())),
+            skip=skip,
+        )
+
+    account = Resource(
+        "service-account", email,
+        exists=lambda: c.iam.service_account_exists(email),
+        create=lambda: c.iam.create_service_account(options.service_account,
+                                                    "bucketlens streaming job"),
+        delete=lambda: c.iam.delete_service_account(email),
+        skip=skip,
+    )
+    return [account, *(grant(g) for g in iam.grants(targets(s)))]
+
+
+def notification_resource(settings: Settings, c: _Clients, *, skip: str = "") -> Resource:
+    """The bucket's OBJECT_FINALIZE → topic config (needs the GCS agent's publisher grant first)."""
+    s = settings
+
+    def matching() -> list:
+        return [n for n in c.storage.bucket(s.bucket).list_notifications()
+                if notification_matches(n, s)]
+
+    def create() -> None:
+        c.storage.bucket(s.bucket).notification(
+            topic_name=s.topic, topic_project=s.project, event_types=NOTIFICATION_EVENTS,
+            payload_format=NOTIFICATION_FORMAT, blob_name_prefix=s.prefix or None).create()
+
+    return Resource(
+        "notification", f"gs://{s.bucket}/{s.prefix}* OBJECT_FINALIZE → {s.topic_path}",
+        exists=lambda: _holds(matching),
+        create=create,
+        delete=_ignore_missing(lambda: [n.delete() for n in matching()]),
+        skip=skip,
+    )
+
+
+def resources(settings: Settings, c: _Clients | None = None, options: Options | None = None, *,
+              emulator: bool | None = None) -> list[Resource]:
+    """Every resource bucketlens needs, in creation order (destroy walks it backwards)."""
+    c = c or _Clients(settings)
+    options = options or Options.from_settings(settings)
+    no_gcs_api = on_emulator() if emulator is None else emulator
+    no_iam = emulated(settings) if emulator is None else emulator
+    return [
+        *core_resources(settings, c, options),
+        *iam_resources(settings, c, options, skip=EMULATOR_IAM if no_iam else ""),
+        notification_resource(settings, c, skip=EMULATOR_NOTIFICATION if no_gcs_api else ""),
+    ]
+
+
+def plan_resources(rs: Sequence[Resource]) -> list[Action]:
+    return [Action("skip", r.kind, r.name, r.skip) if r.skip
+            else Action("exists" if r.exists() else "create", r.kind, r.name) for r in rs]
+
+
+def apply_resources(rs: Sequence[Resource]) -> list[Action]:
     actions = []
-    for r in resources(settings):
-        if r.exists():
+    for r in rs:
+        if r.skip:
+            actions.append(Action("skip", r.kind, r.name, r.skip))
+        elif r.exists():
             actions.append(Action("exists", r.kind, r.name))
         else:
             r.create()
@@ -193,13 +383,29 @@ def apply(settings: Settings) -> list[Action]:
     return actions
 
 
-def destroy(settings: Settings) -> list[Action]:
-    """Delete everything ``apply`` creates, in reverse order."""
+def destroy_resources(rs: Sequence[Resource]) -> list[Action]:
     actions = []
-    for r in reversed(resources(settings)):
-        if r.exists():
+    for r in reversed(rs):
+        if r.skip:
+            actions.append(Action("skip", r.kind, r.name, r.skip))
+        elif r.exists():
             r.delete()
             actions.append(Action("delete", r.kind, r.name))
         else:
             actions.append(Action("absent", r.kind, r.name))
     return actions
+
+
+def plan(settings: Settings, **kw: Any) -> list[Action]:
+    """What ``apply`` would do; changes nothing. ``kw`` goes to ``resources``."""
+    return plan_resources(resources(settings, **kw))
+
+
+def apply(settings: Settings, **kw: Any) -> list[Action]:
+    """Create whatever is missing; a second run reports only ``exists`` (and ``skip``)."""
+    return apply_resources(resources(settings, **kw))
+
+
+def destroy(settings: Settings, **kw: Any) -> list[Action]:
+    """Delete everything ``apply`` creates, in reverse order."""
+    return destroy_resources(resources(settings, **kw))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -31,9 +32,12 @@ from pipeline.config import Settings
 from pipeline.notifications import FINALIZE, Notification, ObjectKey, wanted
 
 if TYPE_CHECKING:
+    from google.cloud import storage
     from pyspark.sql import SparkSession
 
     from pipeline.sink import Sink
+
+log = logging.getLogger("bucketlens.backfill")
 
 CLASSIFIED = ("ok", "low_confidence")  # every other status is an error row (gone, undecodable …)
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -171,8 +175,8 @@ def classify_and_write(spark: SparkSession, todo: Sequence[Notification], settin
 
 def backfill(settings: Settings, spark: SparkSession | None = None, *, prefix: str = "",
              since: datetime | None = None, batch: int = 500, progress: bool = True,
-             dry_run: bool = False, sink: Sink | None = None, client: Any = None
-             ) -> BackfillSummary:
+             dry_run: bool = False, sink: Sink | None = None,
+             client: storage.Client | None = None) -> BackfillSummary:
     """Classify every live object in ``settings.bucket`` under ``prefix`` that BigQuery lacks.
 
     ``prefix`` defaults to ``settings.prefix``. A dry run lists and checks BigQuery for existing
@@ -221,6 +225,8 @@ def backfill(settings: Settings, spark: SparkSession | None = None, *, prefix: s
                 summary.errors += written.errors
                 for status, count in written.statuses.items():
                     summary.statuses[status] = summary.statuses.get(status, 0) + count
+            log.info("backfill chunk %d: %d listed, %d already done, %d to classify%s", -index,
+                     len(chunk), len(done), len(todo), " (dry run)" if dry_run else "")
             summary.seconds = time.monotonic() - started
             show(summary, "listing")
         summary.seconds = time.monotonic() - started
@@ -279,7 +285,7 @@ def add_backfill_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
         "backfill", help="classify the objects already in the bucket",
         description="List the bucket and classify every object BigQuery has no row for, with "
                     "the stream's code and rows. Safe to re-run, also while the stream runs.")
-    parser.add_argument("--bucket", required=True, help="bucket to list (its objects' rows)")
+    parser.add_argument("--bucket", required=True, help="the bucket whose objects to classify")
     parser.add_argument("--prefix", default="", help="only objects under this prefix "
                         "(default: BUCKETLENS_PREFIX)")
     parser.add_argument("--since", type=_since, metavar="TIME",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
@@ -194,6 +195,25 @@ def test_cli_dry_run_writes_nothing_and_since_filters(
     assert (out["listed"], out["skipped_existing"], out["pending"]) == (4, 4, 0)
 
 
+class GatedSink:
+    """The stream's sink: its first write waits until the backfill is done, forcing the race
+    (both classify the same keys, neither having seen the other's rows)."""
+
+    def __init__(self, inner: sink.Sink) -> None:
+        self.inner, self.writing, self.release = inner, threading.Event(), threading.Event()
+
+    def existing_keys(self, keys):
+        return self.inner.existing_keys(keys)
+
+    def write(self, rows, batch_id):
+        self.writing.set()
+        self.release.wait(120)
+        return self.inner.write(rows, batch_id)
+
+    def write_dead_letters(self, records, batch_id):
+        return self.inner.write_dead_letters(records, batch_id)
+
+
 @pytest.mark.integration
 @pytest.mark.spark
 @pytest.mark.timeout(240)
@@ -203,21 +223,27 @@ def test_backfill_racing_the_stream_leaves_one_row_per_key(
 
     objects = upload(isolated, photos, 50)  # their notifications wait in the subscription
     settings = isolated.replace(trigger_seconds=1.0, max_messages_per_batch=20)
-    query, processor = stream.start(settings, spark=spark)
+    gate = GatedSink(sink.BigQuerySink(settings))
+    processor = stream.BatchProcessor(settings, sink=gate)
+    query, _ = stream.start(settings, spark=spark, processor=processor)
+    bq = clients.bigquery_client(settings)
     try:
+        assert gate.writing.wait(90), "the stream never reached its first write"
         s = bf.backfill(settings, spark, batch=25, progress=False)
-        bq = clients.bigquery_client(settings)
+        gate.release.set()
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not query.exception():
-            done = sum(r.already_done + r.classified for r in processor.reports)
-            if done >= 50 and counts(bq, settings)[0] >= 50:
+            if sum(r.already_done + r.classified for r in processor.reports) >= 50:
                 break
-            time.sleep(1.0)
+            time.sleep(0.5)
         assert query.exception() is None
     finally:
+        gate.release.set()
         query.stop()
+    assert (s.listed, s.skipped_existing, s.classified, s.inserted) == (50, 0, 50, 50)
+    first = next(r for r in processor.reports if r.classified)
+    assert first.inserted == 0  # classified by both, inserted once: by the backfill's MERGE
+    assert sum(r.inserted for r in processor.reports) == 0
     rows, keys, errors = counts(bq, settings)
     assert rows == keys == len(objects) == 50 and errors == 0
-    streamed = sum(r.inserted for r in processor.reports)
-    assert s.inserted + streamed == 50, (s, processor.reports)
     assert {(r["name"], r["generation"]) for r in table_rows(settings)} == set(objects)

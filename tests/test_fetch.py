@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import http.client
 import random
-import threading
-import urllib.parse
-from collections import Counter
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
@@ -19,79 +14,7 @@ from pipeline import clients, fetch
 from pipeline.config import Settings
 from pipeline.fetch import Fetched, fetch_all
 from pipeline.notifications import ObjectKey
-
-Fault = Callable[[str, str], int | None]  # (method, path) -> status to answer instead, or None
-
-
-class FaultyProxy:
-    """Forwards to fake-gcs-server, answering ``fault(method, path)`` instead when it says so."""
-
-    def __init__(self, upstream: str, fault: Fault | None = None) -> None:
-        self.upstream = urllib.parse.urlsplit(upstream)
-        self.fault = fault or (lambda method, path: None)
-        self.seen: list[tuple[str, str, int]] = []
-        self.lock = threading.Lock()
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _any(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                status = proxy.fault(self.command, self.path)
-                if status is None:
-                    status, headers, payload = proxy.forward(self.command, self.path,
-                                                             dict(self.headers), body)
-                else:
-                    headers, payload = [], b'{"error": {"code": %d}}' % status
-                with proxy.lock:
-                    proxy.seen.append((self.command, self.path, status))
-                self.send_response(status)
-                for k, v in headers:
-                    if k.lower() not in {"content-length", "transfer-encoding", "connection"}:
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _any
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def forward(self, method: str, path: str, headers: dict, body: bytes):
-        conn = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=10)
-        try:
-            headers.pop("Host", None)
-            conn.request(method, path, body=body or None, headers=headers)
-            resp = conn.getresponse()
-            return resp.status, resp.getheaders(), resp.read()
-        finally:
-            conn.close()
-
-    def hits(self, needle: str) -> list[tuple[str, str, int]]:
-        with self.lock:
-            return [s for s in self.seen if needle in s[1]]
-
-
-def every_other(max_failures: int) -> Fault:
-    """503 on each path's 1st, 3rd, … request, at most ``max_failures`` times in all."""
-    counts: Counter[tuple[str, str]] = Counter()
-    failed = 0
-    lock = threading.Lock()
-
-    def fault(method: str, path: str) -> int | None:
-        nonlocal failed
-        with lock:
-            counts[(method, path)] += 1
-            if counts[(method, path)] % 2 == 1 and failed < max_failures:
-                failed += 1
-                return 503
-        return None
-
-    return fault
+from tests.helpers.faultproxy import Fault, FaultyProxy, every_other, start_proxy, stop_proxy
 
 
 @pytest.fixture
@@ -105,16 +28,14 @@ def proxy_factory(monkeypatch: pytest.MonkeyPatch, stack) -> Iterator[Callable[.
     started: list[FaultyProxy] = []
 
     def start(fault: Fault | None = None) -> FaultyProxy:
-        p = FaultyProxy(stack.storage_host, fault)
-        p.thread.start()
+        p = start_proxy(stack.storage_host, fault)
         started.append(p)
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", p.url)
         return p
 
     yield start
     for p in started:
-        p.server.shutdown()
-        p.server.server_close()
+        stop_proxy(p)
 
 
 def upload(settings: Settings, name: str, data: bytes) -> ObjectKey:

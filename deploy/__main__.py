@@ -1,0 +1,81 @@
+"""``python -m deploy plan | apply | destroy``: provision bucketlens on GCP or the local stack.
+
+The same code ``bucketlens local up`` runs. Every ``Settings`` field is a flag
+(``--dead-letter-topic`` …) defaulting to its ``BUCKETLENS_*`` variable, so a shell set up with
+``eval "$(bucketlens local env)"`` provisions the emulators and a clean one provisions GCP.
+
+    python -m deploy plan --project my-proj --region us-central1 --bucket my-images
+    python -m deploy apply --project my-proj --region us-central1 --bucket my-images
+    python -m deploy destroy --project my-proj --bucket my-images --yes
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from dataclasses import fields
+from typing import get_type_hints
+
+from deploy import provision
+from pipeline.config import ENV_PREFIX, Settings
+
+COMMANDS = {"plan": provision.plan, "apply": provision.apply, "destroy": provision.destroy}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m deploy",
+        description="Provision bucketlens: bucket, notification, topics, subscriptions, dataset, "
+                    "tables, views, service account and IAM. Idempotent; plan changes nothing.",
+        epilog="Every flag defaults to its BUCKETLENS_* environment variable. Emulator variables "
+               "(STORAGE_EMULATOR_HOST, PUBSUB_EMULATOR_HOST, --bq-endpoint) select the local stack.")
+    p.add_argument("command", choices=list(COMMANDS), help="plan: show; apply: create; destroy: delete")
+    p.add_argument("--yes", action="store_true", help="confirm destroy (it deletes data)")
+    hints = get_type_hints(Settings)
+    known = {f.name for f in fields(Settings)}
+    for f in fields(Settings):
+        p.add_argument(_flag(f.name), dest=f.name, type=hints[f.name], default=None,
+                       help=f"{ENV_PREFIX}{f.name.upper()} (default {f.default!r})")
+    for f in fields(provision.Options):
+        if f.name not in known:  # once Settings has the field, the loop above owns the flag
+            p.add_argument(_flag(f.name), dest=f.name, default=None,
+                           help=f"{ENV_PREFIX}{f.name.upper()} (default {f.default!r})")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings.from_env(**{f.name: getattr(args, f.name) for f in fields(Settings)})
+    options = provision.Options.from_settings(
+        settings, **{f.name: getattr(args, f.name) for f in fields(provision.Options)})
+    if args.command == "destroy" and not args.yes:
+        print("python -m deploy: destroy deletes the bucket, topics, subscriptions, dataset and "
+              f"IAM grants of project {settings.project!r}; add --yes to confirm",
+              file=sys.stderr)
+        return 2
+    try:
+        actions = COMMANDS[args.command](settings, options=options)
+    except Exception as exc:  # one line for what a user can fix; a traceback for the rest
+        from google.auth.exceptions import DefaultCredentialsError
+
+        from deploy.iam import GcloudError
+
+        if isinstance(exc, DefaultCredentialsError | GcloudError):
+            print(f"python -m deploy: {exc}", file=sys.stderr)
+            return 2
+        raise
+    for action in actions:
+        print(action)
+    counts = Counter(a.verb for a in actions)
+    print(f"{args.command}: " + ", ".join(f"{n} {verb}" for verb, n in sorted(counts.items()))
+          + f" (project {settings.project})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Faults against the whole pipeline: `bucketlens run` in a subprocess, real stack.
+
+* SIGKILL three times during a 300-image replay, restart each time on the same checkpoint →
+  exactly 300 rows with 300 distinct keys.
+* About 10 % of GCS and BigQuery calls answer 503 (a proxy on 127.0.0.1) → every image lands,
+  none twice, none as an error row.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import clients
+from pipeline.config import Settings
+from producer.datasets import discover, sample_dataset
+from producer.replay import replay
+from tests.helpers.faultproxy import sometimes, start_proxy, stop_proxy
+
+pytestmark = [pytest.mark.integration, pytest.mark.spark]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def counts(settings: Settings) -> tuple[int, int, int]:
+    bq = clients.bigquery_client(settings)
+    row = next(iter(bq.query(
+        "SELECT COUNT(*) AS n, COUNT(DISTINCT CONCAT(name, '#', CAST(generation AS STRING))) AS k, "
+        f"COUNTIF(status NOT IN ('ok', 'low_confidence')) AS e FROM `{settings.table_id}`"
+    ).result()))
+    return int(row["n"]), int(row["k"]), int(row["e"] or 0)
+
+
+class Pipeline:
+    """`python -m pipeline.cli run` as a child process, with its own log."""
+
+    def __init__(self, settings: Settings, log: Path, **env: str) -> None:
+        self.env = {**os.environ, **settings.as_env(), "PYTHONPATH": str(ROOT),
+                    "BUCKETLENS_TRIGGER_SECONDS": "1", "BUCKETLENS_ACK_DEADLINE_SECONDS": "10",
+                    "BUCKETLENS_MAX_MESSAGES_PER_BATCH": "40", **env}
+        self.log = log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as fh:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.cli", "run"], env=self.env, cwd=ROOT,
+                stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        assert self.proc is not None
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(60)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+
+def wait_for(settings: Settings, pipe: Pipeline, at_least: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    n = 0
+    while time.monotonic() < deadline:
+        if not pipe.alive():
+            raise AssertionError(f"`bucketlens run` exited:\n{pipe.tail()}")
+        n = counts(settings)[0]
+        if n >= at_least:
+            return n
+        time.sleep(1)
+    raise AssertionError(f"{n} of {at_least} rows after {timeout}s; log:\n{pipe.tail()}")
+
+
+def test_sigkill_three_times_during_300_uploads_gives_exactly_300_rows(isolated, tmp_path) -> None:
+    items = discover(sample_dataset())
+    pipe = Pipeline(isolated, tmp_path / "run.log")
+    uploads: dict = {}
+    producer = threading.Thread(target=lambda: uploads.setdefault("s", replay(
+        items, isolated, rate=10, limit=300, loop=True, seed=3, progress=False)))
+    pipe.start()
+    producer.start()
+    try:
+        for threshold in (40, 110, 180):
+            wait_for(isolated, pipe, threshold, 240)
+            pipe.kill()  # a crash: no stop(), no nack, a batch possibly half done
+            pipe.start()
+        producer.join(120)
+        assert uploads["s"].uploaded == 300 and uploads["s"].failed == 0
+        wait_for(isolated, pipe, 300, 300)
+        time.sleep(5)  # a duplicate, if any, would land within a batch or two
+    finally:
+        pipe.kill(signal.SIGTERM)
+    rows, keys, errors = counts(isolated)
+    assert (rows, keys, errors) == (300, 300, 0), pipe.tail()
+
+
+def test_ten_percent_503s_on_gcs_and_bigquery_lose_and_duplicate_nothing(stack, isolated,
+                                                                         tmp_path) -> None:
+    def objects_and_jobs(method: str, path: str) -> bool:
+        return "/o/" in path or "/download/" in path or "/queries" in path or "/jobs" in path
+
+    gcs = start_proxy(stack.storage_host, sometimes(0.10, seed=1, only=objects_and_jobs))
+    bq = start_proxy(stack.bq_endpoint, sometimes(0.10, seed=2, only=objects_and_jobs))
+    pipe = Pipeline(isolated.replace(bq_endpoint=bq.url), tmp_path / "run.log",
+                    STORAGE_EMULATOR_HOST=gcs.url)
+    try:
+        summary = replay(discover(sample_dataset()), isolated, rate=20, limit=60, loop=True,
+                         seed=4, progress=False)
+        assert summary.uploaded == 60
+        pipe.start()
+        wait_for(isolated, pipe, 60, 300)
+        time.sleep(5)
+    finally:
+        pipe.kill(signal.SIGTERM)
+        stop_proxy(gcs)
+        stop_proxy(bq)
+    injected = {name: sum(1 for s in p.seen if s[2] == 503) for name, p in
+                (("gcs", gcs), ("bigquery", bq))}
+    assert injected["gcs"] >= 3 and injected["bigquery"] >= 1, injected
+    assert counts(isolated) == (60, 60, 0), pipe.tail()
