@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.config import Settings
 from pipeline.notifications import FINALIZE, Notification, ObjectKey, wanted
+from pipeline.sink import own_prefixes
+from pipeline.stream import classify_and_write
 
 if TYPE_CHECKING:
     from google.cloud import storage
@@ -39,7 +41,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bucketlens.backfill")
 
-CLASSIFIED = ("ok", "low_confidence")  # every other status is an error row (gone, undecodable …)
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
@@ -80,17 +81,6 @@ def parse_since(raw: str, now: datetime | None = None) -> datetime:
     return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
-def own_prefixes(settings: Settings) -> tuple[str, ...]:
-    """Where bucketlens writes into the watched bucket itself: never input to classify."""
-    from pipeline.sink import RESULTS_PREFIX
-
-    prefixes = [f"{RESULTS_PREFIX}/"]
-    bucket, _, prefix = settings.jsonl_uri.removeprefix("gs://").partition("/")
-    if settings.jsonl_uri.startswith("gs://") and bucket == settings.bucket and prefix.strip("/"):
-        prefixes.append(prefix.strip("/") + "/")
-    return tuple(prefixes)
-
-
 def notification(blob: Any) -> Notification:
     """The OBJECT_FINALIZE notification GCS sent (or would have sent) for a listed object."""
     metadata = blob.metadata
@@ -125,52 +115,6 @@ def batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 
 # --- the shared classify-and-write step -------------------------------------------------------
 
-@dataclass
-class Written:
-    """What classifying and writing one set of notifications did."""
-
-    classified: int = 0
-    inserted: int = 0
-    errors: int = 0
-    statuses: dict[str, int] = field(default_factory=dict)
-    workers: dict[int, int] = field(default_factory=dict)  # worker pid → model loads there
-
-
-def classify_and_write(spark: SparkSession, todo: Sequence[Notification], settings: Settings,
-                       sink: Sink, batch_id: int) -> Written:
-    """Fetch → classify on the executors (the stream's ``mapInPandas``), then one sink write.
-
-    Written so ``BatchProcessor.process`` can call it for its ``todo`` too; until then it mirrors
-    that block, reusing its schemas and partition function rather than its text.
-    """
-    from pipeline.sink import build_row
-    from pipeline.stream import RESULT_SCHEMA, WORK_SCHEMA, classify_partitions
-
-    done = Written()
-    if not todo:
-        return done
-    work = spark.createDataFrame(
-        [(n.key.bucket, n.key.name, n.key.generation, n.size) for n in todo], WORK_SCHEMA)
-    cores = settings.num_partitions or spark.sparkContext.defaultParallelism
-    results = (work.repartition(min(len(todo), cores))
-               .mapInPandas(classify_partitions(settings), RESULT_SCHEMA)
-               .collect())
-    by_key = {ObjectKey(r.bucket, r.name, r.generation): r for r in results}
-    now = datetime.now(UTC)
-    rows = []
-    for n in todo:
-        r = by_key[n.key]
-        rows.append(build_row(n, status=r.status, reason=r.reason or "", model=settings.model,
-                              topk=[tuple(x) for x in json.loads(r.topk)], batch_id=batch_id,
-                              processed_at=now))
-        done.statuses[r.status] = done.statuses.get(r.status, 0) + 1
-        done.workers[int(r.worker_pid)] = int(r.model_loads)
-    done.classified = len(rows)
-    done.errors = sum(v for s, v in done.statuses.items() if s not in CLASSIFIED)
-    done.inserted = sink.write(rows, batch_id)
-    return done
-
-
 # --- the backfill -----------------------------------------------------------------------------
 
 def backfill(settings: Settings, spark: SparkSession | None = None, *, prefix: str = "",
@@ -204,7 +148,7 @@ def backfill(settings: Settings, spark: SparkSession | None = None, *, prefix: s
             summary.listed += len(chunk)
             todo = []
             for n in map(notification, chunk):
-                if wanted(n, "", settings.max_bytes):
+                if wanted(n, ""):
                     summary.ignored += 1
                 else:
                     todo.append(n)

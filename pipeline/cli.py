@@ -53,9 +53,13 @@ def _run(args: argparse.Namespace) -> int:
         model=args.model, weights=args.weights, trigger_seconds=args.trigger_seconds,
         max_messages_per_batch=args.max_messages_per_batch, spark_master=args.master,
         prefix=args.prefix, min_confidence=args.min_confidence, batch_size=args.batch_size,
+        sink=args.sink, metrics_port=args.metrics_port,
     )
     classify.get_handler(settings)  # fail fast, in one sentence, if the model cannot load
     query, _ = stream.start(settings)
+    if settings.metrics_port:
+        print(f"Prometheus metrics on http://127.0.0.1:{settings.metrics_port}/metrics",
+              file=sys.stderr)
     print(f"streaming {settings.subscription_path} → {settings.table_id} "
           f"(model {settings.model}, checkpoint {settings.checkpoint}); Ctrl-C stops",
           file=sys.stderr)
@@ -111,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--min-confidence", type=float, help="mark rows whose top-1 prob is lower")
     run.add_argument("--prefix", help="only classify objects under this prefix")
     run.add_argument("--master", help="Spark master (default local[2])")
+    run.add_argument("--sink", choices=["bigquery", "jsonl", "console"],
+                     help="where rows go (default bigquery; jsonl writes to BUCKETLENS_JSONL_URI)")
+    run.add_argument("--metrics-port", type=int,
+                     help="serve Prometheus metrics on 127.0.0.1:PORT/metrics")
     run.set_defaults(func=_run)
 
     demo = sub.add_parser("demo", help="the whole flow on the local stack, end to end",
@@ -124,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, adder, runner in (
         ("produce", "producer.cli", "add_produce_parser", "run_produce"),
         ("classify", "pipeline.classify", "add_classify_parser", "run_classify"),
+        ("backfill", "pipeline.backfill", "add_backfill_parser", "run_backfill"),
+        ("report", "pipeline.report", "add_report_parser", "run_report"),
     ):
         try:
             mod = __import__(module, fromlist=[adder])

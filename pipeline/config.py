@@ -29,6 +29,7 @@ class Settings:
     dataset: str = "bucketlens"
     table: str = "predictions"
     dead_letter_table: str = "dead_letters"
+    events_table: str = "object_events"
     bq_endpoint: str = ""  # empty = the real BigQuery API
     bq_location: str = "US"
     model: str = "mobilenet_v2"
@@ -47,6 +48,8 @@ class Settings:
     max_bytes: int = 32 * 1024 * 1024
     max_pixels: int = 64_000_000
     spark_master: str = "local[2]"
+    sink: str = "bigquery"  # bigquery | jsonl | console
+    metrics_port: int = 0  # 0 = no Prometheus endpoint
     jsonl_uri: str = ""  # JSON-lines sink target; empty = gs://<bucket>/_bucketlens/<table>
 
     @classmethod
@@ -75,6 +78,10 @@ class Settings:
     @property
     def dead_letter_table_id(self) -> str:
         return f"{self.project}.{self.dataset}.{self.dead_letter_table}"
+
+    @property
+    def events_table_id(self) -> str:
+        return f"{self.project}.{self.dataset}.{self.events_table}"
 
     @property
     def subscription_path(self) -> str:

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 PREDICTION_KEY = ("bucket", "name", "generation")
 DEAD_LETTER_KEY = ("message_id", "reason")
+EVENT_KEY = ("bucket", "name", "generation", "event_type")
 STAGING_TTL = timedelta(hours=1)  # a crashed batch's staging table cleans itself up
 VIEWS_DIR = SCHEMAS_DIR / "views"
 RESULTS_PREFIX = "_bucketlens"  # JsonLinesSink's default folder inside the watched bucket
@@ -80,6 +81,16 @@ def build_row(n: Notification, *, status: str, reason: str = "", model: str | No
     }
 
 
+def event_record(n: Notification, batch_id: int | None, *,
+                 recorded_at: datetime | None = None) -> dict:
+    """One ``object_events`` row: a DELETE / ARCHIVE / METADATA_UPDATE, recorded not classified."""
+    return {
+        "bucket": n.key.bucket, "name": n.key.name, "generation": n.key.generation,
+        "event_type": n.event_type, "event_time": _ts(n.event_time), "message_id": n.message_id,
+        "recorded_at": _ts(recorded_at or datetime.now(UTC)), "batch_id": batch_id,
+    }
+
+
 def dead_letter_record(message_id: str, reason: str, attributes: Mapping[str, str],
                        data: bytes | None, publish_time: datetime | None, batch_id: int | None,
                        *, recorded_at: datetime | None = None) -> dict:
@@ -97,6 +108,15 @@ def dead_letter_record(message_id: str, reason: str, attributes: Mapping[str, st
 
 def row_key(row: Mapping[str, Any]) -> ObjectKey:
     return ObjectKey(row["bucket"], row["name"], int(row["generation"]))
+
+
+def own_prefixes(settings: Settings) -> tuple[str, ...]:
+    """Where bucketlens writes into the watched bucket itself: never input to classify."""
+    prefixes = [f"{RESULTS_PREFIX}/"]
+    bucket, _, prefix = settings.jsonl_uri.removeprefix("gs://").partition("/")
+    if settings.jsonl_uri.startswith("gs://") and bucket == settings.bucket and prefix.strip("/"):
+        prefixes.append(prefix.strip("/") + "/")
+    return tuple(prefixes)
 
 
 def to_ndjson(rows: Sequence[Mapping[str, Any]]) -> bytes:
@@ -195,6 +215,10 @@ class Sink(Protocol):
         """Idempotent on (message_id, reason); returns the records newly inserted."""
         ...
 
+    def write_events(self, records: Sequence[dict], batch_id: int) -> int:
+        """Idempotent on (bucket, name, generation, event_type); returns records inserted."""
+        ...
+
 
 class BigQuerySink(Sink):
     """Staging table + one MERGE per write; library retries are off so tenacity is the one
@@ -239,6 +263,10 @@ class BigQuerySink(Sink):
     def write_dead_letters(self, records: Sequence[dict], batch_id: int) -> int:
         return self._merge(records, self.settings.dead_letter_table_id, "dead_letters",
                            DEAD_LETTER_KEY, "recorded_at", batch_id)
+
+    def write_events(self, records: Sequence[dict], batch_id: int) -> int:
+        return self._merge(records, self.settings.events_table_id, "object_events",
+                           EVENT_KEY, "recorded_at", batch_id)
 
     def _merge(self, rows: Sequence[dict], table_id: str, schema_name: str,
                key: Sequence[str], order_by: str, batch_id: int) -> int:
@@ -322,6 +350,9 @@ class JsonLinesSink(Sink):
     def write_dead_letters(self, records: Sequence[dict], batch_id: int) -> int:
         return self._put(records, self.object_name(batch_id, "dead_letters"))
 
+    def write_events(self, records: Sequence[dict], batch_id: int) -> int:
+        return self._put(records, self.object_name(batch_id, "object_events"))
+
     def _put(self, rows: Sequence[dict], name: str) -> int:
         if not rows:
             return 0
@@ -346,6 +377,9 @@ class ConsoleSink(Sink):
 
     def write_dead_letters(self, records: Sequence[dict], batch_id: int) -> int:
         return self._print(records, batch_id, "dead_letter")
+
+    def write_events(self, records: Sequence[dict], batch_id: int) -> int:
+        return self._print(records, batch_id, "event")
 
     def _print(self, rows: Sequence[dict], batch_id: int, kind: str) -> int:
         stream = self.stream or sys.stdout

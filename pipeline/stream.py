@@ -43,6 +43,7 @@ class BatchReport:
     batch_id: int
     messages: int = 0
     poison: int = 0
+    events: int = 0
     ignored: int = 0
     duplicates: int = 0
     already_done: int = 0
@@ -54,19 +55,38 @@ class BatchReport:
     workers: dict[int, int] = field(default_factory=dict)  # worker pid → model loads there
 
 
+CLASSIFIED = ("ok", "low_confidence")  # every other status is an error row (gone, corrupt …)
+
+
+@dataclass
+class Written:
+    """What classifying and writing one set of notifications did."""
+
+    classified: int = 0
+    inserted: int = 0
+    errors: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+    workers: dict[int, int] = field(default_factory=dict)  # worker pid → model loads there
+    rows: list[dict] = field(default_factory=list)
+
+
 @dataclass(frozen=True)
 class Triage:
     """The driver-side split of one batch's messages (pure)."""
 
     todo: list[Notification]
     dead_letters: list[tuple[tuple, str]]  # (message row, reason)
+    events: list[Notification]  # DELETE / ARCHIVE / METADATA_UPDATE: recorded, not classified
     ignored: list[tuple[Notification, str]]
     duplicates: int
 
 
 def triage(rows: Sequence[tuple], settings: Settings) -> Triage:
     """Parse, filter and de-duplicate message rows (message_id, publish_time, attributes, data)."""
-    parsed, dead, ignored = [], [], []
+    from pipeline.sink import own_prefixes
+
+    parsed, dead, ignored, events = [], [], [], []
+    own = own_prefixes(settings)
     for row in rows:
         message_id, publish_time, attributes, data = row[0], row[1], row[2] or {}, row[3]
         try:
@@ -74,13 +94,17 @@ def triage(rows: Sequence[tuple], settings: Settings) -> Triage:
         except PoisonMessage as exc:
             dead.append((row, str(exc)))
             continue
-        why = wanted(n, settings.prefix, settings.max_bytes)
-        if why:
+        why = wanted(n, settings.prefix)  # oversize objects get a too_large row from fetch
+        if why is None and n.key.name.startswith(own):
+            why = "bucketlens's own output"
+        if not n.is_finalize and not n.key.name.startswith(own):
+            events.append(n)
+        elif why:
             ignored.append((n, why))
         else:
             parsed.append(n)
     todo = dedupe(parsed)
-    return Triage(todo, dead, ignored, len(parsed) - len(todo))
+    return Triage(todo, dead, events, ignored, len(parsed) - len(todo))
 
 
 PartitionFn = Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]
@@ -130,21 +154,55 @@ def _classified(keys: list[ObjectKey], fetched: list, handler) -> pd.DataFrame:
     )
 
 
+def classify_and_write(spark, todo: Sequence[Notification], settings: Settings, sink,
+                       batch_id: int) -> Written:
+    """Fetch → classify on the executors (``mapInPandas``), then one idempotent sink write.
+
+    Shared by the stream's micro-batches and the backfill, so both write the same rows.
+    """
+    from pipeline.sink import build_row
+
+    done = Written()
+    if not todo:
+        return done
+    work = spark.createDataFrame(
+        [(n.key.bucket, n.key.name, n.key.generation, n.size) for n in todo], WORK_SCHEMA)
+    cores = settings.num_partitions or spark.sparkContext.defaultParallelism
+    results = (work.repartition(min(len(todo), cores))
+               .mapInPandas(classify_partitions(settings), RESULT_SCHEMA)
+               .collect())
+    by_key = {ObjectKey(r.bucket, r.name, r.generation): r for r in results}
+    now = datetime.now(UTC)
+    for n in todo:
+        r = by_key[n.key]
+        done.rows.append(build_row(n, status=r.status, reason=r.reason or "", model=settings.model,
+                                   topk=[tuple(x) for x in json.loads(r.topk)],
+                                   batch_id=batch_id, processed_at=now))
+        done.statuses[r.status] = done.statuses.get(r.status, 0) + 1
+        done.workers[int(r.worker_pid)] = int(r.model_loads)
+    done.classified = len(done.rows)
+    done.errors = sum(v for s, v in done.statuses.items() if s not in CLASSIFIED)
+    done.inserted = sink.write(done.rows, batch_id)
+    return done
+
+
 class BatchProcessor:
     """The ``foreachBatch`` function. Raises on sink failure so the batch is not committed."""
 
-    def __init__(self, settings: Settings, sink=None) -> None:
+    def __init__(self, settings: Settings, sink=None,
+                 on_batch: Callable[[BatchReport, list[dict]], object] | None = None) -> None:
         from pipeline.sink import make_sink
 
         self.settings = settings
-        self.sink = sink if sink is not None else make_sink("bigquery", settings)
+        self.sink = sink if sink is not None else make_sink(settings.sink, settings)
+        self.on_batch = on_batch  # e.g. metrics.MetricsRecorder.record
         self.reports: list[BatchReport] = []
 
     def __call__(self, batch_df, batch_id: int) -> None:
         self.process(batch_df, batch_id)
 
     def process(self, batch_df, batch_id: int) -> BatchReport:
-        from pipeline.sink import build_row, dead_letter_record
+        from pipeline.sink import dead_letter_record
 
         started = time.monotonic()
         rows = [tuple(r) for r in batch_df.collect()]
@@ -156,6 +214,11 @@ class BatchProcessor:
             records = [dead_letter_record(r[0], why, r[2] or {}, r[3], r[1], batch_id)
                        for r, why in t.dead_letters]
             self.sink.write_dead_letters(records, batch_id)
+        report.events = len(t.events)
+        if t.events:
+            from pipeline.sink import event_record
+
+            self.sink.write_events([event_record(n, batch_id) for n in t.events], batch_id)
         for n, why in t.ignored:
             log.debug("batch %d: %s/%s#%d ignored: %s", batch_id, *_k(n.key), why)
         todo = t.todo
@@ -163,32 +226,15 @@ class BatchProcessor:
             done = self.sink.existing_keys([n.key for n in todo])
             report.already_done = len(done)
             todo = [n for n in todo if n.key not in done]
-        if todo:
-            spark = batch_df.sparkSession
-            work = spark.createDataFrame(
-                [(n.key.bucket, n.key.name, n.key.generation, n.size) for n in todo], WORK_SCHEMA)
-            cores = self.settings.num_partitions or spark.sparkContext.defaultParallelism
-            parts = min(len(todo), cores)
-            results = (work.repartition(parts)
-                       .mapInPandas(classify_partitions(self.settings), RESULT_SCHEMA)
-                       .collect())
-            by_key = {ObjectKey(r.bucket, r.name, r.generation): r for r in results}
-            now = datetime.now(UTC)
-            out = []
-            for n in todo:
-                r = by_key[n.key]
-                topk = [tuple(x) for x in json.loads(r.topk)]
-                out.append(build_row(n, status=r.status, reason=r.reason or "",
-                                     model=self.settings.model, topk=topk,
-                                     batch_id=batch_id, processed_at=now))
-                report.statuses[r.status] = report.statuses.get(r.status, 0) + 1
-                report.workers[int(r.worker_pid)] = int(r.model_loads)
-            report.classified = len(out)
-            report.errors = sum(v for s, v in report.statuses.items()
-                                if s not in ("ok", "low_confidence"))
-            report.inserted = self.sink.write(out, batch_id)
+        written = classify_and_write(batch_df.sparkSession, todo, self.settings, self.sink,
+                                     batch_id)
+        report.classified, report.inserted, report.errors = (
+            written.classified, written.inserted, written.errors)
+        report.statuses, report.workers = written.statuses, written.workers
         report.seconds = time.monotonic() - started
         self.reports.append(report)
+        if self.on_batch is not None:
+            self.on_batch(report, written.rows)
         log.info("batch %d: %d messages, %d classified, %d inserted, %d errors, %d poison, "
                  "%d ignored, %d already done, %.2fs", batch_id, report.messages,
                  report.classified, report.inserted, report.errors, report.poison,
@@ -213,11 +259,18 @@ def messages(spark, settings: Settings):
 
 
 def start(settings: Settings, spark=None, processor: BatchProcessor | None = None):
-    """Start the streaming query; returns (StreamingQuery, BatchProcessor)."""
+    """Start the streaming query; returns (StreamingQuery, BatchProcessor).
+
+    A metrics listener is attached to the session; the processor feeds it per-batch figures.
+    """
+    from pipeline import metrics
     from pipeline.spark import session
 
     spark = spark or session(settings.spark_master)
-    processor = processor or BatchProcessor(settings)
+    listener = metrics.attach(spark)
+    processor = processor or BatchProcessor(settings, on_batch=listener.recorder.record)
+    if settings.metrics_port:
+        metrics.serve(listener.recorder, settings.metrics_port)
     query = (messages(spark, settings).writeStream
              .foreachBatch(processor)
              .option("checkpointLocation", settings.checkpoint)
