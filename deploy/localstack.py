@@ -18,6 +18,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -240,7 +242,8 @@ def up(run_dir: Path | str = DEFAULT_RUN_DIR, settings: Settings | None = None,
         if provision:
             from deploy import provision as prov
 
-            with _client_env(state):
+            with environment({"PUBSUB_EMULATOR_HOST": state.pubsub_host,
+                              "STORAGE_EMULATOR_HOST": state.storage_host}):
                 prov.apply(state.settings(settings))
     except BaseException:
         down(run_dir)
@@ -248,21 +251,15 @@ def up(run_dir: Path | str = DEFAULT_RUN_DIR, settings: Settings | None = None,
     return state
 
 
-class _client_env:
-    """Temporarily point the Google clients of this process at the stack."""
-
-    def __init__(self, state: StackState) -> None:
-        self.values = {"PUBSUB_EMULATOR_HOST": state.pubsub_host,
-                       "STORAGE_EMULATOR_HOST": state.storage_host}
-        self.saved: dict[str, str | None] = {}
-
-    def __enter__(self) -> None:
-        for k, v in self.values.items():
-            self.saved[k] = os.environ.get(k)
-            os.environ[k] = v
-
-    def __exit__(self, *exc: object) -> None:
-        for k, v in self.saved.items():
+@contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration of a block, then restore the old ones."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:

@@ -7,7 +7,6 @@ is one JSON object: uploaded, rows, distinct_keys, errors, seconds.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -48,32 +47,36 @@ def counts(bq, settings: Settings) -> tuple[int, int, int]:
 
 def run(images: int = 60, rate: float = 10.0, timeout: float = 600.0,
         run_dir: Path = Path(".bucketlens/demo")) -> dict:
-    from pipeline import classify, clients, stream
-    from producer.datasets import discover, sample_dataset
-    from producer.replay import replay
-
     started = time.monotonic()
     console.rule("[bold]bucketlens demo")
     console.print(f"starting the local stack in {run_dir} …")
     state = localstack.up(run_dir)
-    env = state.env()
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    query = None
     try:
-        settings = Settings.from_env()
-        console.print(f"loading model {settings.model} …")
-        classify.get_handler(settings)
-        dataset = sample_dataset()
-        items = discover(dataset)
-        console.print(f"sample set: {len(items)} real photos in "
-                      f"{len({i.class_name for i in items})} classes ({dataset})")
-        console.print("starting Spark and the stream …")
-        query, _ = stream.start(settings)
+        with localstack.environment(state.env()):
+            summary = _stream_samples(Settings.from_env(), images, rate, timeout)
+    finally:
+        localstack.down(run_dir)
+    return {**summary, "seconds": round(time.monotonic() - started, 1)}
+
+
+def _stream_samples(settings: Settings, images: int, rate: float, timeout: float) -> dict:
+    """Stream, replay the sample photos, and wait until every upload is a row."""
+    from pipeline import classify, clients, stream
+    from producer.datasets import discover, sample_dataset
+    from producer.replay import replay
+
+    console.print(f"loading model {settings.model} …")
+    classify.get_handler(settings)
+    dataset = sample_dataset()
+    items = discover(dataset)
+    console.print(f"sample set: {len(items)} real photos in "
+                  f"{len({i.class_name for i in items})} classes ({dataset})")
+    console.print("starting Spark and the stream …")
+    query, _ = stream.start(settings)
+    try:
         console.print(f"uploading {images} images at {rate:g}/s into gs://{settings.bucket} …")
-        summary = replay(items, settings, rate=rate, limit=images, loop=True, seed=0,
+        uploads = replay(items, settings, rate=rate, limit=images, loop=True, seed=0,
                          progress=False)
-        uploaded = summary.uploaded
         bq = clients.bigquery_client(settings)
         rows = keys = errors = 0
         deadline = time.monotonic() + timeout
@@ -82,23 +85,15 @@ def run(images: int = 60, rate: float = 10.0, timeout: float = 600.0,
                 if query.exception():
                     raise RuntimeError(f"the stream failed: {query.exception()}")
                 rows, keys, errors = counts(bq, settings)
-                status.update(f"rows in BigQuery: {rows}/{uploaded}")
-                if rows >= uploaded:
+                status.update(f"rows in BigQuery: {rows}/{uploads.uploaded}")
+                if rows >= uploads.uploaded:
                     break
                 time.sleep(1.0)
         _print_summary(bq, settings)
-        return {"uploaded": uploaded, "rows": rows, "distinct_keys": keys,
-                "errors": errors + summary.failed,
-                "seconds": round(time.monotonic() - started, 1)}
     finally:
-        if query is not None:
-            query.stop()
-        localstack.down(run_dir)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        query.stop()
+    return {"uploaded": uploads.uploaded, "rows": rows, "distinct_keys": keys,
+            "errors": errors + uploads.failed}
 
 
 def _print_summary(bq, settings: Settings) -> None:

@@ -18,10 +18,10 @@ import sys
 import tarfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 from PIL import Image
@@ -40,6 +40,7 @@ from producer.replay import (
     replay,
     schedule,
 )
+from tests.helpers.faultproxy import Fault, start_proxy, stop_proxy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -337,70 +338,33 @@ def test_duration_bounds_an_endless_loop(isolated: Settings, dataset) -> None:
     assert len(_blobs(isolated)) == summary.uploaded
 
 
-class FaultProxy:
-    """Forwards to fake-gcs-server, answering the first ``count`` uploads with ``status``."""
+def first_uploads(status: int, count: int) -> tuple[Fault, Counter]:
+    """Answer the first ``count`` uploads with ``status``; the counter sees every upload."""
+    uploads: Counter = Counter()
+    lock = threading.Lock()
 
-    HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
+    def fault(method: str, path: str) -> int | None:
+        if method != "POST" or not path.startswith("/upload/"):
+            return None
+        with lock:
+            uploads["n"] += 1
+            return status if uploads["n"] <= count else None
 
-    def __init__(self, upstream: str, status: int, count: int) -> None:
-        self.upstream = urlsplit(upstream)
-        self.status, self.count = status, count
-        self.uploads = 0
-        self.lock = threading.Lock()
-
-    def handler(self) -> type[http.server.BaseHTTPRequestHandler]:
-        proxy = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def forward(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if self.command == "POST" and self.path.startswith("/upload/"):
-                    with proxy.lock:
-                        proxy.uploads += 1
-                        inject = proxy.uploads <= proxy.count
-                    if inject:
-                        self.reply(proxy.status, {"Content-Type": "application/json"},
-                                   json.dumps({"error": {"code": proxy.status,
-                                                         "message": "injected"}}).encode())
-                        return
-                conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port,
-                                                  timeout=10)
-                try:
-                    headers = {k: v for k, v in self.headers.items() if k.lower() not in proxy.HOP}
-                    conn.request(self.command, self.path, body, headers)
-                    resp = conn.getresponse()
-                    self.reply(resp.status, dict(resp.getheaders()), resp.read())
-                finally:
-                    conn.close()
-
-            def reply(self, status: int, headers: dict[str, str], data: bytes) -> None:
-                self.send_response(status)
-                for k, v in headers.items():
-                    if k.lower() not in proxy.HOP:
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = forward
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        return Handler
+    return fault, uploads
 
 
 @pytest.fixture
-def fault_proxy(request, monkeypatch) -> Iterator[FaultProxy]:
+def fault_proxy(request, monkeypatch) -> Iterator[Counter]:
     status, count = request.param
-    proxy = FaultProxy(os.environ["STORAGE_EMULATOR_HOST"], status, count)
-    for host in _serve(proxy.handler()):
-        monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://{host}")
-        yield proxy
+    fault, uploads = first_uploads(status, count)
+    proxy = start_proxy(os.environ["STORAGE_EMULATOR_HOST"], fault)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+    try:
+        yield uploads
+    finally:
+        stop_proxy(proxy)
 
 
-@pytest.mark.integration
-@pytest.mark.timeout(60)
 @pytest.mark.parametrize("fault_proxy", [(503, 3)], indirect=True)
 def test_transient_503_is_retried(isolated: Settings, dataset, fault_proxy) -> None:
     results: list[Result] = []
@@ -408,7 +372,7 @@ def test_transient_503_is_retried(isolated: Settings, dataset, fault_proxy) -> N
                      on_result=results.append)
     assert (summary.uploaded, summary.failed, summary.skipped) == (4, 0, 0)
     assert [r.attempts for r in results] == [4, 1, 1, 1]
-    assert fault_proxy.uploads == 4 + 3
+    assert fault_proxy["n"] == 4 + 3
     assert len(_blobs(isolated)) == 4
 
 
@@ -422,7 +386,7 @@ def test_permanent_error_is_counted_not_retried_not_fatal(
                      on_result=results.append)
     assert (summary.uploaded, summary.failed) == (3, 1)
     assert results[0].attempts == 1 and "Forbidden" in summary.errors[0][1]
-    assert fault_proxy.uploads == 4
+    assert fault_proxy["n"] == 4
 
 
 def _produce(settings: Settings, dataset: Path, *flags: str) -> list[str]:

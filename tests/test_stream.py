@@ -141,7 +141,10 @@ def test_poison_and_foreign_events_do_not_stop_the_stream(running) -> None:
     assert len(dead) == 2
     assert "data is not JSON" in reasons[0] and "lacks name, generation" in reasons[1]
     assert all(d["message_id"] for d in dead)
-    assert sum(r.ignored for r in processor.reports) >= 1  # the DELETE: acked, not classified
+    events = wait_rows(settings, 1, query, table=settings.events_table)
+    assert [(e["name"], e["generation"], e["event_type"]) for e in events] == \
+        [("x/y.jpg", 5, "OBJECT_DELETE")]  # recorded, not classified
+    assert sum(r.events for r in processor.reports) == 1
     assert len(rows_of(settings)) == 4
 
 
