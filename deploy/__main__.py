@@ -37,29 +37,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("command", choices=list(COMMANDS), help="plan: show; apply: create; destroy: delete")
     p.add_argument("--yes", action="store_true", help="confirm destroy (it deletes data)")
     hints = get_type_hints(Settings)
-    known = {f.name for f in fields(Settings)}
     for f in fields(Settings):
         p.add_argument(_flag(f.name), dest=f.name, type=hints[f.name], default=None,
                        help=f"{ENV_PREFIX}{f.name.upper()} (default {f.default!r})")
-    for f in fields(provision.Options):
-        if f.name not in known:  # once Settings has the field, the loop above owns the flag
-            p.add_argument(_flag(f.name), dest=f.name, default=None,
-                           help=f"{ENV_PREFIX}{f.name.upper()} (default {f.default!r})")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = Settings.from_env(**{f.name: getattr(args, f.name) for f in fields(Settings)})
-    options = provision.Options.from_settings(
-        settings, **{f.name: getattr(args, f.name) for f in fields(provision.Options)})
     if args.command == "destroy" and not args.yes:
         print("python -m deploy: destroy deletes the bucket, topics, subscriptions, dataset and "
               f"IAM grants of project {settings.project!r}; add --yes to confirm",
               file=sys.stderr)
         return 2
     try:
-        actions = COMMANDS[args.command](settings, options=options)
+        actions = COMMANDS[args.command](settings)
     except Exception as exc:  # one line for what a user can fix; a traceback for the rest
         from google.auth.exceptions import DefaultCredentialsError
 

@@ -41,7 +41,7 @@ ROLES: Mapping[str, Mapping[str, Mapping[str, str]]] = {
         },
     },
     GCS_AGENT: {
-        "topic": {"roles/pubsub.publisher": "publish OBJECT_FINALIZE notifications"},
+        "topic": {"roles/pubsub.publisher": "publish the bucket's object notifications"},
     },
     PUBSUB_AGENT: {
         "dead_letter_topic": {"roles/pubsub.publisher": "forward undeliverable messages"},

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -25,15 +25,41 @@ from google.api_core.exceptions import BadRequest, NotFound
 
 from deploy import iam
 from pipeline import clients
-from pipeline.config import ENV_PREFIX, Settings
+from pipeline.config import Settings
+from pipeline.notifications import EVENT_TYPES
 
 SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"
 MAX_DELIVERY_ATTEMPTS = 5  # then Pub/Sub moves the message to the dead-letter topic
-NOTIFICATION_EVENTS = ["OBJECT_FINALIZE"]
+# Every event the job handles (classify FINALIZE, record the rest in the events table), sorted
+# so the notification config compares equal however GCS orders it.
+NOTIFICATION_EVENTS = sorted(EVENT_TYPES)
 NOTIFICATION_FORMAT = "JSON_API_V1"
 IAM_PROPAGATION_SECONDS = 120  # a new service account can be unknown to IAM for a while
 EMULATOR_NOTIFICATION = "emulator: fake-gcs-server publishes by its -event.* flags instead"
 EMULATOR_IAM = "emulator: no IAM"
+
+
+@dataclass(frozen=True)
+class TableLayout:
+    """How a table is laid out on real BigQuery (bqemulator gets plain tables)."""
+
+    schema: str  # schemas/<schema>.json
+    partition_by: str  # a TIMESTAMP column: day partitions, so old data ages into cheap storage
+    cluster_by: tuple[str, ...] = ()  # the MERGE key's leading columns: MERGE scans less
+
+
+def table_layouts(settings: Settings) -> dict[str, TableLayout]:
+    """Table id → layout, for every table the job writes."""
+    return {
+        settings.table_id: TableLayout("predictions", "processed_at", ("bucket", "name")),
+        settings.dead_letter_table_id: TableLayout("dead_letters", "recorded_at"),
+        settings.events_table_id: TableLayout("object_events", "recorded_at", ("bucket", "name")),
+    }
+
+
+def subscription_filter(event_types: Sequence[str]) -> str:
+    """Pub/Sub filter admitting exactly these GCS event types."""
+    return " OR ".join(f'attributes.eventType = "{t}"' for t in event_types)
 
 
 def load_schema(name: str) -> list:
@@ -42,27 +68,6 @@ def load_schema(name: str) -> list:
 
     fields_ = json.loads((SCHEMAS_DIR / f"{name}.json").read_text())
     return [bigquery.SchemaField.from_api_repr(f) for f in fields_]
-
-
-@dataclass(frozen=True)
-class Options:
-    """Deployment knobs ``Settings`` does not carry yet; read from it first once it does."""
-
-    region: str = ""  # the bucket's location; empty = Cloud Storage's default (US multi-region)
-    service_account: str = "bucketlens-job"  # the job's identity (name or full email)
-
-    @classmethod
-    def from_settings(cls, settings: Settings, env: Mapping[str, str] | None = None,
-                      **overrides: Any) -> Options:
-        """Flag > Settings field (when it exists) > ``BUCKETLENS_*`` variable > default."""
-        env = os.environ if env is None else env
-        values = {}
-        for f in fields(cls):
-            value = overrides.get(f.name)
-            if value is None:
-                value = getattr(settings, f.name, None) or env.get(ENV_PREFIX + f.name.upper())
-            values[f.name] = value if value not in (None, "") else f.default
-        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -151,7 +156,7 @@ def emulated(settings: Settings) -> bool:
 def notification_matches(n: Any, settings: Settings) -> bool:
     """Whether a bucket notification config is the one bucketlens needs (pure)."""
     return (n.topic_name == settings.topic and n.topic_project == settings.project
-            and list(n.event_types or []) == NOTIFICATION_EVENTS
+            and sorted(n.event_types or []) == NOTIFICATION_EVENTS
             and n.payload_format == NOTIFICATION_FORMAT
             and (n.blob_name_prefix or "") == settings.prefix)
 
@@ -182,7 +187,7 @@ def _delete_bucket(c: _Clients, name: str) -> None:
         bucket.delete()
 
 
-def core_resources(settings: Settings, c: _Clients, options: Options) -> list[Resource]:
+def core_resources(settings: Settings, c: _Clients) -> list[Resource]:
     """Bucket, topics, subscriptions, dataset, tables and views, in creation order."""
     from google.cloud import bigquery
 
@@ -206,13 +211,12 @@ def core_resources(settings: Settings, c: _Clients, options: Options) -> list[Re
             delete=_ignore_missing(lambda: c.subscriber.delete_subscription(subscription=path)),
         )
 
-    def table(table_id: str, schema: str) -> Resource:
+    def table(table_id: str, layout: TableLayout) -> Resource:
         def create() -> None:
-            t = bigquery.Table(table_id, schema=load_schema(schema))
+            t = bigquery.Table(table_id, schema=load_schema(layout.schema))
             if not s.bq_endpoint:  # real BigQuery: partition by day, cluster by the key
-                t.time_partitioning = bigquery.TimePartitioning(field="processed_at")
-                if schema == "predictions":
-                    t.clustering_fields = ["bucket", "name"]
+                t.time_partitioning = bigquery.TimePartitioning(field=layout.partition_by)
+                t.clustering_fields = list(layout.cluster_by) or None
             c.bigquery.create_table(t)
 
         return Resource(
@@ -235,14 +239,16 @@ def core_resources(settings: Settings, c: _Clients, options: Options) -> list[Re
             "views", f"{dataset_id}: " + (", ".join(v.rsplit(".", 1)[1] for v in ids) or "none defined"),
             exists=lambda: all(_found(lambda v=v: c.bigquery.get_table(v)) for v in ids),
             create=lambda: sink.create_views(s, c.bigquery),
-            delete=lambda: [c.bigquery.delete_table(v, not_found_ok=True) for v in ids],
+            # DDL, dependents first: bqemulator's tables.delete cannot drop a view.
+            delete=lambda: [sink.run_query(c.bigquery, f"DROP VIEW IF EXISTS `{v}`")
+                            for v in reversed(ids)],
         )
 
     return [
         Resource(
             "bucket", s.bucket,
             exists=lambda: c.storage.lookup_bucket(s.bucket) is not None,
-            create=lambda: c.storage.create_bucket(s.bucket, location=options.region or None),
+            create=lambda: c.storage.create_bucket(s.bucket, location=s.region or None),
             delete=_ignore_missing(lambda: _delete_bucket(c, s.bucket)),
         ),
         topic(s.topic_path),
@@ -256,8 +262,8 @@ def core_resources(settings: Settings, c: _Clients, options: Options) -> list[Re
             "retry_policy": {"minimum_backoff": {"seconds": 1},
                              "maximum_backoff": {"seconds": 60}},
             # Applied by real Pub/Sub; the emulator accepts but ignores it, so the stream
-            # filters event types in code as well.
-            "filter": 'attributes.eventType = "OBJECT_FINALIZE"',
+            # filters event types in code as well. Immutable: changing it means a new subscription.
+            "filter": subscription_filter(NOTIFICATION_EVENTS),
         }),
         Resource(
             "dataset", dataset_id,
@@ -266,8 +272,7 @@ def core_resources(settings: Settings, c: _Clients, options: Options) -> list[Re
             delete=lambda: c.bigquery.delete_dataset(dataset_id, delete_contents=True,
                                                      not_found_ok=True),
         ),
-        table(s.table_id, "predictions"),
-        table(s.dead_letter_table_id, "dead_letters"),
+        *(table(table_id, layout) for table_id, layout in table_layouts(s).items()),
         views(),
     ]
 
@@ -288,10 +293,10 @@ def _retry_propagation(fn: Callable[[], object]) -> Callable[[], object]:
     return run
 
 
-def iam_resources(settings: Settings, c: _Clients, options: Options, *, skip: str = "") -> list[Resource]:
+def iam_resources(settings: Settings, c: _Clients, *, skip: str = "") -> list[Resource]:
     """The job's service account, then every row of ``iam.ROLES`` as one grant."""
     s = settings
-    email = iam.service_account_email(options.service_account, s.project)
+    email = iam.service_account_email(s.service_account, s.project)
     members: dict[str, Callable[[], str]] = {
         iam.JOB: lambda: f"serviceAccount:{email}",
         iam.GCS_AGENT: lambda: f"serviceAccount:{c.storage.get_service_account_email(project=s.project)}",
@@ -321,7 +326,7 @@ def iam_resources(settings: Settings, c: _Clients, options: Options, *, skip: st
     account = Resource(
         "service-account", email,
         exists=lambda: c.iam.service_account_exists(email),
-        create=lambda: c.iam.create_service_account(options.service_account,
+        create=lambda: c.iam.create_service_account(s.service_account,
                                                     "bucketlens streaming job"),
         delete=lambda: c.iam.delete_service_account(email),
         skip=skip,
@@ -330,7 +335,7 @@ def iam_resources(settings: Settings, c: _Clients, options: Options, *, skip: st
 
 
 def notification_resource(settings: Settings, c: _Clients, *, skip: str = "") -> Resource:
-    """The bucket's OBJECT_FINALIZE → topic config (needs the GCS agent's publisher grant first)."""
+    """The bucket's events → topic config (needs the GCS agent's publisher grant first)."""
     s = settings
 
     def matching() -> list:
@@ -343,7 +348,7 @@ def notification_resource(settings: Settings, c: _Clients, *, skip: str = "") ->
             payload_format=NOTIFICATION_FORMAT, blob_name_prefix=s.prefix or None).create()
 
     return Resource(
-        "notification", f"gs://{s.bucket}/{s.prefix}* OBJECT_FINALIZE → {s.topic_path}",
+        "notification", f"gs://{s.bucket}/{s.prefix}* → {s.topic_path}",
         exists=lambda: _holds(matching),
         create=create,
         delete=_ignore_missing(lambda: [n.delete() for n in matching()]),
@@ -351,16 +356,15 @@ def notification_resource(settings: Settings, c: _Clients, *, skip: str = "") ->
     )
 
 
-def resources(settings: Settings, c: _Clients | None = None, options: Options | None = None, *,
+def resources(settings: Settings, c: _Clients | None = None, *,
               emulator: bool | None = None) -> list[Resource]:
     """Every resource bucketlens needs, in creation order (destroy walks it backwards)."""
     c = c or _Clients(settings)
-    options = options or Options.from_settings(settings)
     no_gcs_api = on_emulator() if emulator is None else emulator
     no_iam = emulated(settings) if emulator is None else emulator
     return [
-        *core_resources(settings, c, options),
-        *iam_resources(settings, c, options, skip=EMULATOR_IAM if no_iam else ""),
+        *core_resources(settings, c),
+        *iam_resources(settings, c, skip=EMULATOR_IAM if no_iam else ""),
         notification_resource(settings, c, skip=EMULATOR_NOTIFICATION if no_gcs_api else ""),
     ]
 

@@ -32,6 +32,8 @@ class Settings:
     events_table: str = "object_events"
     bq_endpoint: str = ""  # empty = the real BigQuery API
     bq_location: str = "US"
+    region: str = ""  # bucket location on real GCP; empty = Cloud Storage's default (US)
+    service_account: str = "bucketlens-job"  # the job's identity (name or full email)
     model: str = "mobilenet_v2"
     weights: str = ""  # empty = the model's default weights; else a path or gs:// URI
     batch_size: int = 16

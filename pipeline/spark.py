@@ -17,8 +17,11 @@ from pipeline.source import PubSubDataSource
 def session(master: str = "local[2]", app: str = "bucketlens", conf: dict | None = None) -> SparkSession:
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    builder = SparkSession.builder.appName(app)
+    if master:  # empty: let the platform decide (Dataproc Serverless rejects an explicit master)
+        builder = builder.master(master)
     builder = (
-        SparkSession.builder.master(master).appName(app)
+        builder
         .config("spark.ui.enabled", "false")
         .config("spark.sql.shuffle.partitions", "2")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")

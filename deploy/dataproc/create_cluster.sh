@@ -46,6 +46,8 @@ apply_defaults
 : "${BUCKETLENS_NUM_WORKERS:=2}"
 : "${BUCKETLENS_TORCH_INDEX_URL:=https://download.pytorch.org/whl/cpu}"
 
+[[ $BUCKETLENS_PACKAGE != *,* ]] ||
+  die "--package '$BUCKETLENS_PACKAGE' contains a comma, which cluster metadata cannot carry"
 [[ $BUCKETLENS_IMAGE_VERSION == [3-9].* ]] ||
   die "--image-version $BUCKETLENS_IMAGE_VERSION has Spark < 4; bucketlens needs Spark 4 (use $DEFAULT_IMAGE_VERSION or newer)"
 
@@ -61,7 +63,6 @@ fi
 
 gcloud storage cp "$here/init_action.sh" "$artifacts/init_action.sh"
 package=$BUCKETLENS_PACKAGE
-[[ $package != *,* ]] || die "--package '$package' contains a comma, which cluster metadata cannot carry"
 if [[ -f $package ]]; then
   gcloud storage cp "$package" "$artifacts/${package##*/}"
   package=$artifacts/${package##*/}

