@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -98,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     loc = sub.add_parser("local", help="start/stop the embedded emulator stack",
                          description="Pub/Sub emulator, fake-gcs-server and bqemulator on 127.0.0.1.")
     loc.add_argument("action", choices=["up", "down", "env", "status"])
-    loc.add_argument("--run-dir", default=".bucketlens/local",
-                     help="where ports, PIDs, logs and data live (default: %(default)s)")
+    loc.add_argument("--run-dir", default=os.environ.get("BUCKETLENS_RUN_DIR", ".bucketlens/local"),
+                     help="where ports, PIDs, logs and data live (BUCKETLENS_RUN_DIR; "
+                          "default: %(default)s)")
     loc.set_defaults(func=_local)
 
     run = sub.add_parser("run", help="run the streaming classifier",
