@@ -29,7 +29,6 @@ from pipeline.config import Settings
 from pipeline.notifications import EVENT_TYPES
 
 SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"
-MAX_DELIVERY_ATTEMPTS = 5  # then Pub/Sub moves the message to the dead-letter topic
 # Every event the job handles (classify FINALIZE, record the rest in the events table), sorted
 # so the notification config compares equal however GCS orders it.
 NOTIFICATION_EVENTS = sorted(EVENT_TYPES)
@@ -258,7 +257,7 @@ def core_resources(settings: Settings, c: _Clients) -> list[Resource]:
             "topic": s.topic_path,
             "ack_deadline_seconds": s.ack_deadline_seconds,
             "dead_letter_policy": {"dead_letter_topic": s.dead_letter_topic_path,
-                                   "max_delivery_attempts": MAX_DELIVERY_ATTEMPTS},
+                                   "max_delivery_attempts": s.max_delivery_attempts},
             "retry_policy": {"minimum_backoff": {"seconds": 1},
                              "maximum_backoff": {"seconds": 60}},
             # Applied by real Pub/Sub; the emulator accepts but ignores it, so the stream

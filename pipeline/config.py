@@ -45,6 +45,10 @@ class Settings:
     max_messages_per_batch: int = 1000
     num_partitions: int = 0  # 0 = Spark's default parallelism
     ack_deadline_seconds: int = 60
+    # Pub/Sub counts every delivery, including redeliveries after a crash, towards the
+    # subscription's dead-letter policy; poison messages are dead-lettered in code, so this
+    # last resort only catches messages that keep crashing whole batches.
+    max_delivery_attempts: int = 20
     fetch_threads: int = 8
     fetch_timeout_seconds: float = 60.0
     max_bytes: int = 32 * 1024 * 1024
