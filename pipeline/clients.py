@@ -7,6 +7,7 @@ Imports are local so that pure modules importing this one stay cheap.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,17 @@ def _anonymous():
     from google.auth.credentials import AnonymousCredentials
 
     return AnonymousCredentials()
+
+
+@functools.lru_cache(maxsize=8)
+def _shared_storage(project: str, emulator: str) -> storage.Client:
+    return storage_client(Settings(project=project))
+
+
+def shared_storage_client(settings: Settings) -> storage.Client:
+    """One client per process (per Spark worker, like the model): building one may look up
+    credentials on the metadata server, which must not happen per task."""
+    return _shared_storage(settings.project, os.environ.get("STORAGE_EMULATOR_HOST", ""))
 
 
 def storage_client(settings: Settings) -> storage.Client:

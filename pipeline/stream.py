@@ -115,9 +115,10 @@ def classify_partitions(settings: Settings) -> PartitionFn:
 
     def run(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         from pipeline import classify, fetch
+        from pipeline.clients import shared_storage_client
 
         handler = classify.get_handler(settings)
-        client = None
+        client = shared_storage_client(settings)
         for frame in frames:
             for lo in range(0, len(frame), CHUNK):
                 part = frame.iloc[lo:lo + CHUNK]
@@ -127,10 +128,6 @@ def classify_partitions(settings: Settings) -> PartitionFn:
                     keys.append(ObjectKey(b, n, int(g)))
                     if pd.notna(size):
                         sizes[keys[-1]] = int(size)
-                if client is None:
-                    from pipeline.clients import storage_client
-
-                    client = storage_client(settings)
                 yield _classified(keys, fetch.fetch_all(keys, settings, client, sizes=sizes), handler)
 
     return run

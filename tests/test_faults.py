@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from deploy import provision
 from pipeline import clients
 from pipeline.config import Settings
 from producer.datasets import discover, sample_dataset
@@ -69,6 +70,21 @@ class Pipeline:
         return self.log.read_text(errors="replace")[-3000:]
 
 
+def whereabouts(settings: Settings, missing: set[str]) -> dict[str, str]:
+    """For objects with no row: is their notification still queued, dead-lettered, or gone?"""
+    sub = clients.subscriber_client()
+    found: dict[str, str] = {}
+    dlq = f"projects/{settings.project}/subscriptions/{settings.dead_letter_topic}-sub"
+    for where, path in (("subscription", settings.subscription_path), ("dead-letter", dlq)):
+        for _ in range(3):
+            resp = sub.pull(subscription=path, max_messages=1000, timeout=5)
+            for m in resp.received_messages:
+                name = m.message.attributes.get("objectId", "")
+                if name in missing:
+                    found[name] = f"{where} (delivery attempt {m.delivery_attempt})"
+    return {name: found.get(name, "nowhere") for name in sorted(missing)}
+
+
 def wait_for(settings: Settings, pipe: Pipeline, at_least: int, timeout: float) -> int:
     deadline = time.monotonic() + timeout
     n = 0
@@ -83,6 +99,10 @@ def wait_for(settings: Settings, pipe: Pipeline, at_least: int, timeout: float) 
 
 
 def test_sigkill_three_times_during_300_uploads_gives_exactly_300_rows(isolated, tmp_path) -> None:
+    # The subscription's own ack deadline bounds how long messages a killed driver held wait
+    # before redelivery: give it the 10 s the pipeline leases with, not the default 60 s.
+    isolated = isolated.replace(subscription=isolated.subscription + "-k", ack_deadline_seconds=10)
+    provision.apply(isolated)
     items = discover(sample_dataset())
     pipe = Pipeline(isolated, tmp_path / "run.log")
     uploads: dict = {}
@@ -97,7 +117,15 @@ def test_sigkill_three_times_during_300_uploads_gives_exactly_300_rows(isolated,
             pipe.start()
         producer.join(120)
         assert uploads["s"].uploaded == 300 and uploads["s"].failed == 0
-        wait_for(isolated, pipe, 300, 300)
+        try:
+            wait_for(isolated, pipe, 300, 420)
+        except AssertionError:
+            pipe.kill()
+            bq = clients.bigquery_client(isolated)
+            have = {r["name"] for r in bq.query(f"SELECT name FROM `{isolated.table_id}`").result()}
+            missing = {name for name, _ in uploads["s"].objects} - have
+            raise AssertionError(f"no row for {len(missing)} uploads: "
+                                 f"{whereabouts(isolated, missing)}\n{pipe.tail()}") from None
         time.sleep(5)  # a duplicate, if any, would land within a batch or two
     finally:
         pipe.kill(signal.SIGTERM)
