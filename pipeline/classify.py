@@ -394,6 +394,12 @@ def get_handler(settings: Settings) -> ModelHandler:
     return handler
 
 
+def forget_handlers() -> None:
+    """Drop every cached handler, so the next ``get_handler`` loads afresh (changed weights, tests)."""
+    with _STATE_LOCK:
+        _HANDLERS.clear()
+
+
 def model_load_count() -> int:
     """How many times ``load_model`` ran in this process (a forked child starts at zero)."""
     return _LOADS

@@ -55,6 +55,7 @@ def photos() -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def lite0() -> classify.ModelHandler:
     """The offline model, loaded once for the module."""
+    classify.forget_handlers()  # another module in this process may have cached it already
     before = classify.model_load_count()
     handler = classify.get_handler(LITE0)
     assert classify.model_load_count() == before + 1  # loaded eagerly
