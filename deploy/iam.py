@@ -131,7 +131,20 @@ class PolicyStore(Protocol):
     def remove(self, role: str, member: str) -> None: ...
 
 
-class BucketPolicy:
+class _BindingsPolicy:
+    """add/remove as read-modify-write edits of a policy's bindings; subclasses supply ``_edit``."""
+
+    def _edit(self, change: Callable[[list[dict]], list[dict]]) -> None:
+        raise NotImplementedError
+
+    def add(self, role: str, member: str) -> None:
+        self._edit(lambda b: with_member(b, role, member))
+
+    def remove(self, role: str, member: str) -> None:
+        self._edit(lambda b: without_member(b, role, member))
+
+
+class BucketPolicy(_BindingsPolicy):
     """A bucket's IAM policy through the storage client (version 3: conditions survive)."""
 
     def __init__(self, bucket: Any) -> None:
@@ -146,14 +159,8 @@ class BucketPolicy:
     def members(self, role: str) -> set[str]:
         return members_of(self.bucket.get_iam_policy(requested_policy_version=3).bindings, role)
 
-    def add(self, role: str, member: str) -> None:
-        self._edit(lambda b: with_member(b, role, member))
 
-    def remove(self, role: str, member: str) -> None:
-        self._edit(lambda b: without_member(b, role, member))
-
-
-class PubSubPolicy:
+class PubSubPolicy(_BindingsPolicy):
     """A topic's or subscription's IAM policy through a Pub/Sub client (etag kept: no lost update)."""
 
     def __init__(self, client: Any, resource: str) -> None:
@@ -175,12 +182,6 @@ class PubSubPolicy:
 
     def members(self, role: str) -> set[str]:
         return members_of(self._get().get("bindings", []), role)
-
-    def add(self, role: str, member: str) -> None:
-        self._edit(lambda b: with_member(b, role, member))
-
-    def remove(self, role: str, member: str) -> None:
-        self._edit(lambda b: without_member(b, role, member))
 
 
 class DatasetAccess:
