@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from pipeline.config import Settings
@@ -65,16 +66,41 @@ def _run(args: argparse.Namespace) -> int:
           f"(model {settings.model}, checkpoint {settings.checkpoint}); Ctrl-C stops",
           file=sys.stderr)
 
-    def stop(*_: object) -> None:
-        query.stop()
+    return _serve(query)
 
-    signal.signal(signal.SIGTERM, stop)
+
+def _serve(query) -> int:
+    """Wait for the query; on SIGTERM or Ctrl-C stop it and Spark gracefully (unacked messages
+    go back at once).
+
+    The signal handler only sets a flag: calling into Py4J from inside a handler that
+    interrupted another Py4J call corrupts the gateway connection ("reentrant call").
+    """
+    from py4j.protocol import Py4JError
+
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     try:
-        query.awaitTermination()
+        while not stopping.is_set() and not query.awaitTermination(1):
+            pass
     except KeyboardInterrupt:
-        query.stop()
-    if query.exception():
-        raise UserError(f"the stream failed: {query.exception()}")
+        stopping.set()
+    try:
+        if stopping.is_set():
+            query.stop()
+        failure = query.exception()
+        # Stopping Spark delivers the queued listener events (our metrics listener is a Py4J
+        # callback) while this process can still answer them.
+        from pyspark.sql import SparkSession
+
+        if (spark := SparkSession.getActiveSession()) is not None:
+            spark.stop()
+    except Py4JError as exc:  # the JVM got the signal too (a process-group kill) and is gone
+        print(f"Spark exited before a graceful stop ({type(exc).__name__}); messages it held "
+              "come back after their ack deadline", file=sys.stderr)
+        return 0 if stopping.is_set() else 1
+    if failure:
+        raise UserError(f"the stream failed: {failure}")
     return 0
 
 

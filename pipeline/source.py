@@ -17,9 +17,11 @@ Delivery semantics (at-least-once, nothing lost):
   buffered messages with a monotonically increasing sequence (admission control:
   ``maxMessagesPerBatch``); ``partitions`` ships the numbered messages themselves to the
   executors, so ``read`` never talks to Pub/Sub.
-* A message is acknowledged only in ``commit(end)``, which Spark calls after the micro-batch
-  (and its ``foreachBatch``) has completed. A batch that fails is never acked: its messages
-  come back by redelivery.
+* A message is acknowledged only once its micro-batch (and its ``foreachBatch``) has
+  completed: in ``commit(end)``, or earlier in ``latestOffset(start)``, which Spark calls only
+  after the batch ending at ``start`` is done (``commit`` itself comes when the *next* batch is
+  planned, so on an idle stream the last batch would stay unacked). A batch that fails is never
+  acked: its messages come back by redelivery.
 * A lease thread (modelled on python-pubsub's ``leaser.py``) extends the ack deadline of every
   held message while batches run, so a slow batch causes no redelivery; leases are dropped
   after ``maxLeaseSeconds`` so a stuck batch cannot hold messages forever.
@@ -330,6 +332,10 @@ class PubSubStreamReader(DataSourceStreamReader):
         return ReadMaxRows(self.opts.max_messages_per_batch)
 
     def latestOffset(self, start: dict, limit: ReadLimit) -> dict:
+        # Spark asks only once the batch ending at ``start`` has run and its commit log is
+        # written; it calls ``commit`` for it only when it plans the next batch, which on an idle
+        # stream never comes. Acking here means an idle stream holds nothing unacknowledged.
+        self.runtime.ack_below(int(start[OFFSET_KEY]))
         max_rows = None if isinstance(limit, ReadAllAvailable) else getattr(limit, "max_rows", None)
         return {OFFSET_KEY: self.runtime.number(int(start[OFFSET_KEY]), max_rows)}
 

@@ -684,3 +684,16 @@ def test_scripts_are_executable_and_strict() -> None:
         path = DATAPROC / script
         assert os.access(path, os.X_OK), f"{script} is not executable"
         assert "set -euo pipefail" in path.read_text()
+
+
+def test_the_subscription_gets_a_retry_policy_except_on_the_emulator() -> None:
+    s = Settings(project="p", topic="t", subscription="s", dead_letter_topic="d",
+                 ack_deadline_seconds=10, max_delivery_attempts=7)
+    real = provision.subscription_request(s, pubsub_emulator=False)
+    emulated = provision.subscription_request(s, pubsub_emulator=True)
+    assert real["retry_policy"]["maximum_backoff"] == {"seconds": 60}
+    assert "retry_policy" not in emulated
+    assert {k: v for k, v in real.items() if k != "retry_policy"} == emulated
+    assert emulated["dead_letter_policy"] == {"dead_letter_topic": "projects/p/topics/d",
+                                              "max_delivery_attempts": 7}
+    assert emulated["ack_deadline_seconds"] == 10 and emulated["topic"] == "projects/p/topics/t"
