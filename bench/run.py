@@ -42,7 +42,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -426,26 +426,6 @@ def _dt(value: Any) -> datetime | None:
     return _time(value)
 
 
-def event_time(row: dict) -> datetime | None:
-    """The row's GCS event time, to the microsecond where the emulator truncated it.
-
-    fake-gcs-server writes the ``eventTime`` attribute in whole seconds (real GCS: microseconds),
-    which would add U(0, 1) s to every latency. Its generation is the object's creation time in
-    microseconds since the epoch; when that lies inside the truncated second, it is the precise
-    event time. Otherwise (real GCS, or a generation that is not a timestamp) ``event_time``.
-    """
-    stamp = _dt(row.get("event_time"))
-    if stamp is None:
-        return None
-    try:
-        precise = datetime.fromtimestamp(int(row["generation"]) / 1e6, tz=UTC)
-    except (KeyError, TypeError, ValueError, OverflowError, OSError):
-        return stamp
-    if stamp.microsecond == 0 and 0 <= (precise - stamp).total_seconds() < 1:
-        return precise
-    return stamp
-
-
 # --- (b) pipeline -----------------------------------------------------------------------------
 
 def pipeline_figures(seen: Seen, first_upload: float, batches: TimedBatches) -> dict[str, Any]:
@@ -547,10 +527,8 @@ def measure_latency(items: list, settings: Settings, poller: Poller, query: Any,
             status.update(f"(d) latency: {len(uploaded)} uploaded, {len(seen.rows)} rows")
             time.sleep(args.poll_seconds)
     rows = list(seen.rows.values())
-    event = [(_dt(x["processed_at"]) - event_time(x)).total_seconds()
+    event = [(_dt(x["processed_at"]) - _dt(x["event_time"])).total_seconds()
              for x in rows if x["event_time"] is not None]
-    column = [(_dt(x["processed_at"]) - _dt(x["event_time"])).total_seconds()
-              for x in rows if x["event_time"] is not None]
     publish = [(_dt(x["processed_at"]) - _dt(x["publish_time"])).total_seconds()
                for x in rows if x["publish_time"] is not None]
     visible = [batches.finished[int(x["batch_id"])] - uploaded[k]
@@ -562,11 +540,11 @@ def measure_latency(items: list, settings: Settings, poller: Poller, query: Any,
         stamp = progress.get(int(x["batch_id"]), {}).get("timestamp")
         if stamp and x["event_time"] is not None:
             begun = _dt(stamp)
-            wait.append((begun - event_time(x)).total_seconds())
+            wait.append((begun - _dt(x["event_time"])).total_seconds())
             in_batch.append((_dt(x["processed_at"]) - begun).total_seconds())
     return {"n": len(rows), "p50": percentile(event, 50), "p95": percentile(event, 95),
             "max": max(event) if event else None,
-            "publish_p50": percentile(publish, 50), "column_p50": percentile(column, 50),
+            "publish_p50": percentile(publish, 50),
             "visible_p50": percentile(visible, 50), "visible_p95": percentile(visible, 95),
             "polled_p50": percentile(polled, 50), "polled_p95": percentile(polled, 95),
             "wait_p50": percentile(wait, 50), "in_batch_p50": percentile(in_batch, 50),
@@ -972,7 +950,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "latency_wait_p50_s": r3(lat["wait_p50"]),
         "latency_in_batch_p50_s": r3(lat["in_batch_p50"]),
         "publish_latency_p50_s": r3(lat["publish_p50"]),
-        "event_time_column_latency_p50_s": r3(lat["column_p50"]),
         "visible_latency_p50_s": r3(lat["visible_p50"]),
         "visible_latency_p95_s": r3(lat["visible_p95"]),
         "visible_polled_latency_p50_s": r3(lat["polled_p50"]),

@@ -41,7 +41,7 @@ class Settings:
     top_k: int = 5
     min_confidence: float = 0.0
     checkpoint: str = ".bucketlens/checkpoints/predictions"
-    trigger_seconds: float = 2.0
+    trigger_seconds: float = 0.5  # bench/README.md: 2 s → 0.5 s cut latency p50 by ~40 %
     max_messages_per_batch: int = 1000
     num_partitions: int = 0  # 0 = Spark's default parallelism
     ack_deadline_seconds: int = 60

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 FINALIZE = "OBJECT_FINALIZE"
 EVENT_TYPES = frozenset({FINALIZE, "OBJECT_DELETE", "OBJECT_ARCHIVE", "OBJECT_METADATA_UPDATE"})
@@ -68,6 +68,24 @@ def parse_time(value: str | None) -> datetime | None:
     return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
+def event_time(attributes: Mapping[str, str], payload: Mapping[str, object]) -> datetime | None:
+    """When the event happened, as precisely as the message says.
+
+    The ``eventTime`` attribute is authoritative, but fake-gcs-server writes it in whole seconds
+    (real GCS: microseconds), which would add up to a second to every latency a view reports.
+    When it has no fraction and the payload's ``updated`` (or ``timeCreated``) lies inside that
+    same second, the payload's finer time is the same instant, so it is used instead.
+    """
+    coarse = parse_time(attributes.get("eventTime"))
+    stamp = payload.get("updated") or payload.get("timeCreated")
+    fine = parse_time(stamp) if isinstance(stamp, str) else None
+    if coarse is None:
+        return fine
+    if fine is not None and coarse.microsecond == 0 and coarse <= fine < coarse + timedelta(seconds=1):
+        return fine
+    return coarse
+
+
 def _int(value: object, field: str) -> int:
     try:
         return int(value)  # type: ignore[arg-type]
@@ -106,7 +124,7 @@ def parse(message_id: str, attributes: Mapping[str, str], data: bytes | None,
         key=ObjectKey(str(bucket), str(name), _int(generation, "generation")),
         event_type=event_type,
         message_id=message_id,
-        event_time=parse_time(attributes.get("eventTime") or payload.get("timeCreated")),
+        event_time=event_time(attributes, payload),
         publish_time=publish_time,
         size=_int(size, "size") if size not in (None, "") else None,
         content_type=payload.get("contentType"),

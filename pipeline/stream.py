@@ -19,9 +19,11 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import pandas as pd
 
@@ -29,6 +31,8 @@ from pipeline.config import Settings
 from pipeline.notifications import Notification, ObjectKey, PoisonMessage, dedupe, parse, wanted
 
 log = logging.getLogger("bucketlens.stream")
+T = TypeVar("T")
+R = TypeVar("R")
 
 WORK_SCHEMA = "bucket string, name string, generation long, size long"
 RESULT_SCHEMA = ("bucket string, name string, generation long, status string, reason string, "
@@ -110,8 +114,37 @@ def triage(rows: Sequence[tuple], settings: Settings) -> Triage:
 PartitionFn = Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]
 
 
+def prefetched(items: Iterable[T], fetch: Callable[[T], R]) -> Iterator[tuple[T, R]]:
+    """``(item, fetch(item))`` in order, fetching item i + 1 on a thread while the caller works
+    on item i, so downloads and inference overlap (at most two fetched items in hand)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="bucketlens-prefetch") as pool:
+        pending: tuple[T, Future[R]] | None = None
+        for item in items:
+            future = pool.submit(fetch, item)
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = (item, future)
+        if pending is not None:
+            yield pending[0], pending[1].result()
+
+
+def _work_chunks(frames: Iterable[pd.DataFrame]) -> Iterator[tuple[list[ObjectKey], dict[ObjectKey, int]]]:
+    """The work rows as (keys, known sizes), CHUNK objects at a time."""
+    for frame in frames:
+        for lo in range(0, len(frame), CHUNK):
+            part = frame.iloc[lo:lo + CHUNK]
+            keys, sizes = [], {}
+            for b, n, g, size in zip(part["bucket"], part["name"], part["generation"],
+                                     part["size"], strict=True):
+                keys.append(ObjectKey(b, n, int(g)))
+                if pd.notna(size):
+                    sizes[keys[-1]] = int(size)
+            yield keys, sizes
+
+
 def classify_partitions(settings: Settings) -> PartitionFn:
-    """The executor side: fetch then classify, CHUNK objects at a time, model cached per worker."""
+    """The executor side: fetch and classify CHUNK objects at a time, the next chunk's
+    downloads running while this one is classified; the model is cached per worker."""
 
     def run(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         from pipeline import classify, fetch
@@ -119,16 +152,13 @@ def classify_partitions(settings: Settings) -> PartitionFn:
 
         handler = classify.get_handler(settings)
         client = shared_storage_client(settings)
-        for frame in frames:
-            for lo in range(0, len(frame), CHUNK):
-                part = frame.iloc[lo:lo + CHUNK]
-                keys, sizes = [], {}
-                for b, n, g, size in zip(part["bucket"], part["name"], part["generation"],
-                                         part["size"], strict=True):
-                    keys.append(ObjectKey(b, n, int(g)))
-                    if pd.notna(size):
-                        sizes[keys[-1]] = int(size)
-                yield _classified(keys, fetch.fetch_all(keys, settings, client, sizes=sizes), handler)
+
+        def download(chunk: tuple[list[ObjectKey], dict[ObjectKey, int]]) -> list:
+            keys, sizes = chunk
+            return fetch.fetch_all(keys, settings, client, sizes=sizes)
+
+        for (keys, _), fetched in prefetched(_work_chunks(frames), download):
+            yield _classified(keys, fetched, handler)
 
     return run
 
@@ -162,10 +192,12 @@ def classify_and_write(spark, todo: Sequence[Notification], settings: Settings, 
     done = Written()
     if not todo:
         return done
-    work = spark.createDataFrame(
-        [(n.key.bucket, n.key.name, n.key.generation, n.size) for n in todo], WORK_SCHEMA)
     cores = settings.num_partitions or spark.sparkContext.defaultParallelism
-    results = (work.repartition(min(len(todo), cores))
+    # parallelize, not createDataFrame(...).repartition(n): the same split without a shuffle
+    rows = spark.sparkContext.parallelize(
+        [(n.key.bucket, n.key.name, n.key.generation, n.size) for n in todo],
+        min(len(todo), cores))
+    results = (spark.createDataFrame(rows, WORK_SCHEMA)
                .mapInPandas(classify_partitions(settings), RESULT_SCHEMA)
                .collect())
     by_key = {ObjectKey(r.bucket, r.name, r.generation): r for r in results}

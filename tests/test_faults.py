@@ -161,7 +161,9 @@ def test_ten_percent_503s_on_gcs_and_bigquery_lose_and_duplicate_nothing(stack, 
         time.sleep(5)
         # A graceful stop: the query stops and hands back what it holds; no Py4J tracebacks.
         assert pipe.terminate() == 0, pipe.tail()
-        assert "Py4J" not in pipe.log.read_text(errors="replace"), pipe.tail()
+        log = pipe.log.read_text(errors="replace")
+        assert "Py4J" not in log, pipe.tail()
+        assert "falling behind" not in log  # slow batches under a 1 s trigger are not warnings
     finally:
         pipe.kill(signal.SIGTERM)
         stop_proxy(gcs)

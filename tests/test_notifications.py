@@ -11,6 +11,7 @@ from pipeline.notifications import (
     ObjectKey,
     PoisonMessage,
     dedupe,
+    event_time,
     parse,
     true_label_from_name,
     wanted,
@@ -36,8 +37,27 @@ def test_parse_real_gcs_shape_gives_key_label_and_metadata() -> None:
     assert n.key == ObjectKey("imgs", "flowers/daisy/1.jpg", 1795293750903367)
     assert n.true_label == "daisy"
     assert n.size == 5 and n.content_type == "image/jpeg"
-    assert n.event_time == datetime(2026, 11, 21, 20, 42, 30, tzinfo=UTC)
+    # eventTime in whole seconds (fake-gcs): the payload's time inside that second is used
+    assert n.event_time == datetime(2026, 11, 21, 20, 42, 30, 903359, tzinfo=UTC)
     assert n.is_finalize and n.message_id == "m1"
+
+
+@pytest.mark.parametrize(("attr", "payload", "expected"), [
+    ("2026-11-21T20:42:30.5Z", {"updated": "2026-11-21T20:42:30.903359Z"}, (30, 500000)),
+    ("2026-11-21T20:42:30Z", {"updated": "2026-11-21T20:42:30.25Z"}, (30, 250000)),
+    ("2026-11-21T20:42:30Z", {"timeCreated": "2026-11-21T20:42:31.1Z"}, (30, 0)),
+    ("2026-11-21T20:42:30Z", {"updated": "2026-11-21T20:42:29.9Z"}, (30, 0)),
+    (None, {"timeCreated": "2026-11-21T20:42:31.1Z"}, (31, 100000)),
+    ("2026-11-21T20:42:30Z", {"updated": 17}, (30, 0)),
+])
+def test_event_time_is_as_precise_as_the_message_allows(attr, payload, expected) -> None:
+    attrs = {"eventTime": attr} if attr else {}
+    second, micro = expected
+    assert event_time(attrs, payload) == datetime(2026, 11, 21, 20, 42, second, micro, tzinfo=UTC)
+
+
+def test_event_time_absent_everywhere_is_none() -> None:
+    assert event_time({}, {}) is None
 
 
 def test_payload_fills_in_missing_attributes() -> None:

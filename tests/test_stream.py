@@ -7,6 +7,7 @@ whatever Pub/Sub redelivers or Spark replays; poison messages become dead-letter
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
@@ -59,6 +60,35 @@ def upload_samples(settings: Settings, n: int):
     summary = replay(items, settings, rate=50, limit=n, loop=True, seed=1, progress=False)
     assert summary.uploaded == n and summary.failed == 0
     return summary
+
+
+
+def test_prefetched_keeps_order_and_fetches_the_next_item_while_the_caller_works() -> None:
+    started = {i: threading.Event() for i in range(4)}
+
+    def fetch(i: int) -> int:
+        started[i].set()
+        return i * 10
+
+    got = []
+    for i, value in stream.prefetched(range(4), fetch):
+        got.append((i, value))
+        if i < 3:  # while the caller holds item i, the fetch of i + 1 has begun (or this hangs)
+            assert started[i + 1].wait(10), f"item {i + 1} was not prefetched"
+    assert got == [(0, 0), (1, 10), (2, 20), (3, 30)]
+    assert list(stream.prefetched([], fetch)) == []
+
+
+def test_prefetched_raises_a_fetch_error_at_its_item() -> None:
+    def fetch(i: int) -> int:
+        if i == 1:
+            raise OSError("disk on fire")
+        return i
+
+    it = stream.prefetched(range(3), fetch)
+    assert next(it) == (0, 0)
+    with pytest.raises(OSError, match="disk on fire"):
+        next(it)
 
 
 def test_20_uploads_become_exactly_20_rows(running) -> None:
