@@ -114,6 +114,41 @@ class RssSampler:
         return max(values) if values else None
 
 
+def group_cpu_seconds(pgids: set[int]) -> float:
+    """CPU time (user + system, seconds) of the live processes in these process groups, from
+    /proc/<pid>/stat: how much of the machine the local stack's emulators take."""
+    tick = os.sysconf("SC_CLK_TCK")
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) in pgids:  # after "(comm)": state ppid pgrp … utime(11) stime(12)
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / tick
+
+
+class CpuShare:
+    """Shares of the machine's cores used by the emulators, by this process (driver Python and
+    producer) and by the rest of our process group (Spark's JVM and Python workers)."""
+
+    def __init__(self, emulator_pgids: set[int], cores: int) -> None:
+        self.emulators, self.cores = emulator_pgids, cores
+
+    def snapshot(self) -> tuple[float, float, float, float]:
+        return (time.monotonic(), group_cpu_seconds(self.emulators),
+                group_cpu_seconds({os.getpgrp()}), time.process_time())
+
+    def since(self, before: tuple[float, float, float, float]) -> dict[str, float]:
+        after = self.snapshot()
+        capacity = (after[0] - before[0]) * self.cores
+        emu, group, own = (after[i] - before[i] for i in (1, 2, 3))
+        return {"emulators": round(emu / capacity, 3),
+                "driver_and_producer": round(own / capacity, 3),
+                "spark_jvm_and_workers": round((group - own) / capacity, 3)}
+
+
 def task_slots(master: str) -> int:
     """Concurrent Spark tasks (= Python workers) of a local master: local[N] → N."""
     m = re.fullmatch(r"local\[(\d+|\*)(?:,\d+)?\]", master.strip())
@@ -581,8 +616,9 @@ def anatomy(spark: Any, settings: Settings, objects: Sequence[tuple[str, int]], 
         "job_parallelize_s": median(lambda: spark.createDataFrame(
             spark.sparkContext.parallelize(rows, slots), WORK_SCHEMA)
             .mapInPandas(_passthrough, WORK_SCHEMA).collect()),
-        "classify_small_s": median(lambda: spark.createDataFrame(rows, WORK_SCHEMA)
-                                   .repartition(slots).mapInPandas(fn, RESULT_SCHEMA).collect()),
+        "classify_small_s": median(lambda: spark.createDataFrame(
+            spark.sparkContext.parallelize(rows, slots), WORK_SCHEMA)
+            .mapInPandas(fn, RESULT_SCHEMA).collect()),
     }
 
 
@@ -695,7 +731,7 @@ def measure_rss(spark: Any, settings: Settings, objects: Sequence[tuple[str, int
 
     def job(n: int, offset: int) -> list:
         rows = [work[(offset + i) % len(work)] for i in range(n)]
-        df = spark.createDataFrame(rows, WORK_SCHEMA).repartition(min(slots, n))
+        df = spark.createDataFrame(spark.sparkContext.parallelize(rows, min(slots, n)), WORK_SCHEMA)
         return df.mapInPandas(fn, RESULT_SCHEMA).collect()
 
     warm = job(RSS_JOB_IMAGES, 0)  # model loaded and one chunk done in every worker
@@ -776,7 +812,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         console.log(f"starting the local stack in {run_dir} …")
         t = time.monotonic()
-        env = localstack.up(run_dir, settings).env()  # stops what it started if it fails
+        stack = localstack.up(run_dir, settings)  # stops what it started if it fails
+        env = stack.env()
+        cpu = CpuShare({svc.pid for svc in stack.services.values()}, os.cpu_count() or 1)
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         settings = Settings.from_env()
@@ -818,6 +856,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for i in range(args.pipeline_rounds):
             console.log(f"(b) pipeline round {i + 1}: {args.images} uploads at full speed …")
             since = batches.inserted
+            cpu_before = cpu.snapshot()
             first_upload = time.time()
             summary = upload(items, settings, f"e2e{i}", limit=args.images, rate_=10_000,
                              seed=2 + i)
@@ -827,10 +866,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         label=f"(b) pipeline round {i + 1}")
             fig = pipeline_figures(seen, first_upload, batches)
             fig.update(summary=summary, seen=seen, upload_img_s=rate(summary.uploaded, upload_s),
-                       loadavg=loadavg())
+                       loadavg=loadavg(), cpu_share=cpu.since(cpu_before))
             rounds_b.append(fig)
             console.log(f"(b) round {i + 1}: {fig['steady_img_s'] or fig['wall_img_s']:.1f} "
-                        f"images/s steady, {fig['wall_img_s']:.1f} wall (load {fig['loadavg']})")
+                        f"images/s steady, {fig['wall_img_s']:.1f} wall (load {fig['loadavg']}; "
+                        f"share of the cores {fig['cpu_share']})")
         pipe = max(rounds_b, key=lambda f: f["steady_img_s"] or f["wall_img_s"])
         e2e, e2e_seen = pipe["summary"], pipe["seen"]
         r.phase("pipeline", t, upload_img_s=round(pipe["upload_img_s"], 1))
@@ -932,6 +972,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "pipeline_method": pipe["method"],
         "pipeline_batches": pipe["batches"],
         "pipeline_wall_img_s": r3(pipe["wall_img_s"]),
+        "pipeline_cpu_share": pipe["cpu_share"],  # of all cores, first upload → last row
         "upload_img_s": r.phases["pipeline"]["upload_img_s"],
         "fetch_img_s": r3(rate(len(keys), fetch_s)),
         "profile_pipeline": summarize_profile(profile_b),
@@ -1000,6 +1041,8 @@ def show(o: dict[str, Any], profile_b: list[dict], profile_d: list[dict]) -> Non
         table.add_row(f"[dim]{k}", f"[dim]{o[k]}", "")
     for k, v in o["anatomy"].items():
         table.add_row(f"[dim]anatomy.{k}", f"[dim]{v}", "")
+    for k, v in (o.get("pipeline_cpu_share") or {}).items():
+        table.add_row(f"[dim]pipeline_cpu_share.{k}", f"[dim]{v}", "")
     console.print(table)
     cols = ("batch_id", "images", "trigger_s", "spark_other_s", "read_s", "lookup_s",
             "classify_s", "merge_s")
