@@ -114,39 +114,51 @@ class RssSampler:
         return max(values) if values else None
 
 
-def group_cpu_seconds(pgids: set[int]) -> float:
-    """CPU time (user + system, seconds) of the live processes in these process groups, from
-    /proc/<pid>/stat: how much of the machine the local stack's emulators take."""
-    tick = os.sysconf("SC_CLK_TCK")
-    ticks = 0
+def _proc_stats() -> dict[int, tuple[int, int]]:
+    """pid → (parent pid, CPU ticks used: user + system), for every live process."""
+    out = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
+            out[int(stat.parent.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+        except (OSError, IndexError, ValueError):
             continue
-        if int(fields[2]) in pgids:  # after "(comm)": state ppid pgrp … utime(11) stime(12)
-            ticks += int(fields[11]) + int(fields[12])
-    return ticks / tick
+    return out
+
+
+def tree_cpu_seconds(stats: dict[int, tuple[int, int]], roots: set[int]) -> float:
+    """CPU seconds of ``roots`` and all their live descendants."""
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    todo, seen = [r for r in roots if r in stats], set()
+    while todo:
+        pid = todo.pop()
+        if pid not in seen:
+            seen.add(pid)
+            todo.extend(children.get(pid, []))
+    return sum(stats[p][1] for p in seen) / os.sysconf("SC_CLK_TCK")
 
 
 class CpuShare:
     """Shares of the machine's cores used by the emulators, by this process (driver Python and
-    producer) and by the rest of our process group (Spark's JVM and Python workers)."""
+    producer) and by its descendants (Spark's JVM and Python workers), from /proc."""
 
-    def __init__(self, emulator_pgids: set[int], cores: int) -> None:
-        self.emulators, self.cores = emulator_pgids, cores
+    def __init__(self, emulator_pids: set[int], cores: int) -> None:
+        self.emulators, self.cores = emulator_pids, cores
 
     def snapshot(self) -> tuple[float, float, float, float]:
-        return (time.monotonic(), group_cpu_seconds(self.emulators),
-                group_cpu_seconds({os.getpgrp()}), time.process_time())
+        stats, me = _proc_stats(), os.getpid()
+        return (time.monotonic(), tree_cpu_seconds(stats, self.emulators),
+                tree_cpu_seconds(stats, {me}), stats.get(me, (0, 0))[1] / os.sysconf("SC_CLK_TCK"))
 
     def since(self, before: tuple[float, float, float, float]) -> dict[str, float]:
         after = self.snapshot()
         capacity = (after[0] - before[0]) * self.cores
-        emu, group, own = (after[i] - before[i] for i in (1, 2, 3))
-        return {"emulators": round(emu / capacity, 3),
+        emu, tree, own = (after[i] - before[i] for i in (1, 2, 3))
+        return {"emulators": round(emu / capacity, 3),  # they are our children too
                 "driver_and_producer": round(own / capacity, 3),
-                "spark_jvm_and_workers": round((group - own) / capacity, 3)}
+                "spark_jvm_and_workers": round((tree - own - emu) / capacity, 3)}
 
 
 def task_slots(master: str) -> int:
