@@ -31,6 +31,8 @@ Delivery semantics (at-least-once, nothing lost):
   after the checkpointed offset so offsets stay monotonic.
 
 Duplicates are possible (redelivery, replay); the sink is idempotent on the object key.
+``trigger(availableNow=True)`` is refused with a clear error: a subscription has no end, and
+Spark's fallback for such sources would plan from the initial offset after a restart.
 """
 
 from __future__ import annotations
@@ -47,7 +49,12 @@ from datetime import datetime
 from typing import Any
 
 from pyspark.sql.datasource import DataSource, DataSourceStreamReader, InputPartition
-from pyspark.sql.streaming.datasource import ReadAllAvailable, ReadLimit, ReadMaxRows
+from pyspark.sql.streaming.datasource import (
+    ReadAllAvailable,
+    ReadLimit,
+    ReadMaxRows,
+    SupportsTriggerAvailableNow,
+)
 from pyspark.sql.types import StructType
 
 log = logging.getLogger("bucketlens.source")
@@ -308,7 +315,7 @@ def _ack_with_retry(client: Any, subscription: str, ack_ids: list[str]) -> None:
                     len(ack_ids), exc)
 
 
-class PubSubStreamReader(DataSourceStreamReader):
+class PubSubStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
     """The driver-side reader. Only ``opts`` is pickled; the runtime stays on the driver."""
 
     def __init__(self, opts: PubSubOptions) -> None:
@@ -327,6 +334,17 @@ class PubSubStreamReader(DataSourceStreamReader):
     def initialOffset(self) -> dict:
         self.runtime  # start pulling as early as possible  # noqa: B018
         return {OFFSET_KEY: 0}
+
+    def prepareForTriggerAvailableNow(self) -> None:
+        """Refuse ``trigger(availableNow=True)`` in one sentence.
+
+        Without this, Spark wraps the source and asks ``latestOffset`` from the *initial*
+        offset, which after a restart numbers new messages below the checkpointed offset and
+        would acknowledge them unread. A subscription has no "latest data" to stop at anyway.
+        """
+        raise ValueError("the pubsub source does not support trigger(availableNow=True): a "
+                         "subscription has no end; use a processingTime trigger and stop the "
+                         "query when it is idle")
 
     def getDefaultReadLimit(self) -> ReadLimit:
         return ReadMaxRows(self.opts.max_messages_per_batch)

@@ -144,6 +144,21 @@ def test_batch_slower_than_ack_deadline_causes_no_redelivery(spark, isolated) ->
     assert max(seen.values()) == 1, [m for m, c in seen.items() if c > 1]
 
 
+def test_available_now_trigger_is_refused_and_acks_nothing(spark, isolated) -> None:
+    publish(isolated, _msgs(5, "an"))
+    q = (spark.readStream.format("pubsub")
+         .option("subscription", isolated.subscription_path)
+         .option("emulatorHost", os.environ["PUBSUB_EMULATOR_HOST"])
+         .load().writeStream.foreachBatch(lambda df, b: None)
+         .option("checkpointLocation", isolated.checkpoint)
+         .trigger(availableNow=True).start())
+    with pytest.raises(Exception, match="does not support trigger"):
+        q.awaitTermination(120)
+    q.stop()
+    time.sleep(1)  # stop() handed back whatever the reader held
+    assert _left_in_subscription(isolated) == 5
+
+
 def test_messages_whose_lease_lapses_again_and_again_keep_coming_back(isolated) -> None:
     """A driver that crashes while holding messages, over and over: each lapse must redeliver.
 
