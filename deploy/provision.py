@@ -215,7 +215,6 @@ def core_resources(settings: Settings, c: _Clients) -> list[Resource]:
     from google.cloud import bigquery
 
     s = settings
-    dlq_sub = f"projects/{s.project}/subscriptions/{s.dead_letter_topic}-sub"
     dataset_id = f"{s.project}.{s.dataset}"
 
     def topic(path: str) -> Resource:
@@ -276,7 +275,7 @@ def core_resources(settings: Settings, c: _Clients) -> list[Resource]:
         ),
         topic(s.topic_path),
         topic(s.dead_letter_topic_path),
-        subscription(dlq_sub, {"topic": s.dead_letter_topic_path}),
+        subscription(s.dead_letter_subscription_path, {"topic": s.dead_letter_topic_path}),
         subscription(s.subscription_path, subscription_request(
             s, pubsub_emulator=bool(os.environ.get("PUBSUB_EMULATOR_HOST")))),
         Resource(

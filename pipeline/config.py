@@ -101,6 +101,11 @@ class Settings:
     def dead_letter_topic_path(self) -> str:
         return f"projects/{self.project}/topics/{self.dead_letter_topic}"
 
+    @property
+    def dead_letter_subscription_path(self) -> str:
+        """Keeps what reaches the dead-letter topic (a topic alone drops it)."""
+        return f"projects/{self.project}/subscriptions/{self.dead_letter_topic}-sub"
+
     def as_env(self) -> dict[str, str]:
         """The ``BUCKETLENS_*`` variables that reproduce these settings."""
         return {ENV_PREFIX + f.name.upper(): str(getattr(self, f.name)) for f in fields(self)}

@@ -353,9 +353,10 @@ class PubSubStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
         # Spark asks only once the batch ending at ``start`` has run and its commit log is
         # written; it calls ``commit`` for it only when it plans the next batch, which on an idle
         # stream never comes. Acking here means an idle stream holds nothing unacknowledged.
-        self.runtime.ack_below(int(start[OFFSET_KEY]))
+        begin = int(start[OFFSET_KEY])
+        self.runtime.ack_below(begin)
         max_rows = None if isinstance(limit, ReadAllAvailable) else getattr(limit, "max_rows", None)
-        return {OFFSET_KEY: self.runtime.number(int(start[OFFSET_KEY]), max_rows)}
+        return {OFFSET_KEY: self.runtime.number(begin, max_rows)}
 
     def partitions(self, start: dict, end: dict) -> Sequence[InputPartition]:
         rows = self.runtime.rows(int(start[OFFSET_KEY]), int(end[OFFSET_KEY]))

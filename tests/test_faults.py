@@ -84,8 +84,8 @@ def whereabouts(settings: Settings, missing: set[str]) -> dict[str, str]:
     time.sleep(settings.ack_deadline_seconds + 2)
     sub = clients.subscriber_client()
     found: dict[str, str] = {}
-    dlq = f"projects/{settings.project}/subscriptions/{settings.dead_letter_topic}-sub"
-    for where, path in (("subscription", settings.subscription_path), ("dead-letter", dlq)):
+    for where, path in (("subscription", settings.subscription_path),
+                        ("dead-letter", settings.dead_letter_subscription_path)):
         for _ in range(3):
             resp = sub.pull(subscription=path, max_messages=1000, timeout=5)
             for m in resp.received_messages:
