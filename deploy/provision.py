@@ -13,22 +13,20 @@ it twice changes nothing), ``destroy`` deletes in reverse order. What an emulato
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 from google.api_core.exceptions import BadRequest, NotFound
 
 from deploy import iam
 from pipeline import clients
+from pipeline.catalog import TableLayout, load_schema, table_layouts, view_templates
 from pipeline.config import Settings
 from pipeline.notifications import EVENT_TYPES
 
-SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"
 # Every event the job handles (classify FINALIZE, record the rest in the events table), sorted
 # so the notification config compares equal however GCS orders it.
 NOTIFICATION_EVENTS = sorted(EVENT_TYPES)
@@ -38,35 +36,9 @@ EMULATOR_NOTIFICATION = "emulator: fake-gcs-server publishes by its -event.* fla
 EMULATOR_IAM = "emulator: no IAM"
 
 
-@dataclass(frozen=True)
-class TableLayout:
-    """How a table is laid out on real BigQuery (bqemulator gets plain tables)."""
-
-    schema: str  # schemas/<schema>.json
-    partition_by: str  # a TIMESTAMP column: day partitions, so old data ages into cheap storage
-    cluster_by: tuple[str, ...] = ()  # the MERGE key's leading columns: MERGE scans less
-
-
-def table_layouts(settings: Settings) -> dict[str, TableLayout]:
-    """Table id → layout, for every table the job writes."""
-    return {
-        settings.table_id: TableLayout("predictions", "processed_at", ("bucket", "name")),
-        settings.dead_letter_table_id: TableLayout("dead_letters", "recorded_at"),
-        settings.events_table_id: TableLayout("object_events", "recorded_at", ("bucket", "name")),
-    }
-
-
 def subscription_filter(event_types: Sequence[str]) -> str:
     """Pub/Sub filter admitting exactly these GCS event types."""
     return " OR ".join(f'attributes.eventType = "{t}"' for t in event_types)
-
-
-def load_schema(name: str) -> list:
-    """A BigQuery schema from ``schemas/<name>.json`` as SchemaField objects."""
-    from google.cloud import bigquery
-
-    fields_ = json.loads((SCHEMAS_DIR / f"{name}.json").read_text())
-    return [bigquery.SchemaField.from_api_repr(f) for f in fields_]
 
 
 @dataclass(frozen=True)
@@ -189,15 +161,23 @@ def targets(settings: Settings) -> dict[str, str]:
     s = settings
     return {"bucket": s.bucket, "topic": s.topic_path, "dead_letter_topic": s.dead_letter_topic_path,
             "subscription": s.subscription_path, "dataset": f"{s.project}.{s.dataset}",
-            "project": s.project}
+            "project": s.project,
+            # only the JSONL sink writes objects, and only under its own prefix
+            **({"jsonl_output": iam.jsonl_output(s)} if s.sink == "jsonl" else {})}
 
 
 def view_ids(settings: Settings) -> list[str]:
     """The views ``sink.create_views`` makes, one per ``schemas/views/*.sql``."""
-    from pipeline import sink  # sink imports this module: import late
+    from pipeline import sink
 
-    return [sink.view_id(sink.render_view(p.read_text(), settings))
-            for p in sorted(sink.VIEWS_DIR.glob("*.sql"))]
+    return [sink.view_id(sink.render_view(sql, settings)) for _, sql in view_templates()]
+
+
+def _create_bucket(c: _Clients, settings: Settings) -> None:
+    """The watched bucket, IAM-only (uniform bucket-level access: conditional grants need it)."""
+    bucket = c.storage.bucket(settings.bucket)
+    bucket.iam_configuration.uniform_bucket_level_access_enabled = True
+    c.storage.create_bucket(bucket, location=settings.region or None)
 
 
 def _delete_bucket(c: _Clients, name: str) -> None:
@@ -270,7 +250,7 @@ def core_resources(settings: Settings, c: _Clients) -> list[Resource]:
         Resource(
             "bucket", s.bucket,
             exists=lambda: c.storage.lookup_bucket(s.bucket) is not None,
-            create=lambda: c.storage.create_bucket(s.bucket, location=s.region or None),
+            create=lambda: _create_bucket(c, s),
             delete=_ignore_missing(lambda: _delete_bucket(c, s.bucket)),
         ),
         topic(s.topic_path),
@@ -317,6 +297,7 @@ def iam_resources(settings: Settings, c: _Clients, *, skip: str = "") -> list[Re
     }
     stores: dict[str, Callable[[str], iam.PolicyStore]] = {
         "bucket": lambda name: iam.BucketPolicy(c.storage.bucket(name)),
+        "jsonl_output": lambda name: iam.prefix_policy(c.storage, name),
         "topic": lambda name: iam.PubSubPolicy(c.publisher, name),
         "dead_letter_topic": lambda name: iam.PubSubPolicy(c.publisher, name),
         "subscription": lambda name: iam.PubSubPolicy(c.subscriber, name),
@@ -379,7 +360,21 @@ def resources(settings: Settings, c: _Clients | None = None, *,
         *core_resources(settings, c),
         *iam_resources(settings, c, skip=EMULATOR_IAM if no_iam else ""),
         notification_resource(settings, c, skip=EMULATOR_NOTIFICATION if no_gcs_api else ""),
+        *([] if no_iam else [egress_resource(settings)]),
     ]
+
+
+def egress_resource(settings: Settings, env: Mapping[str, str] = os.environ) -> Resource:
+    """How the cluster reaches PyPI (image 2.2+ VMs have internal IPs only), shown by ``plan``;
+    ``deploy/dataproc/create_cluster.sh`` makes it, from the same variables."""
+    if env.get("BUCKETLENS_PUBLIC_IP_ADDRESS") == "yes":
+        name, note = "external IPs on the cluster's VMs", "create_cluster.sh --public-ip-address yes"
+    else:
+        name = (f"Cloud NAT on router {env.get('BUCKETLENS_NAT_ROUTER') or 'bucketlens-nat'}, network "
+                f"{env.get('BUCKETLENS_NETWORK') or 'default'}, region {settings.region or '(unset)'}")
+        note = "create_cluster.sh creates it if missing; --public-ip-address yes instead skips it"
+    return Resource("egress", name, exists=lambda: False, create=lambda: None, delete=lambda: None,
+                    skip=note)
 
 
 def plan_resources(rs: Sequence[Resource]) -> list[Action]:

@@ -1,8 +1,9 @@
-"""``bucketlens`` — one command, one sub-command per job.
+"""The job's commands — ``run``, ``classify``, ``backfill``, ``report`` — as a cluster runs them.
 
-    eval "$(bucketlens local env)"     # after `bucketlens local up`
-    bucketlens produce --sample --rate 5 --limit 50 &
-    bucketlens run
+    python -m pipeline.cli run --subscription uploads --table predictions
+
+``bucketlens`` (``deploy.cli``) is this plus the local stack, the demo and the producer; this
+module imports nothing outside ``pipeline`` so the job runs from the wheel alone.
 
 Every flag defaults to its ``BUCKETLENS_*`` environment variable (see ``pipeline.config``).
 """
@@ -10,41 +11,16 @@ Every flag defaults to its ``BUCKETLENS_*`` environment variable (see ``pipeline
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import signal
 import sys
 import threading
-from pathlib import Path
 
 from pipeline.config import Settings
 
 
 class UserError(Exception):
     """An error whose message is the whole story: printed as one line, exit code 2."""
-
-
-def _local(args: argparse.Namespace) -> int:
-    from deploy import localstack
-
-    run_dir = Path(args.run_dir)
-    if args.action == "up":
-        state = localstack.up(run_dir)
-        print(f"local stack up in {state.run_dir}: "
-              + ", ".join(f"{n} on :{s.port}" for n, s in state.services.items()),
-              file=sys.stderr)
-        print('point your shell at it with: eval "$(bucketlens local env)"', file=sys.stderr)
-    elif args.action == "down":
-        stopped = localstack.down(run_dir)
-        print(f"stopped: {', '.join(stopped) or 'nothing was running'}", file=sys.stderr)
-    elif args.action == "env":
-        print(localstack.render_env(localstack.StackState.load(run_dir).env()))
-    elif args.action == "status":
-        for name, info in localstack.status(run_dir).items():
-            print(f"{name:<9} port {info['port']:<6} pid {info['pid']:<8} "
-                  f"{'up' if info['alive'] else 'DOWN'}  log {info['log']}")
-    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -104,32 +80,11 @@ def _serve(query) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from pipeline import demo
+def add_job_commands(sub: argparse._SubParsersAction) -> None:
+    """The commands the job itself needs (what a cluster runs): run, classify, backfill, report.
 
-    summary = demo.run(images=args.images, rate=args.rate, timeout=args.timeout,
-                       run_dir=Path(args.run_dir))
-    print(json.dumps(summary))
-    return 0 if summary["rows"] == summary["distinct_keys"] == summary["uploaded"] else 1
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="bucketlens",
-        description="Classify images as they land in Google Cloud Storage.",
-        epilog='Quick start: `bucketlens demo`. Flags default to BUCKETLENS_* variables; '
-               '`eval "$(bucketlens local env)"` sets them for the local stack.')
-    p.add_argument("-v", "--verbose", action="store_true", help="log every batch")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    loc = sub.add_parser("local", help="start/stop the embedded emulator stack",
-                         description="Pub/Sub emulator, fake-gcs-server and bqemulator on 127.0.0.1.")
-    loc.add_argument("action", choices=["up", "down", "env", "status"])
-    loc.add_argument("--run-dir", default=os.environ.get("BUCKETLENS_RUN_DIR", ".bucketlens/local"),
-                     help="where ports, PIDs, logs and data live (BUCKETLENS_RUN_DIR; "
-                          "default: %(default)s)")
-    loc.set_defaults(func=_local)
-
+    The application CLI (``deploy.cli``) adds the local stack, the demo and the producer.
+    """
     run = sub.add_parser("run", help="run the streaming classifier",
                          description="Read GCS notifications from Pub/Sub, classify, write to BigQuery.")
     run.add_argument("--subscription", help="Pub/Sub subscription (BUCKETLENS_SUBSCRIPTION)")
@@ -149,41 +104,50 @@ def build_parser() -> argparse.ArgumentParser:
                      help="serve Prometheus metrics on 127.0.0.1:PORT/metrics")
     run.set_defaults(func=_run)
 
-    demo = sub.add_parser("demo", help="the whole flow on the local stack, end to end",
-                          description="local up → replay sample photos → stream → SQL → local down.")
-    demo.add_argument("--images", type=int, default=60, help="uploads to make (default %(default)s)")
-    demo.add_argument("--rate", type=float, default=10.0, help="uploads per second")
-    demo.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for rows")
-    demo.add_argument("--run-dir", default=".bucketlens/demo", help="stack state directory")
-    demo.set_defaults(func=_demo)
-
     for name, module, adder, runner in (
-        ("produce", "producer.cli", "add_produce_parser", "run_produce"),
         ("classify", "pipeline.classify", "add_classify_parser", "run_classify"),
         ("backfill", "pipeline.backfill", "add_backfill_parser", "run_backfill"),
         ("report", "pipeline.report", "add_report_parser", "run_report"),
     ):
-        try:
-            mod = __import__(module, fromlist=[adder])
-        except ImportError as exc:  # pragma: no cover - an install problem, said plainly
-            sub.add_parser(name, help=f"unavailable: {exc}")
-            continue
-        getattr(mod, adder)(sub)
-        sub.choices[name].set_defaults(func=getattr(mod, runner))
+        add_lazy_command(sub, name, module, adder, runner)
+
+
+def add_lazy_command(sub: argparse._SubParsersAction, name: str, module: str, adder: str,
+                     runner: str) -> None:
+    """A command whose parser and runner live in ``module``; an import failure is said plainly."""
+    try:
+        mod = __import__(module, fromlist=[adder])
+    except ImportError as exc:  # pragma: no cover - an install problem, said plainly
+        sub.add_parser(name, help=f"unavailable: {exc}")
+        return
+    getattr(mod, adder)(sub)
+    sub.choices[name].set_defaults(func=getattr(mod, runner))
+
+
+def build_parser(prog: str = "bucketlens") -> argparse.ArgumentParser:
+    """The parser of ``python -m pipeline.cli``: the job's commands only."""
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Classify images as they land in Google Cloud Storage.",
+        epilog="Flags default to BUCKETLENS_* variables.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every batch")
+    add_job_commands(p.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+def configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if args.verbose:
+    if verbose:
         logging.getLogger("bucketlens").setLevel(logging.INFO)
-    from deploy.localstack import StackError
 
+
+def dispatch(args: argparse.Namespace, user_errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Run the chosen command; errors whose message is the whole story are one line, exit 2."""
+    configure_logging(args.verbose)
     try:
         return args.func(args)
-    except (UserError, StackError) as exc:
+    except (UserError, *user_errors) as exc:
         print(f"bucketlens: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
@@ -193,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bucketlens: {exc}", file=sys.stderr)
             return 2
         raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    return dispatch(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

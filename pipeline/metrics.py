@@ -32,7 +32,7 @@ from pyspark.sql.streaming import StreamingQueryListener
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-    from pipeline.stream import BatchReport
+    from pipeline.batches import BatchReport
 
 log = logging.getLogger("bucketlens.metrics")
 

@@ -22,14 +22,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deploy.provision import SCHEMAS_DIR
+from pipeline import catalog
 from pipeline.config import Settings
 
 if TYPE_CHECKING:
     from google.cloud import bigquery
     from rich.console import Console
 
-CLASS_MAPPING_PATH = SCHEMAS_DIR / "class_mapping.json"
 MAPPING_BEGIN = "-- BEGIN rows generated from schemas/class_mapping.json by pipeline.report.mapping_rows_sql"
 MAPPING_END = "-- END generated rows"
 DEFAULT_OUT = "report"
@@ -43,8 +42,9 @@ Rows = list[dict[str, Any]]
 
 # --- class mapping (pure) ---------------------------------------------------------------------
 
-def load_class_mapping(path: Path = CLASS_MAPPING_PATH) -> dict:
-    return json.loads(path.read_text())
+def load_class_mapping(path: Path | None = None) -> dict:
+    """A mapping file, or the shipped ``schemas/class_mapping.json``."""
+    return json.loads(path.read_text()) if path else catalog.class_mapping()
 
 
 def mapping_pairs(mapping: Mapping) -> list[tuple[str, int | None, str | None, str]]:

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from google.api_core import exceptions as api_exceptions
 
-from deploy.provision import SCHEMAS_DIR, load_schema
 from pipeline import clients
+from pipeline.catalog import load_schema, view_templates
 from pipeline.config import Settings
 from pipeline.fetch import call_with_retries, is_transient
 from pipeline.notifications import Notification, ObjectKey
@@ -38,9 +38,8 @@ log = logging.getLogger(__name__)
 
 PREDICTION_KEY = ("bucket", "name", "generation")
 DEAD_LETTER_KEY = ("message_id", "reason")
-EVENT_KEY = ("bucket", "name", "generation", "event_type")
+EVENT_KEY = ("bucket", "name", "generation", "event_type", "metageneration")
 STAGING_TTL = timedelta(hours=1)  # a crashed batch's staging table cleans itself up
-VIEWS_DIR = SCHEMAS_DIR / "views"
 RESULTS_PREFIX = "_bucketlens"  # JsonLinesSink's default folder inside the watched bucket
 
 
@@ -87,6 +86,7 @@ def event_record(n: Notification, batch_id: int | None, *,
     return {
         "bucket": n.key.bucket, "name": n.key.name, "generation": n.key.generation,
         "event_type": n.event_type, "event_time": _ts(n.event_time), "message_id": n.message_id,
+        "metageneration": n.metageneration or 0,  # 0: not given (a NULL would never match)
         "recorded_at": _ts(recorded_at or datetime.now(UTC)), "batch_id": batch_id,
     }
 
@@ -408,8 +408,8 @@ def create_views(settings: Settings, client: bigquery.Client | None = None) -> l
     """Render and run every ``schemas/views/*.sql`` (CREATE OR REPLACE: safe to repeat)."""
     client = client or clients.bigquery_client(settings)
     created = []
-    for path in sorted(VIEWS_DIR.glob("*.sql")):
-        sql = render_view(path.read_text(), settings)
+    for _, template in view_templates():
+        sql = render_view(template, settings)
         run_query(client, sql)
         created.append(view_id(sql))
     return created

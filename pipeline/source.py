@@ -11,28 +11,32 @@
                 .load())
     query = messages.writeStream.foreachBatch(handle).option("checkpointLocation", "/ckpt").start()
 
+Works on pyspark 4.0, 4.1 and >= 4.2 (Dataproc image 3.0 runs Spark 4.0.0 or 4.1.x). On
+4.2+ Spark passes ``latestOffset`` its start offset and a read limit (SPARK-55304); on 4.0/4.1
+``latestOffset()`` takes no arguments and the reader applies ``maxMessagesPerBatch`` itself.
+
 Delivery semantics (at-least-once, nothing lost):
 
 * A background thread on the driver pulls messages into a buffer. ``latestOffset`` numbers
-  buffered messages with a monotonically increasing sequence (admission control:
-  ``maxMessagesPerBatch``); ``partitions`` ships the numbered messages themselves to the
-  executors, so ``read`` never talks to Pub/Sub.
+  up to ``maxMessagesPerBatch`` buffered messages as the next batch; ``partitions`` ships the
+  numbered messages themselves to the executors, so ``read`` never talks to Pub/Sub.
 * A message is acknowledged only once its micro-batch (and its ``foreachBatch``) has
-  completed: in ``commit(end)``, or earlier in ``latestOffset(start)``, which Spark calls only
-  after the batch ending at ``start`` is done (``commit`` itself comes when the *next* batch is
-  planned, so on an idle stream the last batch would stay unacked). A batch that fails is never
-  acked: its messages come back by redelivery.
+  completed: in ``commit(end)``, or earlier in the next ``latestOffset``, which Spark calls only
+  after the previous batch is done (``commit`` itself comes when the *next* batch is planned, so
+  on an idle stream the last batch would stay unacked). A batch that fails is never acked: its
+  messages come back by redelivery.
 * A lease thread (modelled on python-pubsub's ``leaser.py``) extends the ack deadline of every
   held message while batches run, so a slow batch causes no redelivery; leases are dropped
   after ``maxLeaseSeconds`` so a stuck batch cannot hold messages forever.
 * ``stop()`` hands unacked messages back at once (ack deadline 0).
-* After a crash, the restarted reader has no buffer for the planned-but-uncommitted batch: it
-  yields nothing for that range, Pub/Sub redelivers those messages, and numbering continues
-  after the checkpointed offset so offsets stay monotonic.
+* Offsets are ``{"run": id, "seq": n}``: each reader run numbers from 0 under its own id. After
+  a crash the restarted reader yields nothing for a batch an earlier run planned and acks
+  nothing for it, so Pub/Sub redelivers those messages (a restart may add one empty batch).
 
 Duplicates are possible (redelivery, replay); the sink is idempotent on the object key.
-``trigger(availableNow=True)`` is refused with a clear error: a subscription has no end, and
-Spark's fallback for such sources would plan from the initial offset after a restart.
+``trigger(availableNow=True)`` is refused with a clear error on pyspark >= 4.2: a subscription
+has no end. Spark 4.0/4.1 do not tell a Python source its trigger; there such a query re-reads
+without acking anything, so nothing is lost, and ``bucketlens run`` never builds one.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import os
 import random
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -49,19 +54,30 @@ from datetime import datetime
 from typing import Any
 
 from pyspark.sql.datasource import DataSource, DataSourceStreamReader, InputPartition
-from pyspark.sql.streaming.datasource import (
-    ReadAllAvailable,
-    ReadLimit,
-    ReadMaxRows,
-    SupportsTriggerAvailableNow,
-)
 from pyspark.sql.types import StructType
+
+try:  # pyspark >= 4.2 (SPARK-55304): Spark passes the start offset and a read limit
+    from pyspark.sql.streaming.datasource import (
+        ReadAllAvailable,
+        ReadLimit,
+        ReadMaxRows,
+        SupportsTriggerAvailableNow,
+    )
+
+    ADMISSION_CONTROL = True
+except ImportError:  # 4.0 / 4.1 (Dataproc 3.0 images): latestOffset() takes no arguments
+    ADMISSION_CONTROL = False
+    ReadLimit = ReadMaxRows = ReadAllAvailable = None  # type: ignore[assignment,misc]
+
+    class SupportsTriggerAvailableNow:  # type: ignore[no-redef]
+        """Stand-in: Spark < 4.2 never calls ``prepareForTriggerAvailableNow``."""
 
 log = logging.getLogger("bucketlens.source")
 
 SCHEMA = ("message_id string, publish_time timestamp, attributes map<string,string>, "
           "data binary, delivery_attempt int")
 OFFSET_KEY = "seq"
+RUN_KEY = "run"
 ACK_CHUNK = 1000  # Pub/Sub accepts at most 2,500 ack ids per request; stay well below
 
 
@@ -166,6 +182,9 @@ class _Runtime:
         self.unplanned: deque[Held] = deque()
         self.planned: dict[int, Held] = {}
         self.next_seq = 0
+        # Offsets name the run that numbered them: a restarted reader cannot know which
+        # messages an older run's offsets meant (Spark < 4.2 does not even say where it resumes).
+        self.run = uuid.uuid4().hex[:12]
         self.stopping = threading.Event()
         self.stats = {"pulled": 0, "acked": 0, "extended": 0, "expired": 0, "nacked": 0}
         self.threads = [
@@ -248,11 +267,9 @@ class _Runtime:
                 log.warning("modify_ack_deadline(%d ids, %ds) failed: %s", len(part), seconds, exc)
 
     # -- offsets -------------------------------------------------------------------------
-    def number(self, start: int, limit: int | None) -> int:
-        """Give sequence numbers to up to ``limit`` buffered messages; return the end offset."""
+    def number(self, limit: int | None) -> int:
+        """Give sequence numbers to up to ``limit`` buffered messages; return the end seq."""
         with self.lock:
-            # After a restart ``start`` is the checkpointed offset: continue after it.
-            self.next_seq = max(self.next_seq, start)
             take = len(self.unplanned) if limit is None else min(limit, len(self.unplanned))
             for _ in range(take):
                 h = self.unplanned.popleft()
@@ -332,15 +349,15 @@ class PubSubStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
         return self._rt
 
     def initialOffset(self) -> dict:
-        self.runtime  # start pulling as early as possible  # noqa: B018
-        return {OFFSET_KEY: 0}
+        return {RUN_KEY: self.runtime.run, OFFSET_KEY: 0}  # starts pulling as early as possible
 
     def prepareForTriggerAvailableNow(self) -> None:
         """Refuse ``trigger(availableNow=True)`` in one sentence.
 
-        Without this, Spark wraps the source and asks ``latestOffset`` from the *initial*
-        offset, which after a restart numbers new messages below the checkpointed offset and
-        would acknowledge them unread. A subscription has no "latest data" to stop at anyway.
+        A subscription has no "latest data" to stop at. Spark < 4.2 never calls this (a Python
+        source cannot see the trigger there): ``bucketlens run`` offers no such trigger, and a
+        hand-built availableNow query only ever re-reads, since ``latestOffset`` is not asked
+        again and nothing gets acked.
         """
         raise ValueError("the pubsub source does not support trigger(availableNow=True): a "
                          "subscription has no end; use a processingTime trigger and stop the "
@@ -349,24 +366,46 @@ class PubSubStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
     def getDefaultReadLimit(self) -> ReadLimit:
         return ReadMaxRows(self.opts.max_messages_per_batch)
 
-    def latestOffset(self, start: dict, limit: ReadLimit) -> dict:
-        # Spark asks only once the batch ending at ``start`` has run and its commit log is
-        # written; it calls ``commit`` for it only when it plans the next batch, which on an idle
-        # stream never comes. Acking here means an idle stream holds nothing unacknowledged.
-        begin = int(start[OFFSET_KEY])
-        self.runtime.ack_below(begin)
-        max_rows = None if isinstance(limit, ReadAllAvailable) else getattr(limit, "max_rows", None)
-        return {OFFSET_KEY: self.runtime.number(begin, max_rows)}
+    def _seq(self, offset: dict | None) -> int | None:
+        """The offset's sequence number if this run numbered it, else None."""
+        if offset and offset.get(RUN_KEY) == self.runtime.run:
+            return int(offset[OFFSET_KEY])
+        return None
+
+    def latestOffset(self, start: dict | None = None, limit: ReadLimit | None = None) -> dict:
+        """Number up to ``maxMessagesPerBatch`` buffered messages as the next batch.
+
+        Spark calls this only once the previous batch has run and its commit log is written
+        (the micro-batch loop is sequential), but ``commit`` for that batch comes only when the
+        *next* batch is planned, which on an idle stream never happens: so everything numbered
+        so far is acked here. pyspark >= 4.2 passes the previous end as ``start`` and a read
+        limit; 4.0/4.1 pass nothing and the option is the limit.
+        """
+        rt = self.runtime
+        done = rt.next_seq if start is None else self._seq(start)
+        if done:
+            rt.ack_below(done)
+        if ADMISSION_CONTROL and limit is not None:
+            max_rows = None if isinstance(limit, ReadAllAvailable) else getattr(limit, "max_rows", None)
+        else:
+            max_rows = self.opts.max_messages_per_batch
+        return {RUN_KEY: rt.run, OFFSET_KEY: rt.number(max_rows)}
 
     def partitions(self, start: dict, end: dict) -> Sequence[InputPartition]:
-        rows = self.runtime.rows(int(start[OFFSET_KEY]), int(end[OFFSET_KEY]))
+        """Ship this run's numbered messages; a batch planned by an earlier run yields nothing
+        here (its messages were never acked, so Pub/Sub redelivers them)."""
+        stop = self._seq(end)
+        if stop is None:
+            return []
+        rows = self.runtime.rows(self._seq(start) or 0, stop)
         return [MessagePartition(rows=c) for c in split(rows, self.opts.num_partitions)]
 
     def read(self, partition: InputPartition) -> Iterator[tuple]:
         yield from partition.rows  # type: ignore[attr-defined]
 
     def commit(self, end: dict) -> None:
-        n = self.runtime.ack_below(int(end[OFFSET_KEY]))
+        stop = self._seq(end)
+        n = self.runtime.ack_below(stop) if stop else 0
         log.debug("committed offset %s: acked %d", end, n)
 
     def stop(self) -> None:

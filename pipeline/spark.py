@@ -18,7 +18,10 @@ def session(master: str = "local[2]", app: str = "bucketlens", conf: dict | None
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     builder = SparkSession.builder.appName(app)
-    if master:  # empty: let the platform decide (Dataproc Serverless rejects an explicit master)
+    # Under spark-submit (Dataproc jobs, the rehearsal) the master is already chosen, and
+    # PYSPARK_GATEWAY_PORT names the JVM it started; an empty master defers to the platform
+    # too (Dataproc Serverless rejects an explicit one).
+    if master and not os.environ.get("PYSPARK_GATEWAY_PORT"):
         builder = builder.master(master)
     builder = (
         builder

@@ -21,13 +21,15 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeVar
 
 import pandas as pd
 
+from pipeline.batches import CLASSIFIED, BatchReport, Written
 from pipeline.config import Settings
+from pipeline.names import describe, printable
 from pipeline.notifications import Notification, ObjectKey, PoisonMessage, dedupe, parse, wanted
 
 log = logging.getLogger("bucketlens.stream")
@@ -38,40 +40,6 @@ WORK_SCHEMA = "bucket string, name string, generation long, size long"
 RESULT_SCHEMA = ("bucket string, name string, generation long, status string, reason string, "
                  "topk string, worker_pid long, model_loads long")
 CHUNK = 64  # objects fetched and classified together inside one partition
-
-
-@dataclass
-class BatchReport:
-    """What one micro-batch did; logged, returned to callers, and used by tests."""
-
-    batch_id: int
-    messages: int = 0
-    poison: int = 0
-    events: int = 0
-    ignored: int = 0
-    duplicates: int = 0
-    already_done: int = 0
-    classified: int = 0
-    inserted: int = 0
-    errors: int = 0
-    seconds: float = 0.0
-    statuses: dict[str, int] = field(default_factory=dict)
-    workers: dict[int, int] = field(default_factory=dict)  # worker pid → model loads there
-
-
-CLASSIFIED = ("ok", "low_confidence")  # every other status is an error row (gone, corrupt …)
-
-
-@dataclass
-class Written:
-    """What classifying and writing one set of notifications did."""
-
-    classified: int = 0
-    inserted: int = 0
-    errors: int = 0
-    statuses: dict[str, int] = field(default_factory=dict)
-    workers: dict[int, int] = field(default_factory=dict)  # worker pid → model loads there
-    rows: list[dict] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -93,15 +61,16 @@ def triage(rows: Sequence[tuple], settings: Settings) -> Triage:
     own = own_prefixes(settings)
     for row in rows:
         message_id, publish_time, attributes, data = row[0], row[1], row[2] or {}, row[3]
-        try:
+        try:  # whatever a message does to parsing, it is that message's dead letter
             n = parse(message_id, attributes, data, publish_time)
-        except PoisonMessage as exc:
-            dead.append((row, str(exc)))
+            # another bucket's notification is ignored; oversize objects get a too_large row
+            why = wanted(n, settings.prefix, bucket=settings.bucket)
+        except Exception as exc:  # noqa: BLE001
+            dead.append((row, str(exc) if isinstance(exc, PoisonMessage) else describe(exc)))
             continue
-        why = wanted(n, settings.prefix)  # oversize objects get a too_large row from fetch
         if why is None and n.key.name.startswith(own):
             why = "bucketlens's own output"
-        if not n.is_finalize and not n.key.name.startswith(own):
+        if not n.is_finalize and n.key.bucket == settings.bucket and not n.key.name.startswith(own):
             events.append(n)
         elif why:
             ignored.append((n, why))
@@ -128,18 +97,18 @@ def prefetched(items: Iterable[T], fetch: Callable[[T], R]) -> Iterator[tuple[T,
             yield pending[0], pending[1].result()
 
 
-def _work_chunks(frames: Iterable[pd.DataFrame]) -> Iterator[tuple[list[ObjectKey], dict[ObjectKey, int]]]:
-    """The work rows as (keys, known sizes), CHUNK objects at a time."""
+def _work_chunks(frames: Iterable[pd.DataFrame], max_bytes: int
+                 ) -> Iterator[tuple[list[ObjectKey], dict[ObjectKey, int]]]:
+    """The work rows as (keys, known sizes), at most CHUNK objects and fetch.CHUNK_BYTES of
+    downloads at a time."""
+    from pipeline.fetch import budget_chunks
+
     for frame in frames:
-        for lo in range(0, len(frame), CHUNK):
-            part = frame.iloc[lo:lo + CHUNK]
-            keys, sizes = [], {}
-            for b, n, g, size in zip(part["bucket"], part["name"], part["generation"],
-                                     part["size"], strict=True):
-                keys.append(ObjectKey(b, n, int(g)))
-                if pd.notna(size):
-                    sizes[keys[-1]] = int(size)
-            yield keys, sizes
+        rows = [(ObjectKey(b, n, int(g)), int(size) if pd.notna(size) else None)
+                for b, n, g, size in zip(frame["bucket"], frame["name"], frame["generation"],
+                                         frame["size"], strict=True)]
+        for chunk in budget_chunks(rows, CHUNK, max_bytes):
+            yield [k for k, _ in chunk], {k: size for k, size in chunk if size is not None}
 
 
 def classify_partitions(settings: Settings) -> PartitionFn:
@@ -157,7 +126,7 @@ def classify_partitions(settings: Settings) -> PartitionFn:
             keys, sizes = chunk
             return fetch.fetch_all(keys, settings, client, sizes=sizes)
 
-        for (keys, _), fetched in prefetched(_work_chunks(frames), download):
+        for (keys, _), fetched in prefetched(_work_chunks(frames, settings.max_bytes), download):
             yield _classified(keys, fetched, handler)
 
     return run
@@ -272,7 +241,7 @@ class BatchProcessor:
 
 
 def _k(key: ObjectKey) -> tuple[str, str, int]:
-    return key.bucket, key.name, key.generation
+    return printable(key.bucket), printable(key.name), key.generation  # a name cannot forge a line
 
 
 def messages(spark, settings: Settings):

@@ -11,10 +11,10 @@ from types import SimpleNamespace
 
 import pytest
 
+from deploy.demo import counts
 from pipeline import backfill as bf
 from pipeline import clients, sink
 from pipeline.config import Settings
-from pipeline.demo import counts
 from pipeline.notifications import FINALIZE, Notification, ObjectKey
 from producer.datasets import Item, discover, sample_dataset
 from producer.replay import replay

@@ -15,9 +15,9 @@ from types import SimpleNamespace
 import pytest
 
 from pipeline import metrics
+from pipeline.batches import BatchReport
 from pipeline.notifications import Notification, ObjectKey
 from pipeline.sink import build_row
-from pipeline.stream import BatchReport
 
 T0 = datetime(2024, 5, 6, 7, 0, tzinfo=UTC)
 

@@ -91,6 +91,7 @@ def test_prefetched_raises_a_fetch_error_at_its_item() -> None:
         next(it)
 
 
+@pytest.mark.compat
 def test_20_uploads_become_exactly_20_rows(running) -> None:
     settings, query, processor = running
     summary = upload_samples(settings, 20)

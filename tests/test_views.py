@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import clients, report, sink
+from pipeline import catalog, clients, report, sink
 from pipeline.config import Settings
 from pipeline.notifications import Notification, ObjectKey
 
@@ -100,7 +100,7 @@ def imagenet_categories() -> list[str]:
 
 
 def test_inline_mapping_in_sql_equals_class_mapping_json() -> None:
-    sql = (sink.VIEWS_DIR / "class_mapping.sql").read_text()
+    sql = catalog.read_text("views/class_mapping.sql")
     assert report.embedded_mapping_sql(sql) == report.mapping_rows_sql(report.load_class_mapping())
 
 
@@ -136,12 +136,12 @@ def test_view_files_run_after_the_views_they_read() -> None:
     """create_views runs files in name order and BigQuery checks a view's sources exist."""
     s = Settings(project="p", dataset="d", table="t")
     made: set[str] = set()
-    for path in sorted(sink.VIEWS_DIR.glob("*.sql")):
-        sql = sink.render_view(path.read_text(), s)
+    for name, template in catalog.view_templates():
+        sql = sink.render_view(template, s)
         created = sink.view_id(sql).split(".")[-1]
         body = sql.split(" AS\n", 1)[1]
         reads = set(re.findall(r"`p\.d\.(\w+)`", body)) - {"t"}
-        assert reads <= made, f"{path.name} reads {reads - made} before they exist"
+        assert reads <= made, f"{name} reads {reads - made} before they exist"
         made.add(created)
     assert made == REPORT_VIEWS
 

@@ -1,0 +1,81 @@
+"""The BigQuery tables and views the job writes and reads: schemas, layouts and view SQL.
+
+    from pipeline.catalog import load_schema, view_templates
+    fields = load_schema("predictions")            # list[bigquery.SchemaField]
+    for name, sql in view_templates(): ...         # schemas/views/*.sql in creation order
+
+The files live in the top-level ``schemas`` package and are read with ``importlib.resources``,
+so they are found the same way in a source checkout and in the installed wheel on a cluster.
+Provisioning, the sink and the report all read them from here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from importlib.abc import Traversable
+from typing import TYPE_CHECKING, Any
+
+from pipeline.config import Settings
+
+if TYPE_CHECKING:
+    from google.cloud import bigquery
+
+PACKAGE = "schemas"
+
+
+def files() -> Traversable:
+    """The ``schemas`` package's files, wherever it is installed."""
+    return resources.files(PACKAGE)
+
+
+def read_text(relative: str) -> str:
+    """One file of the package, e.g. ``views/class_mapping.sql``."""
+    node = files()
+    for part in relative.split("/"):
+        node = node.joinpath(part)
+    return node.read_text(encoding="utf-8")
+
+
+def schema_json(name: str) -> list[dict[str, Any]]:
+    """``schemas/<name>.json`` as the API's field dicts."""
+    return json.loads(read_text(f"{name}.json"))
+
+
+def load_schema(name: str) -> list[bigquery.SchemaField]:
+    """A BigQuery schema from ``schemas/<name>.json`` as SchemaField objects."""
+    from google.cloud import bigquery
+
+    return [bigquery.SchemaField.from_api_repr(f) for f in schema_json(name)]
+
+
+def class_mapping() -> dict:
+    """``schemas/class_mapping.json``: dataset labels → ImageNet classes."""
+    return json.loads(read_text("class_mapping.json"))
+
+
+def view_templates() -> list[tuple[str, str]]:
+    """(file name, SQL template) of every ``schemas/views/*.sql``, in name order, which is the
+    order they must be created in (a view's sources must exist first)."""
+    views = files().joinpath("views")
+    return sorted((p.name, p.read_text(encoding="utf-8")) for p in views.iterdir()
+                  if p.name.endswith(".sql"))
+
+
+@dataclass(frozen=True)
+class TableLayout:
+    """How a table is laid out on real BigQuery (bqemulator gets plain tables)."""
+
+    schema: str  # schemas/<schema>.json
+    partition_by: str  # a TIMESTAMP column: day partitions, so old data ages into cheap storage
+    cluster_by: tuple[str, ...] = ()  # the key's leading columns: lookups scan less
+
+
+def table_layouts(settings: Settings) -> dict[str, TableLayout]:
+    """Table id → layout, for every table the job writes."""
+    return {
+        settings.table_id: TableLayout("predictions", "processed_at", ("bucket", "name")),
+        settings.dead_letter_table_id: TableLayout("dead_letters", "recorded_at"),
+        settings.events_table_id: TableLayout("object_events", "recorded_at", ("bucket", "name")),
+    }
