@@ -1,8 +1,10 @@
 """Least-privilege IAM for bucketlens: who gets which role on what, as data, and the I/O to grant it.
 
 ``ROLES`` is the whole story: principal → kind of resource → role → why. Roles are granted on
-the narrowest resource that works (the bucket, the subscription, the dataset); only what has
-no narrower home (running BigQuery jobs, being a Dataproc VM) is granted on the project.
+the narrowest resource that works (the bucket, the subscription, the dataset, an object
+prefix); only what has no narrower home (running BigQuery jobs, being a Dataproc VM) is granted
+on the project, and there as a custom role (``CUSTOM_ROLES``): ``roles/dataproc.worker`` would
+let the job write and delete every object of the project, the watched bucket's images included.
 Provisioning (``deploy.provision``) turns these rows into idempotent resources.
 
 The policy edits themselves are pure functions over ``{"role", "members"}`` bindings; the
@@ -22,22 +24,67 @@ JOB = "job"  # the streaming job's own service account (Dataproc VMs / Serverles
 GCS_AGENT = "gcs-service-agent"  # Cloud Storage's per-project agent: publishes notifications
 PUBSUB_AGENT = "pubsub-service-agent"  # Pub/Sub's per-project agent: moves dead letters
 
+
+@dataclass(frozen=True)
+class CustomRole:
+    """A project-level custom role, created and kept in step by ``ProjectPolicy.add``."""
+
+    role_id: str
+    title: str
+    description: str
+    permissions: tuple[str, ...]
+
+
+# roles/dataproc.worker's permissions (IAM roles reference; the seven dataproc.* ones are what
+# Dataproc checks a VM service account for). Its storage.objects.* reach every bucket of the
+# project; the custom worker role below keeps all of it except the object writes.
+DATAPROC_WORKER_PERMISSIONS = (
+    "dataproc.agents.create", "dataproc.agents.delete", "dataproc.agents.get",
+    "dataproc.agents.list", "dataproc.agents.update", "dataproc.tasks.lease",
+    "dataproc.tasks.listInvalidatedLeases", "dataproc.tasks.reportStatus",
+    "logging.logEntries.create", "monitoring.metricDescriptors.create",
+    "monitoring.metricDescriptors.get", "monitoring.metricDescriptors.list",
+    "monitoring.monitoredResourceDescriptors.get", "monitoring.monitoredResourceDescriptors.list",
+    "monitoring.timeSeries.create", "storage.buckets.get", "storage.objects.create",
+    "storage.objects.delete", "storage.objects.get", "storage.objects.list",
+    "storage.objects.update",
+)
+OBJECT_WRITES = frozenset({"storage.objects.create", "storage.objects.delete", "storage.objects.update"})
+WORKER_ROLE_ID = "bucketlensDataprocWorker"
+WORKER_ROLE = "projects/{project}/roles/" + WORKER_ROLE_ID  # ``grants`` fills in the project
+CUSTOM_ROLES: Mapping[str, CustomRole] = {
+    WORKER_ROLE: CustomRole(
+        WORKER_ROLE_ID, "bucketlens Dataproc worker",
+        "roles/dataproc.worker without storage.objects.create/delete/update (made by bucketlens "
+        "deploy): the job writes objects only where a bucket-level grant allows it",
+        tuple(p for p in DATAPROC_WORKER_PERMISSIONS if p not in OBJECT_WRITES)),
+}
+# Granted by deploy/dataproc/create_cluster.sh on the staging bucket it creates (Dataproc's
+# staging and temp files, driver output, the checkpoints): the worker role cannot write them.
+STAGING_BUCKET_ROLE = "roles/storage.objectUser"
+JSONL_OUTPUT_CONDITION_TITLE = "bucketlens-jsonl-output"
+
 ROLES: Mapping[str, Mapping[str, Mapping[str, str]]] = {
     JOB: {
         "bucket": {
             "roles/storage.objectViewer": "read uploaded images (generation-pinned GETs)",
         },
+        "jsonl_output": {
+            "roles/storage.objectUser": "write the JSONL sink's batch files and overwrite them on a "
+                                        "replay (GCS needs create+delete to replace an object), only "
+                                        "under its output prefix (IAM condition); with "
+                                        "`BUCKETLENS_SINK=jsonl` only",
+        },
         "subscription": {
             "roles/pubsub.subscriber": "pull, ack and extend ack deadlines of notifications",
-            "roles/pubsub.viewer": "look the subscription up (ack deadline, dead-letter policy)",
         },
         "dataset": {
             "roles/bigquery.dataEditor": "create/drop staging tables, load rows, MERGE into targets",
         },
         "project": {
             "roles/bigquery.jobUser": "run the load and MERGE query jobs (billed to the project)",
-            "roles/dataproc.worker": "run as a Dataproc VM or Serverless workload (agent, logs, "
-                                     "staging/temp buckets, checkpoints)",
+            WORKER_ROLE: "run as a Dataproc VM (agent, task leases, logs, metrics): "
+                         "`roles/dataproc.worker` minus object create/delete/update",
         },
     },
     GCS_AGENT: {
@@ -50,7 +97,8 @@ ROLES: Mapping[str, Mapping[str, Mapping[str, str]]] = {
 }
 
 PRIMITIVE_ROLES = frozenset({"roles/owner", "roles/editor", "roles/viewer"})
-TARGET_KINDS = ("bucket", "topic", "dead_letter_topic", "subscription", "dataset", "project")
+TARGET_KINDS = ("bucket", "jsonl_output", "topic", "dead_letter_topic", "subscription", "dataset",
+                "project")
 
 # BigQuery dataset ACLs report these roles by their legacy names.
 DATASET_LEGACY_ROLES = {"OWNER": "roles/bigquery.dataOwner", "WRITER": "roles/bigquery.dataEditor",
@@ -69,11 +117,39 @@ class Grant:
 
 def grants(targets: Mapping[str, str], roles: Mapping[str, Mapping[str, Mapping[str, str]]] = ROLES
            ) -> list[Grant]:
-    """Every (principal, resource, role) row, resources named by ``targets`` (kind → name)."""
-    return [Grant(principal, kind, targets[kind], role)
+    """Every (principal, resource, role) row, resources named by ``targets`` (kind → name).
+
+    A kind ``targets`` leaves out gets no grant: the JSONL output exists only with that sink.
+    """
+    return [Grant(principal, kind, targets[kind], role.format(project=targets.get("project", "")))
             for principal, by_kind in roles.items()
-            for kind, by_role in by_kind.items()
+            for kind, by_role in by_kind.items() if kind in targets
             for role in sorted(by_role)]
+
+
+def custom_role(role: str) -> CustomRole | None:
+    """The definition of ``role`` (``projects/P/roles/ID``) if it is one of ``CUSTOM_ROLES``."""
+    return next((r for r in CUSTOM_ROLES.values()
+                 if role.startswith("projects/") and role.endswith(f"/roles/{r.role_id}")), None)
+
+
+def jsonl_output(settings: Any) -> str:
+    """``gs://bucket/prefix`` the JSONL sink writes under: the sink's own reading of ``settings``."""
+    from pipeline.sink import JsonLinesSink  # late: the sink brings the cloud clients along
+
+    out = JsonLinesSink(settings)
+    if out.bucket_name == settings.bucket and not out.prefix:
+        raise ValueError(f"jsonl_uri {settings.jsonl_uri!r} is the watched bucket's root: the sink's "
+                         "write grant would cover every image; give it a prefix")
+    return f"gs://{out.bucket_name}/{out.prefix}"
+
+
+def prefix_condition(uri: str) -> dict[str, str]:
+    """IAM condition limiting a bucket-level grant to the objects under ``gs://bucket/prefix``."""
+    bucket, _, prefix = uri.removeprefix("gs://").partition("/")
+    under = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
+    return {"title": JSONL_OUTPUT_CONDITION_TITLE, "description": f"objects under {uri}",
+            "expression": f'resource.name.startsWith("projects/_/buckets/{bucket}/objects/{under}")'}
 
 
 def service_account_email(name: str, project: str) -> str:
@@ -84,29 +160,42 @@ def pubsub_service_agent(project_number: str) -> str:
     return f"serviceAccount:service-{project_number}@gcp-sa-pubsub.iam.gserviceaccount.com"
 
 
-def members_of(bindings: Iterable[Mapping[str, Any]], role: str) -> set[str]:
-    """Members holding ``role`` unconditionally (conditional bindings are not ours to count)."""
-    return {m for b in bindings if b.get("role") == role and not b.get("condition")
-            for m in b.get("members", ())}
+def _ours(binding: Mapping[str, Any], role: str, condition: Mapping[str, str] | None) -> bool:
+    """``binding`` grants ``role`` under exactly ``condition`` (``None``: unconditionally)."""
+    if binding.get("role") != role:
+        return False
+    if condition is None:
+        return not binding.get("condition")
+    return (binding.get("condition") or {}).get("expression") == condition["expression"]
 
 
-def with_member(bindings: Sequence[Mapping[str, Any]], role: str, member: str) -> list[dict]:
-    """``bindings`` plus ``member`` in ``role``; other bindings, conditions included, untouched."""
+def members_of(bindings: Iterable[Mapping[str, Any]], role: str,
+               condition: Mapping[str, str] | None = None) -> set[str]:
+    """Members holding ``role`` under ``condition`` (by default unconditionally: other
+    conditional bindings are not ours to count)."""
+    return {m for b in bindings if _ours(b, role, condition) for m in b.get("members", ())}
+
+
+def with_member(bindings: Sequence[Mapping[str, Any]], role: str, member: str,
+                condition: Mapping[str, str] | None = None) -> list[dict]:
+    """``bindings`` plus ``member`` in ``role`` under ``condition``; other bindings untouched."""
     out = [dict(b, members=sorted(b.get("members", ()))) for b in bindings]
     for b in out:
-        if b.get("role") == role and not b.get("condition"):
+        if _ours(b, role, condition):
             if member not in b["members"]:
                 b["members"] = sorted({*b["members"], member})
             return out
-    return [*out, {"role": role, "members": [member]}]
+    new = {"role": role, "members": [member]}
+    return [*out, new if condition is None else {**new, "condition": dict(condition)}]
 
 
-def without_member(bindings: Sequence[Mapping[str, Any]], role: str, member: str) -> list[dict]:
-    """``bindings`` minus ``member`` in ``role``; a binding left empty is dropped."""
+def without_member(bindings: Sequence[Mapping[str, Any]], role: str, member: str,
+                   condition: Mapping[str, str] | None = None) -> list[dict]:
+    """``bindings`` minus ``member`` in ``role`` under ``condition``; a binding left empty is dropped."""
     out = []
     for b in bindings:
         members = sorted(b.get("members", ()))
-        if b.get("role") == role and not b.get("condition"):
+        if _ours(b, role, condition):
             members = [m for m in members if m != member]
             if not members:
                 continue
@@ -132,23 +221,32 @@ class PolicyStore(Protocol):
 
 
 class _BindingsPolicy:
-    """add/remove as read-modify-write edits of a policy's bindings; subclasses supply ``_edit``."""
+    """add/remove as read-modify-write edits of a policy's bindings; subclasses supply ``_edit``.
+
+    ``condition`` (a bucket's policy only: version 3) scopes every binding this store touches.
+    """
+
+    condition: Mapping[str, str] | None = None
 
     def _edit(self, change: Callable[[list[dict]], list[dict]]) -> None:
         raise NotImplementedError
 
     def add(self, role: str, member: str) -> None:
-        self._edit(lambda b: with_member(b, role, member))
+        self._edit(lambda b: with_member(b, role, member, self.condition))
 
     def remove(self, role: str, member: str) -> None:
-        self._edit(lambda b: without_member(b, role, member))
+        self._edit(lambda b: without_member(b, role, member, self.condition))
 
 
 class BucketPolicy(_BindingsPolicy):
-    """A bucket's IAM policy through the storage client (version 3: conditions survive)."""
+    """A bucket's IAM policy through the storage client (version 3: conditions survive).
 
-    def __init__(self, bucket: Any) -> None:
-        self.bucket = bucket
+    With ``condition``, the bindings are conditional ones (they need uniform bucket-level access,
+    which ``provision`` turns on for the buckets it creates).
+    """
+
+    def __init__(self, bucket: Any, condition: Mapping[str, str] | None = None) -> None:
+        self.bucket, self.condition = bucket, condition
 
     def _edit(self, change: Callable[[list[dict]], list[dict]]) -> None:
         policy = self.bucket.get_iam_policy(requested_policy_version=3)
@@ -157,7 +255,14 @@ class BucketPolicy(_BindingsPolicy):
         self.bucket.set_iam_policy(policy)
 
     def members(self, role: str) -> set[str]:
-        return members_of(self.bucket.get_iam_policy(requested_policy_version=3).bindings, role)
+        return members_of(self.bucket.get_iam_policy(requested_policy_version=3).bindings, role,
+                          self.condition)
+
+
+def prefix_policy(storage: Any, uri: str) -> BucketPolicy:
+    """The policy of ``uri``'s bucket, its grants limited to the objects under ``uri``."""
+    return BucketPolicy(storage.bucket(uri.removeprefix("gs://").partition("/")[0]),
+                        prefix_condition(uri))
 
 
 class PubSubPolicy(_BindingsPolicy):
@@ -254,10 +359,33 @@ def _not_found(proc: subprocess.CompletedProcess[str]) -> bool:
 
 
 class ProjectPolicy:
-    """The project's IAM policy; gcloud's add/remove-iam-policy-binding does the etag dance."""
+    """The project's IAM policy; gcloud's add/remove-iam-policy-binding does the etag dance.
+
+    Granting a ``CUSTOM_ROLES`` role first makes the role match its definition: created if
+    missing, undeleted if deleted, its permissions replaced if they differ. ``remove`` leaves
+    the definition (a deleted custom role's id stays reserved for weeks).
+    """
 
     def __init__(self, gcloud: Gcloud, project: str) -> None:
         self.gcloud, self.project = gcloud, project
+
+    def ensure_role(self, role: CustomRole) -> None:
+        where = (role.role_id, f"--project={self.project}")
+        proc = self.gcloud("iam", "roles", "describe", *where, "--format=json", check=False)
+        if _not_found(proc):
+            self.gcloud("iam", "roles", "create", *where, f"--title={role.title}",
+                        f"--description={role.description}",
+                        f"--permissions={','.join(role.permissions)}", "--stage=GA",
+                        "--format=none")
+            return
+        if proc.returncode != 0:
+            raise GcloudError(f"could not look up role {role.role_id}: {proc.stderr.strip()}")
+        found = json.loads(proc.stdout or "{}")
+        if found.get("deleted"):
+            self.gcloud("iam", "roles", "undelete", *where, "--format=none")
+        if found.get("deleted") or set(found.get("includedPermissions", ())) != set(role.permissions):
+            self.gcloud("iam", "roles", "update", *where,
+                        f"--permissions={','.join(role.permissions)}", "--format=none")
 
     def members(self, role: str) -> set[str]:
         out = self.gcloud("projects", "get-iam-policy", self.project, "--format=json").stdout
@@ -268,6 +396,9 @@ class ProjectPolicy:
                     f"--role={role}", "--condition=None", "--format=none")
 
     def add(self, role: str, member: str) -> None:
+        definition = custom_role(role)
+        if definition is not None:
+            self.ensure_role(definition)
         self._binding("add", role, member)
 
     def remove(self, role: str, member: str) -> None:
