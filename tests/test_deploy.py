@@ -8,22 +8,25 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
 import uuid
+from dataclasses import fields
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from google.api_core.exceptions import NotFound
+from google.api_core.exceptions import BadRequest, NotFound
 from google.api_core.iam import Policy
 from google.cloud import bigquery
 from google.iam.v1 import policy_pb2
 
 from deploy import iam, provision
 from deploy.__main__ import main as deploy_main
-from pipeline import clients, sink
+from pipeline import catalog, clients, sink
 from pipeline.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,21 +40,37 @@ EMULATOR_VARS = ("STORAGE_EMULATOR_HOST", "PUBSUB_EMULATOR_HOST")
 # to show which permission each grant is for. A role missing here fails the coverage test.
 ROLE_PERMISSIONS = {
     "roles/storage.objectViewer": {"storage.objects.get", "storage.objects.list"},
+    "roles/storage.objectUser": {"storage.objects.create", "storage.objects.delete",
+                                 "storage.objects.get", "storage.objects.list",
+                                 "storage.objects.update"},
     "roles/pubsub.subscriber": {"pubsub.subscriptions.consume", "pubsub.topics.attachSubscription"},
-    "roles/pubsub.viewer": {"pubsub.subscriptions.get", "pubsub.topics.get"},
     "roles/pubsub.publisher": {"pubsub.topics.publish"},
     "roles/bigquery.dataEditor": {"bigquery.tables.create", "bigquery.tables.delete",
                                   "bigquery.tables.getData", "bigquery.tables.updateData"},
     "roles/bigquery.jobUser": {"bigquery.jobs.create"},
-    "roles/dataproc.worker": {"dataproc.agents.create", "dataproc.tasks.lease",
-                              "logging.logEntries.create", "storage.objects.create"},
+    iam.WORKER_ROLE: set(iam.CUSTOM_ROLES[iam.WORKER_ROLE].permissions),
 }
+OBJECT_WRITES = {"storage.objects.create", "storage.objects.delete", "storage.objects.update"}
+# What Dataproc checks a VM service account for (its INVALID_ARGUMENT "missing required
+# permissions" message at cluster creation).
+DATAPROC_REQUIRED = {"dataproc.agents.create", "dataproc.agents.delete", "dataproc.agents.get",
+                     "dataproc.agents.update", "dataproc.tasks.lease",
+                     "dataproc.tasks.listInvalidatedLeases", "dataproc.tasks.reportStatus"}
+
+
+
+def permissions_of(granted_role: str) -> set[str]:
+    """A granted role's permissions: a custom role's from its definition, else the excerpt."""
+    custom = iam.custom_role(granted_role)
+    return set(custom.permissions) if custom else ROLE_PERMISSIONS[granted_role]
+
 
 # What each principal's code path calls, per resource, and where.
 NEEDED = {
     (iam.JOB, "bucket"): {"storage.objects.get"},  # fetch.fetch_one: pinned download
-    (iam.JOB, "subscription"): {"pubsub.subscriptions.consume",  # source: pull/ack/modack
-                                "pubsub.subscriptions.get"},  # looking the subscription up
+    (iam.JOB, "jsonl_output"): {"storage.objects.create",  # JsonLinesSink._put
+                                "storage.objects.delete"},  # ... replacing a replayed batch's file
+    (iam.JOB, "subscription"): {"pubsub.subscriptions.consume"},  # source: pull/ack/modack
     (iam.JOB, "dataset"): {"bigquery.tables.create", "bigquery.tables.updateData",  # sink._merge
                            "bigquery.tables.getData", "bigquery.tables.delete"},
     (iam.JOB, "project"): {"bigquery.jobs.create",  # load + MERGE + key lookup jobs
@@ -66,7 +85,12 @@ def test_roles_are_predefined_and_never_primitive_or_admin() -> None:
     roles = {r for by_kind in iam.ROLES.values() for by_role in by_kind.values() for r in by_role}
     assert roles, "no roles at all"
     assert not roles & iam.PRIMITIVE_ROLES
-    assert all(r.startswith("roles/") and not r.endswith(("admin", "Admin", "owner")) for r in roles)
+    custom = {r for r in roles if not r.startswith("roles/")}
+    assert custom == set(iam.CUSTOM_ROLES) == {iam.WORKER_ROLE}, "a custom role other than the worker's"
+    assert [k for by_kind in iam.ROLES.values() for k, by_role in by_kind.items()
+            if iam.WORKER_ROLE in by_role] == ["project"]
+    assert all(r.startswith("roles/") and not r.endswith(("admin", "Admin", "owner"))
+               for r in roles - custom)
     assert {k for by_kind in iam.ROLES.values() for k in by_kind} <= set(iam.TARGET_KINDS)
     assert all(why for by_kind in iam.ROLES.values() for by_role in by_kind.values()
                for why in by_role.values())
@@ -83,8 +107,41 @@ def test_roles_cover_every_needed_permission_and_nothing_else() -> None:
 
 
 def test_only_jobs_and_dataproc_are_granted_on_the_project() -> None:
-    on_project = {g.role for g in iam.grants(provision.targets(Settings())) if g.kind == "project"}
-    assert on_project == {"roles/bigquery.jobUser", "roles/dataproc.worker"}
+    granted = iam.grants(provision.targets(Settings(project="p1")))
+    on_project = {g.role for g in granted if g.kind == "project"}
+    assert on_project == {"roles/bigquery.jobUser", "projects/p1/roles/bucketlensDataprocWorker"}
+
+
+def test_the_worker_role_is_dataproc_worker_without_object_writes() -> None:
+    worker = iam.CUSTOM_ROLES[iam.WORKER_ROLE]
+    permissions = set(worker.permissions)
+    assert not permissions & OBJECT_WRITES
+    assert permissions == set(iam.DATAPROC_WORKER_PERMISSIONS) - OBJECT_WRITES
+    assert OBJECT_WRITES <= set(iam.DATAPROC_WORKER_PERMISSIONS)  # what is taken away was there
+    assert DATAPROC_REQUIRED <= permissions
+    assert len(worker.permissions) == len(permissions) and worker.role_id in iam.WORKER_ROLE
+    assert iam.custom_role("projects/p1/roles/bucketlensDataprocWorker") is worker
+    assert iam.custom_role("roles/dataproc.worker") is None
+
+
+@pytest.mark.parametrize("sink_kind", ["bigquery", "jsonl"])
+def test_the_job_cannot_write_or_delete_the_watched_images(sink_kind) -> None:
+    s = Settings(project="p", bucket="imgs", prefix="uploads/", sink=sink_kind)
+    writers = [g for g in iam.grants(provision.targets(s))
+               if g.principal == iam.JOB and permissions_of(g.role) & OBJECT_WRITES]
+    assert [(g.kind, g.target) for g in writers] == \
+        ([("jsonl_output", "gs://imgs/_bucketlens/predictions")] if sink_kind == "jsonl" else [])
+    for g in writers:  # scoped to the sink's own prefix, which is not the notified one
+        assert iam.prefix_condition(g.target)["expression"] == \
+            'resource.name.startsWith("projects/_/buckets/imgs/objects/_bucketlens/predictions/")'
+        assert not "_bucketlens/predictions/".startswith(s.prefix)
+
+
+def test_the_jsonl_grant_follows_a_configured_output_and_refuses_the_bucket_root() -> None:
+    s = Settings(project="p", bucket="imgs", sink="jsonl", jsonl_uri="gs://results/bl/")
+    assert provision.targets(s)["jsonl_output"] == "gs://results/bl"
+    with pytest.raises(ValueError, match="watched bucket's root"):
+        provision.targets(s.replace(jsonl_uri="gs://imgs"))
 
 
 def test_grants_name_the_settings_resources() -> None:
@@ -109,12 +166,23 @@ def test_binding_edits_are_idempotent_and_leave_conditions_alone() -> None:
     assert iam.without_member([cond], "r", "user:x") == [cond]  # conditional: not ours
 
 
+def test_conditional_binding_edits_touch_only_their_own_condition() -> None:
+    plain = {"role": "r", "members": ["sa:a"]}
+    other = {"role": "r", "members": ["sa:a"], "condition": {"expression": "false", "title": "o"}}
+    mine = iam.prefix_condition("gs://b/out")
+    once = iam.with_member([plain, other], "r", "sa:a", mine)
+    assert once[:2] == [plain, other] and once[2] == {"role": "r", "members": ["sa:a"], "condition": mine}
+    assert iam.with_member(once, "r", "sa:a", mine) == once
+    assert iam.members_of(once, "r", mine) == {"sa:a"} and iam.members_of([plain, other], "r", mine) == set()
+    assert iam.without_member(once, "r", "sa:a", mine) == [plain, other]
+
+
 def test_table_layouts_partition_and_cluster_on_columns_their_schemas_have() -> None:
     s = Settings()
-    layouts = provision.table_layouts(s)
+    layouts = catalog.table_layouts(s)
     assert {s.table_id, s.dead_letter_table_id, s.events_table_id} == set(layouts)
     for layout in layouts.values():
-        types = {f.name: f.field_type for f in provision.load_schema(layout.schema)}
+        types = {f.name: f.field_type for f in catalog.load_schema(layout.schema)}
         assert types.get(layout.partition_by) == "TIMESTAMP", layout
         assert set(layout.cluster_by) <= set(types), layout
 
@@ -155,6 +223,7 @@ class FakeBucket:
     def __init__(self, storage: FakeStorage, name: str) -> None:
         self.storage, self.name = storage, name
         self.bindings: list[dict] = []
+        self.iam_configuration = SimpleNamespace(uniform_bucket_level_access_enabled=False)
         self.notifications: list[FakeNotification] = []
 
     def _live(self) -> None:
@@ -173,6 +242,10 @@ class FakeBucket:
 
     def set_iam_policy(self, policy: Policy) -> None:
         self._live()
+        if any(b.get("condition") for b in policy.bindings):  # like GCS
+            assert policy.version == 3, "conditional bindings need policy version 3"
+            if not self.iam_configuration.uniform_bucket_level_access_enabled:
+                raise BadRequest("IAM conditions need uniform bucket-level access")
         self.bindings = copy.deepcopy(policy.bindings)
 
     def list_notifications(self) -> list[FakeNotification]:
@@ -191,8 +264,10 @@ class FakeStorage:
     def lookup_bucket(self, name: str) -> FakeBucket | None:
         return self.buckets.get(name)
 
-    def create_bucket(self, name: str, location: str | None = None) -> FakeBucket:
-        self.buckets[name] = bucket = FakeBucket(self, name)
+    def create_bucket(self, bucket: FakeBucket | str, location: str | None = None) -> FakeBucket:
+        if isinstance(bucket, str):
+            bucket = FakeBucket(self, bucket)
+        self.buckets[bucket.name] = bucket
         bucket.location = location
         return bucket
 
@@ -336,18 +411,26 @@ def _members(policy: policy_pb2.Policy | None, role: str) -> set[str]:
     return {m for b in (policy.bindings if policy else []) if b.role == role for m in b.members}
 
 
+def _managed(actions: list[provision.Action]) -> list[provision.Action]:
+    """``actions`` less the egress row, which provision shows but never manages."""
+    egress = [a for a in actions if a.kind == "egress"]
+    assert [a.verb for a in egress] == ["skip"] and "create_cluster.sh" in egress[0].note
+    return [a for a in actions if a.kind != "egress"]
+
+
 def test_real_gcp_path_plans_applies_once_and_destroys_everything(fake_gcp) -> None:
     s = Settings(project=PROJECT, bucket="imgs", prefix="uploads/", region="us-central1")
     kw = {"c": fake_gcp, "emulator": False}
-    planned = provision.plan(s, **kw)
+    planned = _managed(provision.plan(s, **kw))
     assert {a.verb for a in planned} == {"create"}
     assert not fake_gcp.storage.buckets and not fake_gcp.iam.accounts  # plan changed nothing
 
-    assert [a.verb for a in provision.apply(s, **kw)] == ["create"] * len(planned)
-    assert {a.verb for a in provision.apply(s, **kw)} == {"exists"}
+    assert [a.verb for a in _managed(provision.apply(s, **kw))] == ["create"] * len(planned)
+    assert {a.verb for a in _managed(provision.apply(s, **kw))} == {"exists"}
 
     bucket = fake_gcp.storage.buckets["imgs"]
     assert bucket.location == "us-central1"
+    assert bucket.iam_configuration.uniform_bucket_level_access_enabled
     [n] = bucket.notifications
     assert (n.topic_name, n.topic_project, n.payload_format, n.blob_name_prefix) == \
         (s.topic, PROJECT, "JSON_API_V1", "uploads/")
@@ -361,20 +444,45 @@ def test_real_gcp_path_plans_applies_once_and_destroys_everything(fake_gcp) -> N
     agent = iam.pubsub_service_agent("123")
     assert _members(pols[s.dead_letter_topic_path], "roles/pubsub.publisher") == {agent}
     assert _members(pols[s.subscription_path], "roles/pubsub.subscriber") == {JOB_MEMBER, agent}
-    assert _members(pols[s.subscription_path], "roles/pubsub.viewer") == {JOB_MEMBER}
+    assert not [b for b in pols[s.subscription_path].bindings if b.role == "roles/pubsub.viewer"]
     access = fake_gcp.bigquery.datasets[f"{PROJECT}.{s.dataset}"].access_entries
     assert [(e.role, e.entity_id) for e in access] == \
         [("roles/bigquery.dataEditor", JOB_MEMBER.split(":")[1])]
-    assert fake_gcp.iam.members("roles/dataproc.worker") == {JOB_MEMBER}
+    assert fake_gcp.iam.members(f"projects/{PROJECT}/roles/bucketlensDataprocWorker") == {JOB_MEMBER}
+    assert fake_gcp.iam.members("roles/dataproc.worker") == set()
     assert set(provision.view_ids(s)) <= fake_gcp.bigquery.tables
+    assert [b["role"] for b in bucket.bindings] == ["roles/storage.objectViewer"]  # BigQuery sink
 
-    destroyed = provision.destroy(s, **kw)
+    destroyed = _managed(provision.destroy(s, **kw))
     assert {a.verb for a in destroyed} == {"delete"}
     assert destroyed[0].kind == "notification" and destroyed[-1].kind == "bucket"
     assert not (fake_gcp.storage.buckets or fake_gcp.publisher.topics or fake_gcp.publisher.subscriptions
                 or fake_gcp.bigquery.datasets or fake_gcp.bigquery.tables or fake_gcp.iam.accounts
                 or fake_gcp.iam.bindings)
-    assert {a.verb for a in provision.plan(s, **kw)} == {"create"}
+    assert {a.verb for a in _managed(provision.plan(s, **kw))} == {"create"}
+
+
+def test_the_jsonl_sink_gets_a_grant_limited_to_its_prefix(fake_gcp) -> None:
+    s = Settings(project=PROJECT, bucket="imgs", prefix="uploads/", sink="jsonl")
+    kw = {"c": fake_gcp, "emulator": False}
+    assert {a.verb for a in _managed(provision.apply(s, **kw))} == {"create"}
+    assert {a.verb for a in _managed(provision.apply(s, **kw))} == {"exists"}  # found by its condition
+    bucket = fake_gcp.storage.buckets["imgs"]
+    [grant] = [b for b in bucket.bindings if b["role"] == "roles/storage.objectUser"]
+    assert grant["members"] == [JOB_MEMBER]
+    assert grant["condition"]["expression"] == \
+        'resource.name.startsWith("projects/_/buckets/imgs/objects/_bucketlens/predictions/")'
+    assert iam.members_of(bucket.bindings, "roles/storage.objectUser") == set()  # never bucket-wide
+    provision.destroy(s, **kw)
+    assert "imgs" not in fake_gcp.storage.buckets
+
+
+def test_plan_shows_how_the_cluster_reaches_pypi() -> None:
+    nat = provision.egress_resource(Settings(region="r1"), env={"BUCKETLENS_NETWORK": "vpc1"})
+    assert nat.skip and nat.name == "Cloud NAT on router bucketlens-nat, network vpc1, region r1"
+    public = provision.egress_resource(Settings(region="r1"), env={"BUCKETLENS_PUBLIC_IP_ADDRESS": "yes"})
+    assert "external IPs" in public.name and "--public-ip-address yes" in public.skip
+    assert "egress" not in {r.kind for r in provision.resources(Settings(), emulator=True)}
 
 
 def test_a_notification_with_another_prefix_is_not_ours(fake_gcp) -> None:
@@ -513,29 +621,76 @@ def flag(argv: list[str], name: str) -> str:
 ABSENT = {"rc": 1, "stderr": "ERROR: NOT_FOUND"}
 
 
-def test_create_cluster_passes_image_init_action_policy_and_identity(tmp_path) -> None:
+FRESH = {"storage buckets describe": ABSENT, "dataproc clusters describe": ABSENT,
+         "compute routers describe": ABSENT}
+BASE = ("--project", "p1", "--region", "europe-west4")
+
+
+def test_create_cluster_passes_image_init_action_egress_and_identity(tmp_path) -> None:
     wheel = tmp_path / "bucketlens-0.1.0-py3-none-any.whl"
     wheel.write_bytes(b"wheel")
-    proc, calls = run_script(
-        "create_cluster.sh", "--project", "p1", "--region", "europe-west4", "--package", str(wheel),
-        tmp_path=tmp_path, responses={"storage buckets describe": ABSENT,
-                                      "dataproc clusters describe": ABSENT})
+    proc, calls = run_script("create_cluster.sh", *BASE, "--package", str(wheel), tmp_path=tmp_path,
+                             responses=FRESH)
     assert proc.returncode == 0, proc.stderr
     staging = "gs://p1-bucketlens-dataproc"
+    sa = "bucketlens-job@p1.iam.gserviceaccount.com"
     assert flag(find(calls, "storage", "buckets", "create", staging), "--location") == "europe-west4"
+    grant = find(calls, "storage", "buckets", "add-iam-policy-binding", staging)
+    assert flag(grant, "--member") == f"serviceAccount:{sa}"
+    assert flag(grant, "--role") == iam.STAGING_BUCKET_ROLE
     find(calls, "storage", "cp", str(DATAPROC / "init_action.sh"), f"{staging}/bucketlens/init_action.sh")
     find(calls, "storage", "cp", str(wheel), f"{staging}/bucketlens/{wheel.name}")
-    policy = find(calls, "dataproc", "autoscaling-policies", "import")
-    assert flag(policy, "--source") == str(DATAPROC / "autoscaling.yaml")
+    assert flag(find(calls, "compute", "routers", "create", "bucketlens-nat"), "--network") == "default"
+    nat = find(calls, "compute", "routers", "nats", "create")
+    assert flag(nat, "--router") == "bucketlens-nat"
+    assert {"--auto-allocate-nat-external-ips", "--nat-all-subnet-ip-ranges"} <= set(nat)
+    find(calls, "compute", "networks", "subnets", "update", "default", "--project", "p1", "--region",
+         "europe-west4", "--enable-private-ip-google-access")
     create = find(calls, "dataproc", "clusters", "create", "bucketlens")
-    assert flag(create, "--autoscaling-policy") == policy[3] == "bucketlens-streaming"
     assert flag(create, "--initialization-actions") == f"{staging}/bucketlens/init_action.sh"
     assert flag(create, "--image-version") == "3.0-debian12"
-    assert flag(create, "--service-account") == "bucketlens-job@p1.iam.gserviceaccount.com"
-    assert flag(create, "--scopes") == "cloud-platform"
+    assert flag(create, "--service-account") == sa and flag(create, "--scopes") == "cloud-platform"
+    assert flag(create, "--bucket") == flag(create, "--temp-bucket") == "p1-bucketlens-dataproc"
+    assert flag(create, "--subnet") == "default" and "--public-ip-address" not in create
     assert f"bucketlens-package={staging}/bucketlens/{wheel.name}" in flag(create, "--metadata")
     assert "torch-index-url=https://download.pytorch.org/whl/cpu" in flag(create, "--metadata")
     assert all(flag(c, "--project") == "p1" for c in calls if c[0] != "storage" or "cp" not in c)
+    assert [c[:3] for c in calls].index(["compute", "routers", "create"]) < calls.index(create)
+
+
+def test_no_autoscaling_policy_is_attached(tmp_path) -> None:
+    proc, calls = run_script("create_cluster.sh", *BASE, "--package", "bucketlens==0.1.0",
+                             tmp_path=tmp_path, responses=FRESH)
+    assert proc.returncode == 0, proc.stderr
+    create = find(calls, "dataproc", "clusters", "create")
+    assert not [a for a in create if a.startswith(("--autoscaling-policy", "--num-secondary-workers"))]
+    assert not [c for c in calls if "autoscaling-policies" in c]
+    assert flag(create, "--num-workers") == "2"
+    assert not list(DATAPROC.glob("autoscaling*"))
+    assert not [p.name for p in DATAPROC.glob("*.sh") if "autoscaling-polic" in p.read_text()]
+
+
+@pytest.mark.parametrize(("responses", "created"), [
+    ({"compute routers describe": ABSENT}, {"routers", "nats", "subnets"}),
+    ({"compute routers nats list": {"stdout": "some-nat\n"},
+      "compute networks subnets describe": {"stdout": "True\n"}}, set()),
+    ({"compute networks subnets describe": {"stdout": "True\n"}}, {"nats"}),
+])
+def test_create_cluster_makes_only_the_missing_nat_pieces(tmp_path, responses, created) -> None:
+    proc, calls = run_script("create_cluster.sh", *BASE, "--package", "bucketlens==0.1.0",
+                             tmp_path=tmp_path, responses={"dataproc clusters describe": ABSENT, **responses})
+    assert proc.returncode == 0, proc.stderr
+    made = {"nats" if c[:3] == ["compute", "routers", "nats"] else "routers" if c[1] == "routers"
+            else "subnets" for c in calls if c[0] == "compute" and {"create", "update"} & set(c[:5])}
+    assert made == created
+
+
+def test_create_cluster_with_public_ips_makes_no_nat(tmp_path) -> None:
+    proc, calls = run_script("create_cluster.sh", *BASE, "--package", "bucketlens==0.1.0",
+                             "--public-ip-address", "yes", tmp_path=tmp_path, responses=FRESH)
+    assert proc.returncode == 0, proc.stderr
+    assert "--public-ip-address" in find(calls, "dataproc", "clusters", "create")
+    assert not [c for c in calls if c[0] == "compute"]
 
 
 def test_create_cluster_leaves_an_existing_cluster_alone(tmp_path) -> None:
@@ -546,23 +701,103 @@ def test_create_cluster_leaves_an_existing_cluster_alone(tmp_path) -> None:
     assert not [c for c in calls if c[:3] == ["storage", "buckets", "create"]]
 
 
-@pytest.mark.parametrize(("script", "args", "message"), [
-    ("create_cluster.sh", ["--region", "r", "--package", "x"], "missing --project (or BUCKETLENS_PROJECT)"),
-    ("create_cluster.sh", ["--project", "p", "--region", "r", "--package", "x", "--image-version",
-                           "2.3-debian12"], "bucketlens needs Spark 4"),
-    ("create_cluster.sh", ["--project", "p", "--region", "r"], "missing --package"),
-    ("create_cluster.sh", ["--project", "p", "--region", "r", "--package", "a,b"], "contains a comma"),
-    ("submit_job.sh", ["--project", "p"], "missing --region"),
-    ("submit_job.sh", ["--project", "p", "--region", "r", "--checkpoint", "/tmp/ck"], "must be a gs:// URI"),
-    ("submit_job.sh", ["--project", "p", "--region", "r", "--bucket", "imgs", "--checkpoint",
-                       "gs://imgs/ck"], "would classify its own checkpoint"),
-    ("submit_job.sh", ["--project", "p", "--region", "r", "--bogus", "1"], "unknown flag --bogus"),
-    ("teardown.sh", ["--project", "p", "--region", "r", "--delete-staging-bucket", "maybe"], "yes or no"),
-])
-def test_scripts_refuse_bad_arguments_before_calling_gcloud(tmp_path, script, args, message) -> None:
-    proc, calls = run_script(script, *args, tmp_path=tmp_path)
-    assert proc.returncode == 2 and message in proc.stderr
+CREATE = ("create_cluster.sh", "--project", "p", "--region", "r", "--package", "bucketlens==0.1.0")
+SUBMIT = ("submit_job.sh", "--project", "p", "--region", "r")
+
+# (script and arguments, extra environment, what stderr must say): refused, exit 2, no gcloud call.
+REFUSED = [
+    (("create_cluster.sh", "--region", "r", "--package", "x"), {},
+     "missing --project (or BUCKETLENS_PROJECT)"),
+    ((*CREATE, "--image-version", "2.3-debian12"), {}, "bucketlens needs Spark 4"),
+    (("create_cluster.sh", "--project", "p", "--region", "r"), {}, "missing --package"),
+    (("create_cluster.sh", "--project", "p", "--region", "r", "--package", "a,b"), {}, "contains a comma"),
+    (("submit_job.sh", "--project", "p"), {}, "missing --region"),
+    ((*SUBMIT, "--checkpoint", "/tmp/ck"), {}, "must be a gs:// URI"),
+    ((*SUBMIT, "--bucket", "imgs", "--checkpoint", "gs://imgs/ck"), {}, "would classify its own checkpoint"),
+    ((*SUBMIT, "--bogus", "1"), {}, "unknown flag --bogus"),
+    ((*SUBMIT, "--project region", "x"), {}, "unknown flag --project region"),
+    (("teardown.sh", "--project", "p", "--region", "r", "--delete-staging-bucket", "maybe"), {}, "yes or no"),
+    ((*CREATE, "--public-ip-address", "true"), {}, "yes or no"),
+    # a value that starts with '-' would become a gcloud flag
+    ((*CREATE, "--cluster=--zone=x"), {}, "'--zone=x' starts with '-'"),
+    ((*CREATE, "--cluster", "--zone=x"), {}, "'--zone=x' starts with '-'"),
+    ((*SUBMIT, "--cluster=--zone=x"), {}, "starts with '-'"),
+    (("teardown.sh", "--project=-p", "--region", "r"), {}, "--project '-p' starts with '-'"),
+    (SUBMIT, {"BUCKETLENS_CLUSTER": "--zone=x"}, "--cluster '--zone=x' starts with '-'"),
+    (CREATE[:-2] + ("--package", "--index-url=https://evil/simple"), {}, "starts with '-'"),
+    # cluster metadata: a separator would add a key the init action (root) reads
+    ((*CREATE, "--torch-index-url", "https://x/simple,bucketlens-python=/tmp/evil"), {}, "contains a comma"),
+    ((*CREATE, "--torch-index-url", "https://x/simple evil"), {}, "whitespace"),
+    (CREATE[:-2] + ("--package", "bucketlens==0.1.0\nevil"), {}, "control character"),
+    (CREATE, {"BUCKETLENS_TORCH_INDEX_URL": "https://x,y=z"}, "--torch-index-url 'https://x,y=z' contains"),
+]
+
+
+@pytest.mark.parametrize(("args", "env", "message"), REFUSED)
+def test_scripts_refuse_bad_arguments_before_calling_gcloud(tmp_path, args, env, message) -> None:
+    proc, calls = run_script(*args, tmp_path=tmp_path, env=env)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, "one sentence"
     assert calls == []
+
+
+# (script and arguments, gcloud command, flag that must carry the value, value)
+ACCEPTED = [
+    ((*CREATE, "--service-account", "other@p.iam.gserviceaccount.com"), ("dataproc", "clusters", "create"),
+     "--service-account", "other@p.iam.gserviceaccount.com"),
+    ((*CREATE, "--nat-router=r2"), ("compute", "routers", "nats", "create"), "--router", "r2"),
+    ((*SUBMIT, "--max-failures-per-hour", "3"), ("dataproc", "jobs", "submit"),
+     "--max-failures-per-hour", "3"),
+    (("teardown.sh", "--project", "p", "--region", "r", "--delete-nat-router", "yes", "--nat-router",
+      "r2"), ("compute", "routers", "delete"), "--region", "r"),
+]
+
+
+@pytest.mark.parametrize(("args", "command", "name", "value"), ACCEPTED)
+def test_every_listed_flag_is_accepted(tmp_path, args, command, name, value) -> None:
+    proc, calls = run_script(*args, tmp_path=tmp_path, responses={"dataproc clusters describe": ABSENT,
+                                                                   "compute routers describe": ABSENT}
+                             if args[0] == "create_cluster.sh" else None)
+    assert proc.returncode == 0, proc.stderr
+    assert flag(find(calls, *command), name) == value
+
+
+def settings_vars() -> list[str]:
+    proc = subprocess.run(["bash", "-c", 'source "$1"; printf "%s\\n" "${SETTINGS_VARS[@]}"', "-",
+                           str(DATAPROC / "common.sh")], capture_output=True, text=True, check=True)
+    return proc.stdout.split()
+
+
+def test_the_forwarded_names_are_exactly_the_settings_fields() -> None:
+    assert settings_vars() == [f.name.upper() for f in fields(Settings)]
+
+
+# (flags, environment, forwarded name → value or None for "must not be forwarded")
+FORWARDING = [
+    (("--dataset", "ds2"), {}, {"DATASET": "ds2"}),
+    ((), {"BUCKETLENS_DATASET": "ds1", "BUCKETLENS_SINK": "jsonl"}, {"DATASET": "ds1", "SINK": "jsonl"}),
+    ((), {"BUCKETLENS_FOO_SECRET": "s3cret"}, {"FOO_SECRET": None}),
+    ((), {"BUCKETLENS_GITHUB_TOKEN": "s3cret"}, {"GITHUB_TOKEN": None}),
+    ((), {"BUCKETLENS_REGION": "r9", "BUCKETLENS_SERVICE_ACCOUNT": "sa"},
+     {"REGION": None, "SERVICE_ACCOUNT": None}),
+    (("--cluster", "c2", "--staging-bucket", "sb"), {}, {"CLUSTER": None, "STAGING_BUCKET": None}),
+    ((), {"BUCKETLENS_TOP_K": "3"}, {"TOP_K": "3"}),
+]
+
+
+@pytest.mark.parametrize(("args", "env", "expected"), FORWARDING)
+def test_submit_job_forwards_only_settings_fields(tmp_path, args, env, expected) -> None:
+    proc, calls = run_script(*SUBMIT, *args, tmp_path=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    submit = find(calls, "dataproc", "jobs", "submit", "pyspark")
+    props = set(flag(submit, "--properties")[3:].split("|"))
+    for name, value in expected.items():
+        for key in ("spark.yarn.appMasterEnv", "spark.executorEnv"):
+            if value is None:
+                assert not [p for p in props if p.startswith(f"{key}.BUCKETLENS_{name}=")]
+            else:
+                assert f"{key}.BUCKETLENS_{name}={value}" in props
+    assert not [a for c in calls for a in c if "s3cret" in a]
 
 
 def test_scripts_refuse_a_shell_pointed_at_the_local_stack(tmp_path) -> None:
@@ -577,7 +812,7 @@ def test_submit_job_runs_bucketlens_with_a_gcs_checkpoint_and_forwards_settings(
         "--", "--trigger-seconds", "5", tmp_path=tmp_path, env={"BUCKETLENS_DATASET": "ds1"})
     assert proc.returncode == 0, proc.stderr
     submit = find(calls, "dataproc", "jobs", "submit", "pyspark")
-    assert submit[4].endswith(".py") and flag(submit, "--cluster") == "bucketlens"
+    assert submit[4] == str(DATAPROC / "bucketlens_job.py") and flag(submit, "--cluster") == "bucketlens"
     assert "--async" in submit and flag(submit, "--max-failures-per-hour") == "5"
     job_args = submit[submit.index("--") + 1:]
     checkpoint = "gs://p1-bucketlens-dataproc/checkpoints/predictions"
@@ -587,85 +822,166 @@ def test_submit_job_runs_bucketlens_with_a_gcs_checkpoint_and_forwards_settings(
     props = set(props[3:].split("|"))
     assert "spark.submit.deployMode=cluster" in props
     for name, value in {"PROJECT": "p1", "BUCKET": "imgs", "PREFIX": "up/", "DATASET": "ds1",
-                        "CHECKPOINT": checkpoint}.items():
+                        "CHECKPOINT": checkpoint, "SPARK_MASTER": "yarn"}.items():
         assert f"spark.yarn.appMasterEnv.BUCKETLENS_{name}={value}" in props
         assert f"spark.executorEnv.BUCKETLENS_{name}={value}" in props
     assert not [p for p in props if "BUCKETLENS_CLUSTER" in p or "BUCKETLENS_REGION" in p]
 
 
-def test_teardown_kills_bucketlens_jobs_then_deletes_cluster_and_policy(tmp_path) -> None:
+def test_teardown_kills_bucketlens_jobs_then_deletes_the_cluster(tmp_path) -> None:
     proc, calls = run_script("teardown.sh", "--project", "p1", "--region", "r1", tmp_path=tmp_path,
                              responses={"dataproc jobs list": {"stdout": "job-a\njob-b\n"}})
     assert proc.returncode == 0, proc.stderr
     verbs = [c[:3] for c in calls if c[-1] == "--quiet"]
-    assert verbs == [["dataproc", "jobs", "kill"]] * 2 + [["dataproc", "clusters", "delete"],
-                                                          ["dataproc", "autoscaling-policies", "delete"]]
+    assert verbs == [["dataproc", "jobs", "kill"]] * 2 + [["dataproc", "clusters", "delete"]]
     assert [c[3] for c in calls if c[:3] == ["dataproc", "jobs", "kill"]] == ["job-a", "job-b"]
     assert not [c for c in calls if c[:2] == ["storage", "rm"]]  # checkpoints kept by default
+    assert not [c for c in calls if c[0] == "compute"]  # the NAT is kept by default
 
 
-def test_teardown_is_idempotent_and_deletes_staging_only_when_asked(tmp_path) -> None:
-    gone = {"dataproc clusters describe": ABSENT, "dataproc autoscaling-policies describe": ABSENT}
+def test_teardown_is_idempotent_and_deletes_staging_and_nat_only_when_asked(tmp_path) -> None:
+    gone = {"dataproc clusters describe": ABSENT}
     proc, calls = run_script("teardown.sh", "--project", "p1", "--region", "r1",
-                             "--delete-staging-bucket", "yes", tmp_path=tmp_path, responses=gone)
+                             "--delete-staging-bucket", "yes", "--delete-nat-router", "yes",
+                             tmp_path=tmp_path, responses=gone)
     assert proc.returncode == 0, proc.stderr
-    assert [c[:2] for c in calls if "delete" in c or "rm" in c] == [["storage", "rm"]]
+    assert [c[:3] for c in calls if "delete" in c or "rm" in c] == \
+        [["compute", "routers", "delete"], ["storage", "rm", "--recursive"]]
+    assert find(calls, "compute", "routers", "delete")[3] == "bucketlens-nat"
     assert find(calls, "storage", "rm")[3] == "gs://p1-bucketlens-dataproc"
+    proc, calls = run_script("teardown.sh", "--project", "p1", "--region", "r1", "--delete-nat-router",
+                             "yes", tmp_path=tmp_path, responses={**gone, "compute routers describe": ABSENT})
+    assert proc.returncode == 0 and not [c for c in calls if "delete" in c]
 
 
-def test_init_action_installs_torch_from_its_index_and_bucketlens_without_pyspark(tmp_path) -> None:
-    metadata, pip_log = tmp_path / "metadata", tmp_path / "pip.log"
-    metadata.mkdir()
+# --- the init action, against a fake node layout -----------------------------------------------------
+
+@pytest.fixture
+def node(tmp_path) -> SimpleNamespace:
+    """A fake Dataproc node: metadata server, Spark home and conf dir, and Python interpreters
+    (shell scripts that log their pip calls and run everything else on this test's Python)."""
+    metadata, fakes, stubs = tmp_path / "metadata", tmp_path / "bin", tmp_path / "stubs"
+    spark_home, conf, pip_log = tmp_path / "spark", tmp_path / "spark-conf", tmp_path / "pip.log"
+    for d in (metadata, fakes, spark_home / "python", conf):
+        d.mkdir(parents=True)
     (metadata / "bucketlens-package").write_text("gs://staging/bucketlens/bucketlens-0.1.0-py3-none-any.whl")
-    fakes = tmp_path / "bin"
-    fakes.mkdir()
     (fakes / "get_metadata_value").write_text(
         '#!/usr/bin/env bash\nf="$FAKE_METADATA/${1#attributes/}"\n[[ -f $f ]] && cat "$f"\n')
-    python = fakes / "python"
-    python.write_text("#!/usr/bin/env bash\n"  # records pip and -c; runs the stdin scripts
-                      f'[[ $1 == -m ]] && {{ echo "${{*:3}}" >> "{pip_log}"; exit 0; }}\n'
-                      f'[[ $1 == -c ]] && {{ echo "$2" > "{tmp_path}/check.py"; exit 0; }}\n'
-                      f'exec "{sys.executable}" "$@"\n')
+    pythons = {}
+    for name in ("spark-env-python", "spark-defaults-python", "python3"):
+        pythons[name] = fakes / name
+        pythons[name].write_text("#!/usr/bin/env bash\n"  # records pip calls; runs the stdin scripts
+                                 f'[[ $1 == -m ]] && {{ echo "$0 ${{*:2}}" >> "{pip_log}"; exit 0; }}\n'
+                                 f'exec "{sys.executable}" "$@"\n')
     for f in fakes.iterdir():
         f.chmod(0o755)
-    (metadata / "bucketlens-python").write_text(str(python))
-    spark_home = tmp_path / "spark"
-    spark_home.mkdir()
-    (spark_home / "RELEASE").write_text("Spark 4.0.0 built for Hadoop 3.4.1\n")
+    # the image's pyspark (this test's real one) on Spark's python path; torch stubs for speed
+    import pyspark
+    (spark_home / "python" / "pyspark").symlink_to(Path(pyspark.__file__).parent)
+    (spark_home / "RELEASE").write_text(f"Spark {pyspark.__version__} built for Hadoop 3.4.1\n")
+    for mod in ("torch", "torchvision"):
+        (stubs / mod).mkdir(parents=True)
+        (stubs / mod / "__init__.py").write_text('__version__ = "0.0-stub"\n')
     env = {"PATH": f"{fakes}{os.pathsep}{FAKE_GCLOUD_DIR}{os.pathsep}{os.environ['PATH']}",
-           "FAKE_METADATA": str(metadata), "SPARK_HOME": str(spark_home)}
-    proc, calls = run_script("init_action.sh", tmp_path=tmp_path, env=env)
+           "FAKE_METADATA": str(metadata), "SPARK_HOME": str(spark_home), "SPARK_CONF_DIR": str(conf),
+           "PYTHONPATH": str(stubs)}
+    return SimpleNamespace(tmp_path=tmp_path, metadata=metadata, spark_home=spark_home, conf=conf,
+                           pythons=pythons, pip_log=pip_log, env=env)
+
+
+def run_init_action(node: SimpleNamespace
+                    ) -> tuple[subprocess.CompletedProcess, list[list[str]], list[list[str]]]:
+    """Run init_action.sh on ``node``: the process, its gcloud calls and its ``-m`` calls."""
+    node.pip_log.unlink(missing_ok=True)
+    proc, calls = run_script("init_action.sh", tmp_path=node.tmp_path, env=node.env)
+    pips = [line.split() for line in node.pip_log.read_text().splitlines()] if node.pip_log.exists() else []
+    return proc, calls, pips
+
+
+def test_init_action_installs_torch_from_its_index_and_bucketlens_without_pyspark(node) -> None:
+    (node.conf / "spark-env.sh").write_text(
+        f'export PYSPARK_PYTHON=${{PYSPARK_PYTHON:-{node.pythons["spark-env-python"]}}}\n')
+    proc, calls, pips = run_init_action(node)
     assert proc.returncode == 0, proc.stderr
     wheel = "/tmp/bucketlens-0.1.0-py3-none-any.whl"
     assert calls == [["storage", "cp", "gs://staging/bucketlens/bucketlens-0.1.0-py3-none-any.whl", wheel]]
-    installs = [line.split() for line in pip_log.read_text().splitlines()]
+    assert {p[0] for p in pips} == {str(node.pythons["spark-env-python"])}  # Spark's interpreter only
+    installs = [p[1:] for p in pips if p[1:3] == ["pip", "install"]]
     assert installs[0][-2:] == ["--no-deps", wheel]
     torch = installs[1]
     assert flag(torch, "--index-url") == "https://download.pytorch.org/whl/cpu"
     assert {r.split(">")[0] for r in torch if r.startswith("torch")} == {"torch", "torchvision"}
     rest = [r for r in installs[2] if not r.startswith("-")]
     names = {r.split(">")[0].split("<")[0].split("=")[0] for r in rest}
-    assert "pyspark" not in names and not names & {"torch", "torchvision"}
+    assert not names & {"torch", "torchvision"}
     assert {"pandas", "google-cloud-pubsub", "google-cloud-bigquery"} <= names
     assert not names & {"bqemulator", "pytest", "ruff"}  # extras are not the job's
-    assert "import torch, torchvision, pipeline" in (tmp_path / "check.py").read_text()
-
-    (spark_home / "RELEASE").write_text("Spark 3.5.3 built for Hadoop 3.3.6\n")
-    proc, _ = run_script("init_action.sh", tmp_path=tmp_path, env=env)
-    assert proc.returncode != 0 and "needs Spark 4" in proc.stderr
+    assert not [a for p in installs for a in p if a.lower().startswith("pyspark")]  # never pyspark
+    import pyspark
+    assert f"bucketlens ready: pyspark {pyspark.__version__}" in proc.stdout  # imported source+stream
 
 
-def test_autoscaling_policy_scales_only_secondary_workers() -> None:
-    yaml = pytest.importorskip("yaml")
-    policy = yaml.safe_load((DATAPROC / "autoscaling.yaml").read_text())
-    assert set(policy) == {"workerConfig", "secondaryWorkerConfig", "basicAlgorithm"}
-    primary, secondary = policy["workerConfig"], policy["secondaryWorkerConfig"]
-    assert primary["minInstances"] == primary["maxInstances"] >= 2
-    assert 0 == secondary["minInstances"] < secondary["maxInstances"]
-    yarn = policy["basicAlgorithm"]["yarnConfig"]
-    assert all(0 < yarn[k] <= 1 for k in ("scaleUpFactor", "scaleDownFactor"))
-    assert yarn["gracefulDecommissionTimeout"].endswith("m")
-    assert int(policy["basicAlgorithm"]["cooldownPeriod"].rstrip("m")) >= 2
+# (files in the Spark conf dir, the interpreter the init action must install into)
+INTERPRETERS = [
+    ({"spark-env.sh": "PYSPARK_PYTHON={spark-env-python}\n",
+      "spark-defaults.conf": "spark.pyspark.python {spark-defaults-python}\n"}, "spark-env-python"),
+    ({"spark-env.sh": "SPARK_WORKER_DIR=/tmp\n",
+      "spark-defaults.conf": "spark.master yarn\nspark.pyspark.python={spark-defaults-python}\n"},
+     "spark-defaults-python"),
+    ({"spark-defaults.conf": "spark.pyspark.python   {spark-defaults-python}\n"}, "spark-defaults-python"),
+    ({}, "python3"),  # no Spark setting, no conda: python3 on PATH
+]
+
+
+@pytest.mark.parametrize(("files", "expected"), INTERPRETERS)
+def test_init_action_installs_into_the_python_spark_uses(node, files, expected) -> None:
+    if Path("/opt/conda/default/bin/python").exists():
+        pytest.skip("this machine has conda's default Python, which the fallback would pick")
+    for name, text in files.items():
+        (node.conf / name).write_text(text.format(**{k: str(v) for k, v in node.pythons.items()}))
+    proc, _, pips = run_init_action(node)
+    assert proc.returncode == 0, proc.stderr
+    assert {p[0] for p in pips} == {str(node.pythons[expected])}
+    assert f"installing into {node.pythons[expected]}" in proc.stderr
+
+
+def test_init_action_refuses_a_python_spark_names_but_cannot_run(node) -> None:
+    (node.conf / "spark-env.sh").write_text("PYSPARK_PYTHON=/nonexistent/pixi/bin/python\n")
+    proc, calls, pips = run_init_action(node)
+    assert proc.returncode == 1 and "names Python '/nonexistent/pixi/bin/python'" in proc.stderr
+    assert calls == [] and pips == []
+
+
+@pytest.mark.parametrize(("release", "pyspark_version", "message"), [
+    ("Spark 3.5.3 built for Hadoop 3.3.6", None,
+     "this image has Spark 3.5.3; bucketlens needs Spark >=4.0,<5"),
+    ("Spark 5.0.0 built for Hadoop 3.4.1", None, "this image has Spark 5.0.0"),
+    (None, "3.5.3", "this node's pyspark 3.5.3 is outside bucketlens' supported range >=4.0,<5"),
+    (None, "5.0.0", "this node's pyspark 5.0.0 is outside bucketlens' supported range >=4.0,<5"),
+])
+def test_init_action_fails_a_node_outside_the_supported_pyspark_range(node, release, pyspark_version,
+                                                                      message) -> None:
+    (node.conf / "spark-env.sh").write_text(f"PYSPARK_PYTHON={node.pythons['spark-env-python']}\n")
+    (node.spark_home / "RELEASE").unlink()
+    if release:
+        (node.spark_home / "RELEASE").write_text(release + "\n")
+    if pyspark_version:
+        fake = node.spark_home / "python" / "pyspark"
+        fake.unlink()
+        fake.mkdir()
+        (fake / "__init__.py").write_text(f'__version__ = "{pyspark_version}"\n')
+    proc, _, _ = run_init_action(node)
+    assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()[-1]) > 40 and "Traceback" not in proc.stderr
+
+
+def test_init_action_pyspark_range_is_bucketlens_requirement() -> None:
+    text = (DATAPROC / "init_action.sh").read_text()
+    low = re.search(r"^PYSPARK_MIN=(\S+)$", text, re.M).group(1)
+    below = re.search(r"^PYSPARK_BELOW=(\S+)$", text, re.M).group(1)
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert f"pyspark>={low},<{below}" in dependencies
+    assert not re.search(r"pip.*install.*pyspark", text)
 
 
 def test_scripts_pass_shellcheck() -> None:

@@ -1,4 +1,4 @@
-# shellcheck shell=bash disable=SC2034 # EXTRA_ARGS is read by the scripts sourcing this file
+# shellcheck shell=bash disable=SC2034 # EXTRA_ARGS, SETTINGS_VARS are read by the scripts sourcing this file
 # Shared by the deploy/dataproc scripts (sourced, not run): flags, required values, defaults.
 #
 # Every flag --foo-bar VALUE (or --foo-bar=VALUE) sets BUCKETLENS_FOO_BAR, and every such
@@ -8,27 +8,49 @@
 
 EXTRA_ARGS=()
 
+# The fields of pipeline.config.Settings, as BUCKETLENS_<NAME> suffixes: the only variables
+# submit_job.sh forwards to the job (tests/test_deploy.py keeps this list equal to the fields),
+# so an unrelated BUCKETLENS_* secret in the deployer's shell never reaches the cluster.
+SETTINGS_VARS=(
+  PROJECT BUCKET PREFIX TOPIC SUBSCRIPTION DEAD_LETTER_TOPIC DATASET TABLE DEAD_LETTER_TABLE
+  EVENTS_TABLE BQ_ENDPOINT BQ_LOCATION REGION SERVICE_ACCOUNT MODEL WEIGHTS BATCH_SIZE
+  TORCH_THREADS TOP_K MIN_CONFIDENCE CHECKPOINT TRIGGER_SECONDS MAX_MESSAGES_PER_BATCH
+  NUM_PARTITIONS ACK_DEADLINE_SECONDS MAX_DELIVERY_ATTEMPTS FETCH_THREADS
+  FETCH_TIMEOUT_SECONDS MAX_BYTES MAX_PIXELS SPARK_MASTER SINK METRICS_PORT JSONL_URI
+)
+
 die() {
   printf '%s: %s\n' "${0##*/}" "$*" >&2
   exit 2
 }
 
-# parse_flags "name1 name2 ..." "$@": only the listed flag names are accepted.
+# parse_flags "name1 name2 ..." "$@": only the listed flag names are accepted (any whitespace,
+# newlines included, separates them). Values, from flags or from the environment alike, must
+# not start with '-': one would become a gcloud flag (--cluster=--zone=x).
 parse_flags() {
-  local allowed=" $1 " name value
+  local -a allowed
+  local name value known var
+  read -r -d '' -a allowed <<<"$1" || true
   shift
   while (($#)); do
     case $1 in
       -h | --help) usage; exit 0 ;;
-      --) shift; EXTRA_ARGS=("$@"); return 0 ;;
+      --) shift; EXTRA_ARGS=("$@"); break ;;
       --*=*) name=${1%%=*} value=${1#*=}; shift ;;
       --*) (($# >= 2)) || die "$1 needs a value (see --help)"; name=$1 value=$2; shift 2 ;;
       *) die "unexpected argument '$1' (see --help)" ;;
     esac
     name=${name#--}
-    [[ $allowed == *" $name "* ]] || die "unknown flag --$name (see --help)"
-    name=${name//-/_}
-    printf -v "BUCKETLENS_${name^^}" '%s' "$value"
+    known=
+    for var in "${allowed[@]}"; do [[ $name != "$var" ]] || known=1; done
+    [[ -n $known ]] || die "unknown flag --$name (see --help)"
+    var=${name//-/_}
+    printf -v "BUCKETLENS_${var^^}" '%s' "$value"
+  done
+  for name in "${allowed[@]}"; do
+    var=${name//-/_}
+    var=BUCKETLENS_${var^^}
+    [[ ${!var:-} != -* ]] || die "--$name ${!var@Q} starts with '-', which gcloud would read as a flag; refused"
   done
 }
 
@@ -42,15 +64,36 @@ require() {
   done
 }
 
+# metadata_safe flag-name...: each value goes into gcloud's --metadata KEY=VALUE,... list, which
+# the init action reads as root: a comma would smuggle in another key, whitespace or a control
+# character another argument.
+metadata_safe() {
+  local flag var
+  for flag; do
+    var=${flag//-/_}
+    var=BUCKETLENS_${var^^}
+    [[ ${!var:-} != *[,[:space:][:cntrl:]]* ]] ||
+      die "--$flag ${!var@Q} contains a comma, whitespace or a control character, which cluster metadata cannot carry; refused"
+  done
+}
+
 # Defaults derived from the project, shared so create/submit/teardown agree on names.
 apply_defaults() {
   : "${BUCKETLENS_CLUSTER:=bucketlens}"
   : "${BUCKETLENS_STAGING_BUCKET:=${BUCKETLENS_PROJECT}-bucketlens-dataproc}"
-  : "${BUCKETLENS_AUTOSCALING_POLICY:=bucketlens-streaming}"
   : "${BUCKETLENS_SERVICE_ACCOUNT:=bucketlens-job}"
+  : "${BUCKETLENS_NAT_ROUTER:=bucketlens-nat}"
   if [[ $BUCKETLENS_SERVICE_ACCOUNT != *@* ]]; then
     BUCKETLENS_SERVICE_ACCOUNT=$BUCKETLENS_SERVICE_ACCOUNT@$BUCKETLENS_PROJECT.iam.gserviceaccount.com
   fi
+}
+
+# yes_no flag-name default: the flag's value, checked to be yes or no.
+yes_no() {
+  local var=${1//-/_}
+  var=BUCKETLENS_${var^^}
+  printf -v "$var" '%s' "${!var:-$2}"
+  [[ ${!var} == yes || ${!var} == no ]] || die "--$1 takes yes or no, not '${!var}'"
 }
 
 # The job must not inherit a shell pointed at the local emulator stack.

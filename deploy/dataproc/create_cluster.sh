@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Create the Dataproc cluster the streaming job runs on: Spark 4 image, the job's service
-# account, an init action that installs torch, torchvision and bucketlens on every node, and
-# an autoscaling policy for secondary workers. Safe to re-run: the staging bucket and the
-# policy are created or updated, the cluster is created only if it does not exist.
+# Create the fixed-size Dataproc cluster the streaming job runs on: Spark 4 image, the job's
+# service account, an init action that installs torch, torchvision and bucketlens on every node,
+# and a way out to PyPI (Cloud NAT, or external IPs with --public-ip-address yes). No
+# autoscaling policy: Dataproc autoscaling does not support Spark Structured Streaming, so the
+# cluster is resized by hand (deploy/README.md). Safe to re-run: the staging bucket, its grant,
+# the router and the NAT are created only if missing, the cluster only if it does not exist.
 set -euo pipefail
 
 usage() {
-  cat <<'EOF'
+  cat <<'EOF_USAGE'
 usage: create_cluster.sh --project P --region R --package WHEEL|gs://...|PIP-SPEC [flags]
 
   --project              GCP project (BUCKETLENS_PROJECT)                       required
@@ -14,40 +16,51 @@ usage: create_cluster.sh --project P --region R --package WHEEL|gs://...|PIP-SPE
   --package              bucketlens to install: a local wheel (uploaded), a gs:// wheel or
                          a pip requirement (BUCKETLENS_PACKAGE)                 required
   --cluster              cluster name (default bucketlens)
-  --image-version        Dataproc image (default 3.0-debian12: Spark 4.0, Python 3.11)
-  --staging-bucket       Dataproc staging bucket, also holds the init action, the wheel and
-                         the checkpoints (default <project>-bucketlens-dataproc)
+  --image-version        Dataproc image (default 3.0-debian12: Spark 4.1, Pixi Python)
+  --staging-bucket       Dataproc staging and temp bucket, also holds the init action, the
+                         wheel and the checkpoints (default <project>-bucketlens-dataproc)
   --service-account      the job's identity (default bucketlens-job, as made by
                          `python -m deploy apply`)
-  --autoscaling-policy   policy id imported from autoscaling.yaml (default bucketlens-streaming)
   --master-machine-type  default n2-standard-4
   --worker-machine-type  default n2-standard-8
-  --num-workers          primary workers (default 2; secondary workers come from the policy)
+  --num-workers          workers, fixed (default 2; resize with gcloud dataproc clusters update)
   --torch-index-url      where torch/torchvision wheels come from (default: PyTorch's CPU index)
+  --public-ip-address    yes = give the VMs external IPs; no (default) = internal IPs only,
+                         reaching PyPI through Cloud NAT on --network, created if missing
+  --network              VPC network of the cluster and the NAT (default default)
+  --subnet               its subnet in --region (default: the network's name, as in the
+                         auto-mode default network); Private Google Access is turned on
+                         there for internal-IP VMs
+  --nat-router           Cloud Router holding the NAT (default bucketlens-nat); a router that
+                         has a NAT already is used as it is
 
 Every flag can be given as its BUCKETLENS_* variable instead (--image-version → BUCKETLENS_IMAGE_VERSION).
-EOF
+EOF_USAGE
 }
 
-# The Dataproc image with Spark 4.0: the Python streaming data source API needs Spark >= 4.
+# Image 3.0 has Spark 4: the Python streaming data source API needs Spark >= 4.
 DEFAULT_IMAGE_VERSION=3.0-debian12
+STAGING_BUCKET_ROLE=roles/storage.objectUser # deploy/iam.py STAGING_BUCKET_ROLE (a test keeps them equal)
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source-path=SCRIPTDIR source=common.sh
 source "$here/common.sh"
 
 parse_flags "project region package cluster image-version staging-bucket service-account
-  autoscaling-policy master-machine-type worker-machine-type num-workers torch-index-url" "$@"
+  master-machine-type worker-machine-type num-workers torch-index-url public-ip-address
+  network subnet nat-router" "$@"
 require project region package
 apply_defaults
+yes_no public-ip-address no
 : "${BUCKETLENS_IMAGE_VERSION:=$DEFAULT_IMAGE_VERSION}"
 : "${BUCKETLENS_MASTER_MACHINE_TYPE:=n2-standard-4}"
 : "${BUCKETLENS_WORKER_MACHINE_TYPE:=n2-standard-8}"
 : "${BUCKETLENS_NUM_WORKERS:=2}"
 : "${BUCKETLENS_TORCH_INDEX_URL:=https://download.pytorch.org/whl/cpu}"
+: "${BUCKETLENS_NETWORK:=default}"
+: "${BUCKETLENS_SUBNET:=$BUCKETLENS_NETWORK}"
 
-[[ $BUCKETLENS_PACKAGE != *,* ]] ||
-  die "--package '$BUCKETLENS_PACKAGE' contains a comma, which cluster metadata cannot carry"
+metadata_safe package torch-index-url
 [[ $BUCKETLENS_IMAGE_VERSION == [3-9].* ]] ||
   die "--image-version $BUCKETLENS_IMAGE_VERSION has Spark < 4; bucketlens needs Spark 4 (use $DEFAULT_IMAGE_VERSION or newer)"
 
@@ -60,6 +73,10 @@ if ! gcloud storage buckets describe "$staging" "${project[@]}" >/dev/null 2>&1;
   gcloud storage buckets create "$staging" "${project[@]}" --location "$BUCKETLENS_REGION" \
     --uniform-bucket-level-access
 fi
+# The job's project-wide worker role cannot write objects (deploy/iam.py): Dataproc's staging
+# and temp files, driver output and the checkpoints are written here, under this grant only.
+gcloud storage buckets add-iam-policy-binding "$staging" "${project[@]}" \
+  --member "serviceAccount:$BUCKETLENS_SERVICE_ACCOUNT" --role "$STAGING_BUCKET_ROLE" >/dev/null
 
 gcloud storage cp "$here/init_action.sh" "$artifacts/init_action.sh"
 package=$BUCKETLENS_PACKAGE
@@ -68,8 +85,26 @@ if [[ -f $package ]]; then
   package=$artifacts/${package##*/}
 fi
 
-gcloud dataproc autoscaling-policies import "$BUCKETLENS_AUTOSCALING_POLICY" \
-  --source "$here/autoscaling.yaml" "${where[@]}" --quiet
+# Image 2.2+ VMs get internal IPs only: the init action's PyPI and PyTorch downloads then go
+# through Cloud NAT, and Dataproc itself needs Private Google Access on the subnet.
+if [[ $BUCKETLENS_PUBLIC_IP_ADDRESS == yes ]]; then
+  egress=(--public-ip-address)
+else
+  egress=()
+  router=$BUCKETLENS_NAT_ROUTER
+  if ! gcloud compute routers describe "$router" "${where[@]}" >/dev/null 2>&1; then
+    gcloud compute routers create "$router" "${where[@]}" --network "$BUCKETLENS_NETWORK"
+  fi
+  if [[ -z $(gcloud compute routers nats list --router "$router" "${where[@]}" --format 'value(name)') ]]; then
+    gcloud compute routers nats create "$router" --router "$router" "${where[@]}" \
+      --auto-allocate-nat-external-ips --nat-all-subnet-ip-ranges
+  fi
+  if [[ $(gcloud compute networks subnets describe "$BUCKETLENS_SUBNET" "${where[@]}" \
+    --format 'value(privateIpGoogleAccess)') != True ]]; then
+    gcloud compute networks subnets update "$BUCKETLENS_SUBNET" "${where[@]}" \
+      --enable-private-ip-google-access
+  fi
+fi
 
 if gcloud dataproc clusters describe "$BUCKETLENS_CLUSTER" "${where[@]}" >/dev/null 2>&1; then
   echo "cluster $BUCKETLENS_CLUSTER exists already; delete it with teardown.sh to recreate it" >&2
@@ -79,11 +114,11 @@ fi
 gcloud dataproc clusters create "$BUCKETLENS_CLUSTER" "${where[@]}" \
   --image-version "$BUCKETLENS_IMAGE_VERSION" \
   --service-account "$BUCKETLENS_SERVICE_ACCOUNT" --scopes cloud-platform \
-  --bucket "$BUCKETLENS_STAGING_BUCKET" \
+  --bucket "$BUCKETLENS_STAGING_BUCKET" --temp-bucket "$BUCKETLENS_STAGING_BUCKET" \
+  --subnet "$BUCKETLENS_SUBNET" "${egress[@]}" \
   --master-machine-type "$BUCKETLENS_MASTER_MACHINE_TYPE" \
   --worker-machine-type "$BUCKETLENS_WORKER_MACHINE_TYPE" \
   --num-workers "$BUCKETLENS_NUM_WORKERS" \
-  --autoscaling-policy "$BUCKETLENS_AUTOSCALING_POLICY" \
   --initialization-actions "$artifacts/init_action.sh" \
   --initialization-action-timeout 20m \
   --metadata "bucketlens-package=$package,torch-index-url=$BUCKETLENS_TORCH_INDEX_URL" \

@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # Dataproc initialization action, run as root on every node: installs torch, torchvision and
-# bucketlens into the cluster's Python. Configured by cluster metadata (create_cluster.sh):
+# bucketlens into the Python interpreter the image's Spark runs PySpark with. Configured by
+# cluster metadata (create_cluster.sh):
 #   bucketlens-package  a gs:// wheel or a pip requirement            required
 #   torch-index-url     index for torch/torchvision (default: PyTorch's CPU-only wheels,
 #                       a fraction of the size of the CUDA builds on PyPI)
-#   bucketlens-python   interpreter to install into (default: the image's conda Python)
-# pyspark is deliberately NOT installed: the image's Spark 4 provides it, and a second copy from
-# PyPI could disagree with the cluster's JVM side.
+# The interpreter is the one Spark is configured with, because image 3.0 manages Python with
+# Pixi (3.0.0-RC1: micromamba) where 2.x had conda: PYSPARK_PYTHON from spark-env.sh, else
+# spark.pyspark.python from spark-defaults.conf, else conda's, else python3 on PATH.
+# pyspark is deliberately NEVER installed: the image's Spark provides it, and a second copy from
+# PyPI could disagree with the cluster's JVM side. The smoke test imports the job's modules with
+# the image's pyspark and fails the node if that pyspark is outside bucketlens' supported range.
 set -euo pipefail
+
+# bucketlens' pyspark requirement, pyproject.toml "pyspark>=4.0,<5" (a test keeps them equal).
+PYSPARK_MIN=4.0
+PYSPARK_BELOW=5
 
 die() {
   echo "bucketlens init action: $*" >&2
@@ -20,18 +28,48 @@ metadata() {
   get_metadata_value "attributes/$1" 2>/dev/null || true
 }
 
+spark_home=${SPARK_HOME:-/usr/lib/spark}
+spark_conf=${SPARK_CONF_DIR:-/etc/spark/conf}
+
+# spark_python: the interpreter Spark's configuration names, or nothing.
+spark_python() {
+  local found=
+  if [[ -f $spark_conf/spark-env.sh ]]; then # shell: let it expand its own ${...:-defaults}
+    # shellcheck disable=SC1091 # the image's file, read as Spark itself reads it
+    found=$(unset PYSPARK_PYTHON; set +eu; . "$spark_conf/spark-env.sh" >/dev/null 2>&1
+      printf '%s' "${PYSPARK_PYTHON:-}") || true
+  fi
+  if [[ -z $found && -f $spark_conf/spark-defaults.conf ]]; then # "key value" or "key=value"
+    found=$(awk -F '[[:space:]=]+' '$1 == "spark.pyspark.python" { v = $2 } END { print v }' \
+      "$spark_conf/spark-defaults.conf")
+  fi
+  printf '%s' "$found"
+}
+
 package=$(metadata bucketlens-package)
 torch_index=$(metadata torch-index-url)
-python=$(metadata bucketlens-python)
 : "${torch_index:=https://download.pytorch.org/whl/cpu}"
-: "${python:=/opt/conda/default/bin/python}"
 [[ -n $package ]] || die "cluster metadata bucketlens-package is not set (see create_cluster.sh)"
-[[ -x $python ]] || python=$(command -v python3) || die "no Python interpreter found"
 
-spark_release=$(head -n 1 "${SPARK_HOME:-/usr/lib/spark}/RELEASE" 2>/dev/null || true)
-if [[ $spark_release =~ Spark\ ([0-9]+)\. ]] && ((BASH_REMATCH[1] < 4)); then
-  die "this image has ${spark_release%% built*}; bucketlens needs Spark 4 (image 3.0 or newer)"
+python=$(spark_python)
+if [[ -n $python ]]; then
+  resolved=$(command -v "$python" || true)
+  [[ -n $resolved && -x $resolved ]] ||
+    die "Spark's configuration ($spark_conf) names Python '$python', which is not an executable"
+  python=$resolved
+elif [[ -x /opt/conda/default/bin/python ]]; then
+  python=/opt/conda/default/bin/python
+else
+  python=$(command -v python3) || die "no Python interpreter found (Spark names none in $spark_conf)"
 fi
+echo "bucketlens init action: installing into $python" >&2
+
+spark_release=$(head -n 1 "$spark_home/RELEASE" 2>/dev/null || true)
+if [[ $spark_release =~ Spark\ ([0-9]+)\. ]] && ((BASH_REMATCH[1] < ${PYSPARK_MIN%%.*} || BASH_REMATCH[1] >= PYSPARK_BELOW)); then
+  die "this image has ${spark_release%% built*}; bucketlens needs Spark >=$PYSPARK_MIN,<$PYSPARK_BELOW (image 3.x)"
+fi
+
+"$python" -m pip --version >/dev/null 2>&1 || die "$python has no pip; bucketlens cannot be installed into it"
 
 if [[ $package == gs://* ]]; then
   local_copy=/tmp/${package##*/}
@@ -63,4 +101,26 @@ mapfile -t torch_requirements < <(requirements torch)
 mapfile -t other_requirements < <(requirements rest)
 "${pip[@]}" --index-url "$torch_index" "${torch_requirements[@]}"
 "${pip[@]}" "${other_requirements[@]}"
-"$python" -c "import torch, torchvision, pipeline.config; print('bucketlens ready, torch', torch.__version__)"
+
+# Smoke test with the image's pyspark, on the path Spark gives its Python workers.
+py4j=("$spark_home"/python/lib/py4j-*-src.zip)
+PYTHONPATH=$spark_home/python:${py4j[0]}${PYTHONPATH:+:$PYTHONPATH} \
+  "$python" - "$PYSPARK_MIN" "$PYSPARK_BELOW" <<'PY' || exit 1
+import sys
+
+import pyspark
+
+low, below = (tuple(int(p) for p in v.split(".")) for v in sys.argv[1:])
+version = tuple(int(p) for p in pyspark.__version__.split(".")[:2] if p.isdigit())
+if not low <= version < below:
+    sys.exit(f"bucketlens init action: this node's pyspark {pyspark.__version__} is outside "
+             f"bucketlens' supported range >={sys.argv[1]},<{sys.argv[2]}; use Dataproc image 3.x")
+
+import pipeline.source  # the Python streaming data source: pyspark 4's API
+import pipeline.stream
+import torch
+import torchvision
+
+print("bucketlens ready: pyspark", pyspark.__version__, "torch", torch.__version__,
+      "torchvision", torchvision.__version__)
+PY

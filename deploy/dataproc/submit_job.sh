@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Submit `bucketlens run` to the Dataproc cluster as a restartable streaming job.
 #
-# The driver runs in YARN cluster mode, so its environment comes from Spark properties: every
-# BUCKETLENS_* variable of this shell (and every flag below) is forwarded to the driver and the
-# executors, which is how `bucketlens run` finds its project, subscription and dataset. The
+# The driver runs in YARN cluster mode, so its environment comes from Spark properties: the
+# BUCKETLENS_* variables of this shell that name a Settings field (and the flags below) are
+# forwarded to the driver and the executors, which is how `bucketlens run` finds its project,
+# subscription and dataset; no other variable leaves this shell. The
 # checkpoint lives on GCS, so a restarted driver (Dataproc restarts it up to
 # --max-failures-per-hour times) resumes where the last committed batch ended.
 set -euo pipefail
@@ -20,7 +21,7 @@ usage: submit_job.sh --project P --region R [flags] [-- extra `bucketlens run` f
                      bucket's notified prefix, or the job would notify itself
   --staging-bucket   default <project>-bucketlens-dataproc
   --bucket, --prefix, --subscription, --dataset, --table, --model, --weights
-                     forwarded to the job like any other BUCKETLENS_* setting
+                     forwarded to the job like every other Settings field's BUCKETLENS_* variable
   --max-failures-per-hour  driver restarts Dataproc allows (default 5)
 
 Example: submit_job.sh --project my-proj --region us-central1 -- --trigger-seconds 5
@@ -38,7 +39,7 @@ refuse_emulator
 apply_defaults
 : "${BUCKETLENS_MAX_FAILURES_PER_HOUR:=5}"
 : "${BUCKETLENS_CHECKPOINT:=gs://$BUCKETLENS_STAGING_BUCKET/checkpoints/${BUCKETLENS_TABLE:-predictions}}"
-# shellcheck disable=SC2034 # forwarded to the job with every other BUCKETLENS_* below
+# shellcheck disable=SC2034 # forwarded to the job with the other settings below
 BUCKETLENS_SPARK_MASTER=yarn
 
 [[ $BUCKETLENS_CHECKPOINT == gs://* ]] ||
@@ -47,32 +48,23 @@ if [[ -n ${BUCKETLENS_BUCKET:-} && $BUCKETLENS_CHECKPOINT/ == "gs://$BUCKETLENS_
   die "--checkpoint $BUCKETLENS_CHECKPOINT is inside gs://$BUCKETLENS_BUCKET/${BUCKETLENS_PREFIX:-}, whose uploads are notified: the job would classify its own checkpoint files"
 fi
 
-# Forward every BUCKETLENS_* setting to the driver (YARN application master) and executors.
-# Properties are joined with '|' (gcloud's ^|^ delimiter syntax) so values may hold commas.
-# The scripts' own settings (cluster, region, ...) stay here.
+# Forward the job's settings (SETTINGS_VARS: the Settings fields, nothing else) to the driver
+# (YARN application master) and executors. Properties are joined with '|' (gcloud's ^|^
+# delimiter syntax) so values may hold commas. Region and service account configure the
+# deployment, not the job, and stay here.
 properties=(spark.submit.deployMode=cluster)
-script_only=" CLUSTER REGION STAGING_BUCKET AUTOSCALING_POLICY SERVICE_ACCOUNT MAX_FAILURES_PER_HOUR "
-while IFS= read -r name; do
-  [[ $script_only != *" ${name#BUCKETLENS_} "* ]] || continue
-  value=${!name}
+for name in "${SETTINGS_VARS[@]}"; do
+  [[ $name != REGION && $name != SERVICE_ACCOUNT ]] || continue
+  name=BUCKETLENS_$name
+  value=${!name:-}
+  [[ -n $value ]] || continue
   [[ $value != *'|'* ]] || die "$name contains '|', which cannot be forwarded"
   properties+=("spark.yarn.appMasterEnv.$name=$value" "spark.executorEnv.$name=$value")
-done < <(compgen -v BUCKETLENS_)
+done
 joined=$(IFS='|'; echo "${properties[*]}")
 
-# The job's entry point: Dataproc runs a .py file, and this one is the `bucketlens` command.
-workdir=$(mktemp -d)
-trap 'rm -rf "$workdir"' EXIT
-cat >"$workdir/bucketlens_job.py" <<'PY'
-"""Dataproc entry point: `bucketlens <arguments>` inside the cluster's Python."""
-import sys
-
-from pipeline.cli import main
-
-sys.exit(main(sys.argv[1:]))
-PY
-
-gcloud dataproc jobs submit pyspark "$workdir/bucketlens_job.py" \
+# bucketlens_job.py, next to this script, is the `bucketlens` command as a file Dataproc can run.
+gcloud dataproc jobs submit pyspark "$here/bucketlens_job.py" \
   --project "$BUCKETLENS_PROJECT" --region "$BUCKETLENS_REGION" --cluster "$BUCKETLENS_CLUSTER" \
   --max-failures-per-hour "$BUCKETLENS_MAX_FAILURES_PER_HOUR" \
   --properties "^|^$joined" \

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Stop what create_cluster.sh and submit_job.sh started: running bucketlens jobs (killed first,
-# so the driver's stop() hands unacked messages back to Pub/Sub), the cluster, the autoscaling
-# policy and, with --delete-staging-bucket yes, the staging bucket with its checkpoints.
+# so the driver's stop() hands unacked messages back to Pub/Sub), the cluster and, when asked,
+# the staging bucket with its checkpoints and the Cloud Router with its NAT.
 # Idempotent: whatever is already gone is skipped. `python -m deploy destroy` removes the rest
 # (bucket, topics, subscriptions, dataset, service account, IAM).
 set -euo pipefail
@@ -13,10 +13,12 @@ usage: teardown.sh --project P --region R [flags]
   --project                GCP project (BUCKETLENS_PROJECT)     required
   --region                 Dataproc region (BUCKETLENS_REGION)  required
   --cluster                default bucketlens
-  --autoscaling-policy     default bucketlens-streaming
   --staging-bucket         default <project>-bucketlens-dataproc
   --delete-staging-bucket  yes = also delete the staging bucket and the checkpoints in it
                            (the next job then starts from the subscription's backlog)
+  --nat-router             default bucketlens-nat
+  --delete-nat-router      yes = also delete the Cloud Router and its NAT (billed while they
+                           exist; other internal-IP VMs of the network may rely on them)
 EOF
 }
 
@@ -24,13 +26,12 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source-path=SCRIPTDIR source=common.sh
 source "$here/common.sh"
 
-parse_flags "project region cluster autoscaling-policy staging-bucket delete-staging-bucket" "$@"
+parse_flags "project region cluster staging-bucket delete-staging-bucket nat-router
+  delete-nat-router" "$@"
 require project region
 apply_defaults
-case ${BUCKETLENS_DELETE_STAGING_BUCKET:=no} in
-  yes | no) ;;
-  *) die "--delete-staging-bucket takes yes or no, not '$BUCKETLENS_DELETE_STAGING_BUCKET'" ;;
-esac
+yes_no delete-staging-bucket no
+yes_no delete-nat-router no
 
 project=(--project "$BUCKETLENS_PROJECT")
 where=("${project[@]}" --region "$BUCKETLENS_REGION")
@@ -45,8 +46,9 @@ else
   echo "cluster $BUCKETLENS_CLUSTER: absent" >&2
 fi
 
-if gcloud dataproc autoscaling-policies describe "$BUCKETLENS_AUTOSCALING_POLICY" "${where[@]}" >/dev/null 2>&1; then
-  gcloud dataproc autoscaling-policies delete "$BUCKETLENS_AUTOSCALING_POLICY" "${where[@]}" --quiet
+if [[ $BUCKETLENS_DELETE_NAT_ROUTER == yes ]] &&
+  gcloud compute routers describe "$BUCKETLENS_NAT_ROUTER" "${where[@]}" >/dev/null 2>&1; then
+  gcloud compute routers delete "$BUCKETLENS_NAT_ROUTER" "${where[@]}" --quiet
 fi
 
 if [[ $BUCKETLENS_DELETE_STAGING_BUCKET == yes ]]; then
