@@ -537,6 +537,36 @@ def test_gcloud_iam_commands(fake_gcloud) -> None:
             "--condition=None"} <= set(add)
 
 
+WORKER = iam.CUSTOM_ROLES[iam.WORKER_ROLE]
+
+
+# (what `gcloud iam roles describe` answers, the `iam roles` verbs that must follow)
+CUSTOM_ROLE_STATES = [
+    ({"rc": 1, "stderr": "ERROR: NOT_FOUND: role not found"}, ["create"]),
+    ({"stdout": json.dumps({"includedPermissions": list(WORKER.permissions)})}, []),
+    ({"stdout": json.dumps({"includedPermissions": ["storage.objects.create"]})}, ["update"]),
+    ({"stdout": json.dumps({"includedPermissions": list(WORKER.permissions), "deleted": True})},
+     ["undelete", "update"]),
+]
+
+
+@pytest.mark.parametrize(("described", "verbs"), CUSTOM_ROLE_STATES)
+def test_granting_the_worker_role_first_makes_it_match_its_definition(fake_gcloud, described, verbs) -> None:
+    fake_gcloud.respond({"iam roles describe": described})
+    member = f"serviceAccount:bucketlens-job@{PROJECT}.iam.gserviceaccount.com"
+    role = iam.grants(provision.targets(Settings(project=PROJECT)))
+    [worker] = [g.role for g in role if iam.custom_role(g.role)]
+    iam.GcloudIam(PROJECT).project_policy().add(worker, member)
+    calls = fake_gcloud.calls()
+    assert [c[2] for c in calls if c[:2] == ["iam", "roles"]] == ["describe", *verbs]
+    assert calls[-1][:2] == ["projects", "add-iam-policy-binding"] and f"--role={worker}" in calls[-1]
+    for c in calls[:-1]:
+        assert c[3:5] == [iam.WORKER_ROLE_ID, f"--project={PROJECT}"]
+        if c[2] in ("create", "update"):
+            [granted] = [a.split("=", 1)[1].split(",") for a in c if a.startswith("--permissions=")]
+            assert granted == list(WORKER.permissions) and not set(granted) & OBJECT_WRITES
+
+
 def test_gcloud_failures_that_are_not_not_found_raise(fake_gcloud) -> None:
     fake_gcloud.respond({"iam service-accounts describe": {"rc": 1, "stderr": "PERMISSION_DENIED"}})
     with pytest.raises(iam.GcloudError, match="PERMISSION_DENIED"):
