@@ -72,7 +72,14 @@ class Settings:
         unknown = set(values) - {f.name for f in fields(cls)}
         if unknown:
             raise TypeError(f"unknown settings: {sorted(unknown)}")
-        return cls(**values)
+        return cls(**values).validated()  # what a command line builds is checked at once
+
+    def validated(self) -> Settings:
+        """These settings, once every GCP name in them passes GCP's naming rules (no I/O)."""
+        from pipeline.names import check_settings
+
+        check_settings(self)
+        return self
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})

@@ -11,12 +11,22 @@ later stage uses, so redeliveries, replays and overwrites all land on the right 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from pipeline.names import printable
+
 FINALIZE = "OBJECT_FINALIZE"
 EVENT_TYPES = frozenset({FINALIZE, "OBJECT_DELETE", "OBJECT_ARCHIVE", "OBJECT_METADATA_UPDATE"})
+# Not a GCS event type: what a DELETE / ARCHIVE carrying ``overwrittenByGeneration`` is recorded
+# as, since that generation was replaced by an upload rather than removed.
+OVERWRITE = "OBJECT_OVERWRITE"
+INT64_MAX = 2**63 - 1
+# An event cannot happen after Pub/Sub published it; clocks may differ a little, not by this.
+CLOCK_SKEW = timedelta(hours=1)
+_DECIMAL = re.compile(r"[0-9]+", re.ASCII)  # not int(): it takes " 7 ", "1_000" and "٧"
 
 
 class PoisonMessage(ValueError):
@@ -40,6 +50,10 @@ class Notification:
     size: int | None = None
     content_type: str | None = None
     metadata: Mapping[str, str] | None = None
+    metageneration: int | None = None  # METADATA_UPDATEs of one generation differ only here
+    # payload timeCreated: the same in every copy of one generation's notification, so the
+    # predictions table is partitioned on it (pipeline.catalog); None without a JSON payload
+    created: datetime | None = None
 
     @property
     def is_finalize(self) -> bool:
@@ -59,13 +73,14 @@ def true_label_from_name(name: str) -> str | None:
 
 
 def parse_time(value: str | None) -> datetime | None:
+    """An RFC 3339 time in UTC, or None when it is absent, malformed or out of range."""
     if not value:
         return None
     try:
         t = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+        return t.astimezone(UTC) if t.tzinfo else t.replace(tzinfo=UTC)
+    except (ValueError, OverflowError):  # "0001-01-01T00:00:00+01:00" is before year 1 in UTC
         return None
-    return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 def event_time(attributes: Mapping[str, str], payload: Mapping[str, object]) -> datetime | None:
@@ -81,16 +96,66 @@ def event_time(attributes: Mapping[str, str], payload: Mapping[str, object]) -> 
     fine = parse_time(stamp) if isinstance(stamp, str) else None
     if coarse is None:
         return fine
-    if fine is not None and coarse.microsecond == 0 and coarse <= fine < coarse + timedelta(seconds=1):
+    # fine - coarse, not coarse + 1 s: that overflows at 9999-12-31T23:59:59
+    if fine is not None and coarse.microsecond == 0 and timedelta(0) <= fine - coarse < timedelta(seconds=1):
         return fine
     return coarse
 
 
-def _int(value: object, field: str) -> int:
+def _int(value: object, field: str, minimum: int = 0) -> int:
+    """A JSON integer or a string of ASCII digits, within [minimum, INT64_MAX]; else poison.
+
+    Floats (``1e400`` parses as ``inf``), booleans and everything ``int()`` tolerates beyond
+    plain digits are refused: BigQuery's INT64 is the range every later stage must hold.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and (value.startswith("-") and _DECIMAL.fullmatch(value[1:])
+                                     or _DECIMAL.fullmatch(value)):
+        number = int(value)
+    else:
+        raise PoisonMessage(f"{field} is not an integer: {_show(value)}")
+    if not minimum <= number <= INT64_MAX:
+        raise PoisonMessage(f"{field} {_show(value)} is outside {minimum}..2^63-1")
+    return number
+
+
+def _show(value: object) -> str:
+    """A short, log-safe rendering of an untrusted JSON value (never a whole nested object)."""
+    if isinstance(value, dict | list):
+        return f"a JSON {'object' if isinstance(value, dict) else 'array'}"
+    text = json.dumps(value if not isinstance(value, str) else value[:40], ensure_ascii=True)
+    return text if len(text) <= 42 else text[:40] + "…"
+
+
+def _str(value: object, field: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise PoisonMessage(f"{field} is not a string: {type(value).__name__}")
+
+
+def _metadata(value: object) -> dict[str, str] | None:
+    """Custom metadata: a JSON object of strings (GCS allows nothing else)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise PoisonMessage(f"metadata is not an object: {type(value).__name__}")
+    for k, v in value.items():
+        if not isinstance(v, str):
+            raise PoisonMessage(f"metadata.{k[:40]} is not a string: {type(v).__name__}")
+    return value
+
+
+def _load(data: bytes) -> dict:
     try:
-        return int(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError) as exc:
-        raise PoisonMessage(f"{field} is not an integer: {value!r}") from exc
+        payload = json.loads(data)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an int over 4300 digits
+        raise PoisonMessage(f"data is not JSON: {exc}") from exc
+    except RecursionError as exc:  # json's C scanner recurses per nesting level
+        raise PoisonMessage("data is not JSON: nested too deeply") from exc
+    if not isinstance(payload, dict):
+        raise PoisonMessage(f"data is JSON but not an object: {type(payload).__name__}")
+    return payload
 
 
 def parse(message_id: str, attributes: Mapping[str, str], data: bytes | None,
@@ -98,42 +163,58 @@ def parse(message_id: str, attributes: Mapping[str, str], data: bytes | None,
     """Turn one Pub/Sub message into a Notification, or raise PoisonMessage saying why.
 
     Attributes are authoritative (they are always set by GCS); the JSON_API_V1 payload adds
-    size, content type and custom metadata, and stands in for missing attributes.
+    size, content type and custom metadata, and stands in for missing attributes. Every value
+    is checked for type and range here, so no later stage meets a float, an object where a
+    string belongs, or a number BigQuery cannot hold.
     """
-    payload: dict = {}
-    if data:
-        try:
-            payload = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise PoisonMessage(f"data is not JSON: {exc}") from exc
-        if not isinstance(payload, dict):
-            raise PoisonMessage(f"data is JSON but not an object: {type(payload).__name__}")
+    payload = _load(data) if data else {}
     event_type = attributes.get("eventType") or ""
     if event_type not in EVENT_TYPES:
-        raise PoisonMessage(f"not a GCS notification: eventType={event_type!r}")
-    bucket = attributes.get("bucketId") or payload.get("bucket")
-    name = attributes.get("objectId") or payload.get("name")
+        raise PoisonMessage(f"not a GCS notification: eventType={_show(event_type)}")
+    bucket = _str(attributes.get("bucketId") or payload.get("bucket"), "bucket")
+    name = _str(attributes.get("objectId") or payload.get("name"), "name")
     generation = attributes.get("objectGeneration") or payload.get("generation")
     missing = [f for f, v in (("bucket", bucket), ("name", name), ("generation", generation))
-               if not v]
+               if v in (None, "")]
     if missing:
         raise PoisonMessage(f"notification lacks {', '.join(missing)}")
-    size = payload.get("size")
-    metadata = payload.get("metadata")
+    overwritten = attributes.get("overwrittenByGeneration") or payload.get("overwrittenByGeneration")
+    if overwritten not in (None, "") and event_type in ("OBJECT_DELETE", "OBJECT_ARCHIVE"):
+        _int(overwritten, "overwrittenByGeneration", minimum=1)
+        event_type = OVERWRITE
+    size, metageneration = payload.get("size"), payload.get("metageneration")
+    when = event_time(attributes, payload)
+    if when is not None and publish_time is not None and when > _utc(publish_time) + CLOCK_SKEW:
+        raise PoisonMessage(f"eventTime {when.isoformat()} is after the message was published")
     return Notification(
-        key=ObjectKey(str(bucket), str(name), _int(generation, "generation")),
+        key=ObjectKey(str(bucket), str(name), _int(generation, "generation", minimum=1)),
         event_type=event_type,
         message_id=message_id,
-        event_time=event_time(attributes, payload),
+        event_time=when,
         publish_time=publish_time,
         size=_int(size, "size") if size not in (None, "") else None,
-        content_type=payload.get("contentType"),
-        metadata=metadata if isinstance(metadata, dict) else None,
+        content_type=_str(payload.get("contentType"), "contentType"),
+        metadata=_metadata(payload.get("metadata")),
+        metageneration=(_int(metageneration, "metageneration", minimum=1)
+                        if metageneration not in (None, "") else None),
+        created=(parse_time(payload["timeCreated"])
+                 if isinstance(payload.get("timeCreated"), str) else None),
     )
 
 
-def wanted(n: Notification, prefix: str = "", max_bytes: int | None = None) -> str | None:
-    """Why a parsed notification is *not* classified, or None when it should be."""
+def _utc(t: datetime) -> datetime:
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def wanted(n: Notification, prefix: str = "", max_bytes: int | None = None,
+           bucket: str | None = None) -> str | None:
+    """Why a parsed notification is *not* classified, or None when it should be.
+
+    ``bucket``: the one the job watches. A topic may carry several buckets' notifications, and
+    a message naming another bucket must never make the job read (or record) that bucket.
+    """
+    if bucket is not None and n.key.bucket != bucket:
+        return f"bucket {printable(n.key.bucket, 80)} is not the watched bucket {bucket}"
     if not n.is_finalize:
         return f"event {n.event_type} is recorded, not classified"
     if prefix and not n.key.name.startswith(prefix):
