@@ -799,7 +799,9 @@ def settings_vars() -> list[str]:
 
 
 def test_the_forwarded_names_are_exactly_the_settings_fields() -> None:
-    assert settings_vars() == [f.name.upper() for f in fields(Settings)]
+    names = settings_vars()
+    assert len(names) == len(set(names))
+    assert set(names) == {f.name.upper() for f in fields(Settings)}, "common.sh SETTINGS_VARS is stale"
 
 
 # (flags, environment, forwarded name → value or None for "must not be forwarded")
@@ -830,9 +832,11 @@ def test_submit_job_forwards_only_settings_fields(tmp_path, args, env, expected)
     assert not [a for c in calls for a in c if "s3cret" in a]
 
 
-def test_scripts_refuse_a_shell_pointed_at_the_local_stack(tmp_path) -> None:
+@pytest.mark.parametrize("var", ["STORAGE_EMULATOR_HOST", "PUBSUB_EMULATOR_HOST", "BUCKETLENS_BQ_ENDPOINT",
+                                 "BUCKETLENS_BQ_STORAGE_ENDPOINT"])
+def test_scripts_refuse_a_shell_pointed_at_the_local_stack(tmp_path, var) -> None:
     proc, calls = run_script("submit_job.sh", "--project", "p", "--region", "r", tmp_path=tmp_path,
-                             env={"STORAGE_EMULATOR_HOST": "http://127.0.0.1:1"})
+                             env={var: "127.0.0.1:1"})
     assert proc.returncode == 2 and "local stack" in proc.stderr and calls == []
 
 
