@@ -151,22 +151,30 @@ def test_available_now_trigger_is_refused_and_acks_nothing(spark, isolated) -> N
     """pyspark >= 4.2 refuses the trigger in one sentence; 4.0/4.1 never tell a Python source
     its trigger, so there the promise is the other half: nothing is acknowledged unread."""
     publish(isolated, _msgs(5, "an"))
-    seen: list[int] = []
+    seen: list[str] = []
     q = (spark.readStream.format("pubsub")
          .option("subscription", isolated.subscription_path)
          .option("emulatorHost", os.environ["PUBSUB_EMULATOR_HOST"])
-         .load().writeStream.foreachBatch(lambda df, b: seen.append(df.count()))
+         .load().writeStream
+         .foreachBatch(lambda df, b: seen.extend(r.message_id for r in df.collect()))
          .option("checkpointLocation", isolated.checkpoint)
          .trigger(availableNow=True).start())
     if source.ADMISSION_CONTROL:
         with pytest.raises(Exception, match="does not support trigger"):
             q.awaitTermination(120)
-        assert seen == []
     else:
         q.awaitTermination(120)
     q.stop()
-    time.sleep(1)  # stop() handed back whatever the reader held
-    assert _left_in_subscription(isolated) == 5
+    # stop() hands back what the reader held; where Spark skips it, the leases lapse (60 s)
+    left, deadline = 0, time.monotonic() + 90
+    while left < 5 and time.monotonic() < deadline:
+        left = _left_in_subscription(isolated)
+        time.sleep(1)
+    print(f"availableNow: seen {len(seen)}, left {left}")
+    if source.ADMISSION_CONTROL:
+        assert (seen, left) == ([], 5)
+    else:
+        assert 5 - left <= len(set(seen)), f"acked {5 - left} messages, only {len(seen)} were read"
 
 
 def test_messages_whose_lease_lapses_again_and_again_keep_coming_back(isolated) -> None:
