@@ -850,15 +850,16 @@ def test_submit_job_runs_bucketlens_with_a_gcs_checkpoint_and_forwards_settings(
     assert "--async" in submit and flag(submit, "--max-failures-per-hour") == "5"
     job_args = submit[submit.index("--") + 1:]
     checkpoint = "gs://p1-bucketlens-dataproc/checkpoints/predictions"
-    assert job_args == ["run", "--master", "yarn", "--checkpoint", checkpoint, "--trigger-seconds", "5"]
+    assert job_args == ["run", "--checkpoint", checkpoint, "--trigger-seconds", "5"]
     props = flag(submit, "--properties")
     assert props.startswith("^|^")
     props = set(props[3:].split("|"))
     assert "spark.submit.deployMode=cluster" in props
     for name, value in {"PROJECT": "p1", "BUCKET": "imgs", "PREFIX": "up/", "DATASET": "ds1",
-                        "CHECKPOINT": checkpoint, "SPARK_MASTER": "yarn"}.items():
+                        "CHECKPOINT": checkpoint}.items():
         assert f"spark.yarn.appMasterEnv.BUCKETLENS_{name}={value}" in props
         assert f"spark.executorEnv.BUCKETLENS_{name}={value}" in props
+    assert not [p for p in props if "SPARK_MASTER" in p]  # spark-submit's master stands
     assert not [p for p in props if "BUCKETLENS_CLUSTER" in p or "BUCKETLENS_REGION" in p]
 
 

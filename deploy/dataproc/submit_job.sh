@@ -39,8 +39,8 @@ refuse_emulator
 apply_defaults
 : "${BUCKETLENS_MAX_FAILURES_PER_HOUR:=5}"
 : "${BUCKETLENS_CHECKPOINT:=gs://$BUCKETLENS_STAGING_BUCKET/checkpoints/${BUCKETLENS_TABLE:-predictions}}"
-# shellcheck disable=SC2034 # forwarded to the job with the other settings below
-BUCKETLENS_SPARK_MASTER=yarn
+# No master is passed: under spark-submit the job keeps the one Dataproc chose (YARN), which
+# is also what Serverless requires (pipeline.spark.session).
 
 [[ $BUCKETLENS_CHECKPOINT == gs://* ]] ||
   die "--checkpoint must be a gs:// URI (got '$BUCKETLENS_CHECKPOINT'): a cluster restart must find it"
@@ -70,6 +70,6 @@ gcloud dataproc jobs submit pyspark "$here/bucketlens_job.py" \
   --properties "^|^$joined" \
   --labels app=bucketlens \
   --async \
-  -- run --master yarn --checkpoint "$BUCKETLENS_CHECKPOINT" "${EXTRA_ARGS[@]}"
+  -- run --checkpoint "$BUCKETLENS_CHECKPOINT" "${EXTRA_ARGS[@]}"
 
 echo "submitted; follow it with: gcloud dataproc jobs list --cluster $BUCKETLENS_CLUSTER --region $BUCKETLENS_REGION --project $BUCKETLENS_PROJECT" >&2
