@@ -24,18 +24,10 @@ from pipeline.config import Settings
 from producer.datasets import discover, sample_dataset
 from producer.replay import replay
 from tests.helpers.faultproxy import sometimes, start_proxy, stop_proxy
+from tests.helpers.tables import counts
 
 pytestmark = [pytest.mark.integration, pytest.mark.spark]
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def counts(settings: Settings) -> tuple[int, int, int]:
-    bq = clients.bigquery_client(settings)
-    row = next(iter(bq.query(
-        "SELECT COUNT(*) AS n, COUNT(DISTINCT CONCAT(name, '#', CAST(generation AS STRING))) AS k, "
-        f"COUNTIF(status NOT IN ('ok', 'low_confidence')) AS e FROM `{settings.table_id}`"
-    ).result()))
-    return int(row["n"]), int(row["k"]), int(row["e"] or 0)
 
 
 class Pipeline:

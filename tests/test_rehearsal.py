@@ -30,8 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import clients
 from pipeline.config import Settings
+from tests.helpers.tables import counts
 from tests.test_stream import upload_samples
 
 pytestmark = [pytest.mark.integration, pytest.mark.spark, pytest.mark.rehearsal]
@@ -120,15 +120,6 @@ def submitted(settings: Settings, tmp_path: Path) -> dict:
     return {"main": main_file, "args": job_args, "properties": properties}
 
 
-def rows(settings: Settings) -> tuple[int, int, int]:
-    bq = clients.bigquery_client(settings)
-    r = next(iter(bq.query(
-        "SELECT COUNT(*) AS n, COUNT(DISTINCT CONCAT(name, '#', CAST(generation AS STRING))) AS k,"
-        f" COUNTIF(status NOT IN ('ok', 'low_confidence')) AS e FROM `{settings.table_id}`"
-    ).result()))
-    return int(r["n"]), int(r["k"]), int(r["e"] or 0)
-
-
 def run_until_rows(cmd: list[str], env: dict[str, str], cwd: Path, settings: Settings, n: int,
                    log: Path, timeout: float = 420) -> tuple[int, int, int]:
     """Start the job, upload ``n`` samples, wait for ``n`` rows (or the job's death), stop it."""
@@ -140,10 +131,10 @@ def run_until_rows(cmd: list[str], env: dict[str, str], cwd: Path, settings: Set
         deadline = time.monotonic() + timeout
         got = (0, 0, 0)
         while time.monotonic() < deadline and proc.poll() is None:
-            got = rows(settings)
+            got = counts(settings)
             if got[0] >= n:
                 time.sleep(3)  # a duplicate would land now, if there were one
-                return rows(settings)
+                return counts(settings)
             time.sleep(2)
         state = "still running" if proc.poll() is None else f"exited {proc.returncode}"
         tail = log.read_text(errors="replace")[-4000:]
