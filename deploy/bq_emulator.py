@@ -2,7 +2,8 @@
 
 bqemulator aborts at start-up when it cannot download the ``spatial`` extension (no internet
 here). bucketlens never uses GEOGRAPHY, so this launcher turns that step into a warning and
-then runs bqemulator's own CLI unchanged: ``python -m deploy.bq_emulator start ...``.
+then runs bqemulator's own CLI unchanged: ``python -m deploy.bq_emulator start ...``. It also
+gives the Storage Write API the RECORD sub-fields it drops (``_write_api_nested_fields``).
 """
 
 from __future__ import annotations
@@ -25,8 +26,24 @@ def _optional_spatial() -> None:
     engine.DuckDBEngine._load_spatial = load_spatial
 
 
+def _write_api_nested_fields() -> None:
+    """bqemulator's Storage Write API builds the target Arrow schema without RECORD sub-fields
+    (an empty struct), so any append to a table with a RECORD column fails in DuckDB; real
+    BigQuery has no such limit. Build it with the nested fields."""
+    from bqemulator.api.routes.tabledata import _build_arrow_schema
+    from bqemulator.grpc_api import write_servicer
+
+    def raw(field):  # type: ignore[no-untyped-def]
+        return {"name": field.name, "type": field.type, "mode": field.mode,
+                "fields": [raw(f) for f in field.fields]}
+
+    write_servicer._table_arrow_schema = lambda meta: _build_arrow_schema(
+        [raw(f) for f in meta.schema_.fields])
+
+
 def main(argv: list[str] | None = None) -> None:
     _optional_spatial()
+    _write_api_nested_fields()
     from bqemulator.cli import main as bq_main
 
     bq_main(args=argv if argv is not None else sys.argv[1:], prog_name="bqemulator")

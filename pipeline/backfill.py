@@ -88,6 +88,7 @@ def notification(blob: Any) -> Notification:
         key=ObjectKey(blob.bucket.name, blob.name, int(blob.generation)),
         event_type=FINALIZE,
         event_time=blob.time_created,
+        created=blob.time_created,  # the partition date the stream's copy gets
         size=int(blob.size) if blob.size is not None else None,
         content_type=blob.content_type,
         metadata=dict(metadata) if metadata else None,
@@ -153,7 +154,7 @@ def backfill(settings: Settings, spark: SparkSession | None = None, *, prefix: s
                 else:
                     todo.append(n)
             show(summary, f"chunk {index}: checking BigQuery")
-            done = sink.existing_keys([n.key for n in todo]) if todo else set()
+            done = sink.existing_keys(todo) if todo else set()  # bounded by creation day
             summary.skipped_existing += len(done)
             todo = [n for n in todo if n.key not in done]
             summary.pending += len(todo)

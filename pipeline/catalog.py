@@ -68,14 +68,17 @@ class TableLayout:
     """How a table is laid out on real BigQuery (bqemulator gets plain tables)."""
 
     schema: str  # schemas/<schema>.json
-    partition_by: str  # a TIMESTAMP column: day partitions, so old data ages into cheap storage
-    cluster_by: tuple[str, ...] = ()  # the key's leading columns: lookups scan less
+    partition_by: str  # a TIMESTAMP column: day partitions, so lookups read only the days they name
+    cluster_by: tuple[str, ...] = ()  # the key's columns: block pruning inside a partition
 
 
 def table_layouts(settings: Settings) -> dict[str, TableLayout]:
     """Table id → layout, for every table the job writes."""
     return {
-        settings.table_id: TableLayout("predictions", "processed_at", ("bucket", "name")),
+        # object_created (payload timeCreated): every copy of one key's row has the same day, so
+        # a batch's key lookup reads only the day partitions its rows fall in (pipeline.sink)
+        settings.table_id: TableLayout("predictions", "object_created",
+                                       ("bucket", "name", "generation")),
         settings.dead_letter_table_id: TableLayout("dead_letters", "recorded_at"),
         settings.events_table_id: TableLayout("object_events", "recorded_at", ("bucket", "name")),
     }

@@ -31,7 +31,7 @@ def _run(args: argparse.Namespace) -> int:
         model=args.model, weights=args.weights, trigger_seconds=args.trigger_seconds,
         max_messages_per_batch=args.max_messages_per_batch, spark_master=args.master,
         prefix=args.prefix, min_confidence=args.min_confidence, batch_size=args.batch_size,
-        sink=args.sink, metrics_port=args.metrics_port,
+        sink=args.sink, metrics_port=args.metrics_port, sink_mode=args.sink_mode,
     )
     classify.get_handler(settings)  # fail fast, in one sentence, if the model cannot load
     query, _ = stream.start(settings)
@@ -100,6 +100,9 @@ def add_job_commands(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--master", help="Spark master (default local[2])")
     run.add_argument("--sink", choices=["bigquery", "jsonl", "console"],
                      help="where rows go (default bigquery; jsonl writes to BUCKETLENS_JSONL_URI)")
+    run.add_argument("--sink-mode", choices=["append", "merge"],
+                     help="BigQuery writes: Storage Write API appends (default) or staging table "
+                          "+ MERGE per batch (BUCKETLENS_SINK_MODE)")
     run.add_argument("--metrics-port", type=int,
                      help="serve Prometheus metrics on 127.0.0.1:PORT/metrics")
     run.set_defaults(func=_run)
@@ -108,6 +111,7 @@ def add_job_commands(sub: argparse._SubParsersAction) -> None:
         ("classify", "pipeline.classify", "add_classify_parser", "run_classify"),
         ("backfill", "pipeline.backfill", "add_backfill_parser", "run_backfill"),
         ("report", "pipeline.report", "add_report_parser", "run_report"),
+        ("compact", "pipeline.compact", "add_compact_parser", "run_compact"),
     ):
         add_lazy_command(sub, name, module, adder, runner)
 

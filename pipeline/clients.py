@@ -1,7 +1,8 @@
 """Google client factories: the one place that knows about emulators and endpoints.
 
 The storage and Pub/Sub clients honour ``STORAGE_EMULATOR_HOST`` / ``PUBSUB_EMULATOR_HOST``
-themselves; BigQuery has no such variable, so ``Settings.bq_endpoint`` selects an emulator.
+themselves; BigQuery has no such variable, so ``Settings.bq_endpoint`` selects an emulator
+(REST) and ``Settings.bq_storage_endpoint`` its Storage Write API (gRPC).
 Imports are local so that pure modules importing this one stay cheap.
 """
 
@@ -15,6 +16,7 @@ from pipeline.config import Settings
 
 if TYPE_CHECKING:
     from google.cloud import bigquery, pubsub_v1, storage
+    from google.cloud.bigquery_storage_v1 import BigQueryWriteClient
 
 
 def _anonymous():
@@ -52,6 +54,26 @@ def bigquery_client(settings: Settings) -> bigquery.Client:
             client_options={"api_endpoint": settings.bq_endpoint},
         )
     return bigquery.Client(project=settings.project, location=settings.bq_location)
+
+
+def bigquery_write_client(settings: Settings) -> BigQueryWriteClient:
+    """The Storage Write API client: plaintext gRPC to ``bq_storage_endpoint`` (an emulator)
+    when set, else Google's endpoint with the environment's credentials. An emulator's REST
+    endpoint alone is refused: the writes would go to real BigQuery under a fake project."""
+    from google.cloud.bigquery_storage_v1 import BigQueryWriteClient
+
+    if settings.bq_storage_endpoint:
+        import grpc
+        from google.cloud.bigquery_storage_v1.services.big_query_write.transports import (
+            BigQueryWriteGrpcTransport,
+        )
+
+        channel = grpc.insecure_channel(settings.bq_storage_endpoint)
+        return BigQueryWriteClient(transport=BigQueryWriteGrpcTransport(channel=channel))
+    if settings.bq_endpoint:
+        raise ValueError("BUCKETLENS_BQ_ENDPOINT is set but BUCKETLENS_BQ_STORAGE_ENDPOINT is not:"
+                         " set it to the emulator's gRPC host:port, or use sink_mode=merge")
+    return BigQueryWriteClient()
 
 
 def subscriber_client() -> pubsub_v1.SubscriberClient:

@@ -31,6 +31,12 @@ class Settings:
     dead_letter_table: str = "dead_letters"
     events_table: str = "object_events"
     bq_endpoint: str = ""  # empty = the real BigQuery API
+    bq_storage_endpoint: str = ""  # host:port of an emulator's Storage Write API (gRPC, plaintext)
+    # append: Storage Write API default stream after a partition-bounded key lookup (no jobs);
+    # merge: staging table + load job + MERGE per batch (README "Delivery guarantees")
+    sink_mode: str = "append"
+    # how long a batch waits out BigQuery rate/quota errors before failing; 0 = no limit
+    bq_quota_patience_seconds: float = 0.0
     bq_location: str = "US"
     region: str = ""  # bucket location on real GCP; empty = Cloud Storage's default (US)
     service_account: str = "bucketlens-job"  # the job's identity (name or full email)

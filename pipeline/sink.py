@@ -1,11 +1,25 @@
 """Sink: prediction and dead-letter rows → BigQuery, idempotently, once per micro-batch.
 
 Delivery is at-least-once (Pub/Sub redelivers, Spark replays a batch after a crash), so the
-write must be safe to repeat. Rows are loaded into a per-batch staging table and merged into
-the target with ``WHEN NOT MATCHED THEN INSERT`` on the row key — (bucket, name, generation)
-for predictions, (message_id, reason) for dead letters — so a replay inserts nothing. Load
-jobs and MERGE are used rather than streaming inserts: ``insertId`` dedupe is best-effort
-(about a minute), and one bad row fails a whole ``insertAll`` request anyway.
+write must be safe to repeat. Every row has a key — (bucket, name, generation) for
+predictions, (message_id, reason) for dead letters — and a write adds only keys the table
+lacks. Two ways (``Settings.sink_mode``):
+
+* ``append`` (default): one query for the batch's keys, bounded to the partitions the batch's
+  rows fall in by constant timestamp filters, then the missing rows go to the table's default
+  write stream (Storage Write API, ``pipeline.bqwrite``): no load job, staging table or DML, so
+  neither the 1,500 load jobs per table per day nor the 2 concurrent DML statements per table
+  limit the trigger interval. Lookup and append are retried together, so a retried append
+  never adds rows the first try committed. Two writers appending one key in the same instant
+  can both add it: views count a key once and ``bucketlens compact`` removes the copy.
+* ``merge``: staging table + load job + insert-only MERGE, its ON clause bounded the same way.
+
+Costs: BigQuery bills a query by the bytes of the partitions it reads, and prunes partitions
+only on constant filters on the partitioning column
+(https://cloud.google.com/bigquery/docs/querying-partitioned-tables,
+https://cloud.google.com/bigquery/pricing#on_demand_pricing); quotas:
+https://cloud.google.com/bigquery/quotas. Legacy streaming inserts are not used: ``insertId``
+dedupe is best-effort (about a minute), and one bad row fails a whole ``insertAll`` request.
 
 Row building and SQL text are pure functions; the classes only do I/O.
 """
@@ -19,20 +33,32 @@ import logging
 import re
 import sys
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from google.api_core import exceptions as api_exceptions
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_delay,
+    stop_never,
+    wait_random_exponential,
+)
 
 from pipeline import clients
-from pipeline.catalog import load_schema, view_templates
+from pipeline.catalog import load_schema, schema_json, view_templates
 from pipeline.config import Settings
 from pipeline.fetch import call_with_retries, is_transient
 from pipeline.notifications import Notification, ObjectKey
 
 if TYPE_CHECKING:
     from google.cloud import bigquery, storage
+
+    from pipeline.bqwrite import StorageWriter
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +67,27 @@ DEAD_LETTER_KEY = ("message_id", "reason")
 EVENT_KEY = ("bucket", "name", "generation", "event_type", "metageneration")
 STAGING_TTL = timedelta(hours=1)  # a crashed batch's staging table cleans itself up
 RESULTS_PREFIX = "_bucketlens"  # JsonLinesSink's default folder inside the watched bucket
+# How far back a copy of a dead letter or event may have been written: Pub/Sub redelivers an
+# unacknowledged message for up to the subscription's retention (7 days by default), so the
+# lookups of those tables (partitioned by recorded_at) read the last 8 days only. Raise it
+# with the subscription's message_retention_duration.
+REDELIVERY_WINDOW = timedelta(days=8)
+SINK_MODES = ("append", "merge")
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """What the sink needs to know of a table: its key, which copy wins, how it is partitioned."""
+
+    schema: str  # schemas/<schema>.json
+    key: tuple[str, ...]
+    order_by: str  # of several copies of a key, the one with the smallest value is kept
+    partition_by: str  # the TIMESTAMP column of pipeline.catalog.table_layouts (day partitions)
+
+
+PREDICTIONS = TableSpec("predictions", PREDICTION_KEY, "processed_at", "object_created")
+DEAD_LETTERS = TableSpec("dead_letters", DEAD_LETTER_KEY, "recorded_at", "recorded_at")
+EVENTS = TableSpec("object_events", EVENT_KEY, "recorded_at", "recorded_at")
 
 
 # --- rows (pure) ------------------------------------------------------------------------------
@@ -77,6 +124,9 @@ def build_row(n: Notification, *, status: str, reason: str = "", model: str | No
         "processed_at": _ts(processed_at or datetime.now(UTC)),
         "message_id": n.message_id or None,
         "batch_id": batch_id,
+        # the partition every copy of this key agrees on: GCS's timeCreated; a notification
+        # without a JSON payload has only eventTime (for OBJECT_FINALIZE the same instant)
+        "object_created": _ts(n.created or n.event_time or processed_at or datetime.now(UTC)),
     }
 
 
@@ -138,14 +188,20 @@ def staging_table_id(table_id: str, batch_id: int) -> str:
     return f"{project_dataset}._staging_{table}_{batch}_{uuid.uuid4().hex[:8]}"
 
 
+def _order(value: Any) -> Any:
+    return _utc(value) if isinstance(value, str | datetime) else value
+
+
 def merge_sql(target: str, staging: str, columns: Sequence[str], key: Sequence[str],
-              order_by: str) -> str:
+              order_by: str, bound: str = "") -> str:
     """Insert staging rows whose key the target lacks; one row per key from the staging side.
 
     QUALIFY keeps the earliest ``order_by`` row per key, so duplicates in one batch (or left by
     a retried load) insert once. Column lists are explicit: ``INSERT ROW`` is not portable.
+    ``bound``, a constant partition filter on ``T``, goes into ON: BigQuery then reads only
+    those partitions of the target (a merge-condition filter prunes; a bare key join does not).
     """
-    on = " AND ".join(f"T.{k} = S.{k}" for k in key)
+    on = " AND ".join([f"T.{k} = S.{k}" for k in key] + ([bound] if bound else []))
     return (
         f"MERGE `{target}` AS T\n"
         f"USING (SELECT * FROM `{staging}` WHERE TRUE\n"
@@ -157,12 +213,94 @@ def merge_sql(target: str, staging: str, columns: Sequence[str], key: Sequence[s
     )
 
 
-def existing_keys_sql(target: str) -> str:
+def existing_keys_sql(target: str, key: Sequence[str] = PREDICTION_KEY,
+                      where: str = "") -> str:
+    """The keys of ``@keys`` (an array of structs) that ``target`` holds; ``where`` is a
+    constant partition filter on ``T`` (``partition_filter``) so BigQuery reads only those
+    partitions, not the whole table."""
+    on = " AND ".join(f"T.{k} = K.{k}" for k in key)
     return (
-        f"SELECT DISTINCT T.bucket, T.name, T.generation FROM `{target}` AS T\n"
-        "JOIN UNNEST(@keys) AS K\n"
-        "ON T.bucket = K.bucket AND T.name = K.name AND T.generation = K.generation"
+        f"SELECT DISTINCT {', '.join('T.' + k for k in key)} FROM `{target}` AS T\n"
+        f"JOIN UNNEST(@keys) AS K\nON {on}" + (f"\nWHERE {where}" if where else "")
     )
+
+
+def _utc(value: datetime | str) -> datetime:
+    t = datetime.fromisoformat(value.replace("Z", "+00:00")) if isinstance(value, str) else value
+    return t.astimezone(UTC) if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def partition_days(values: Iterable[datetime | str | None]) -> list[date] | None:
+    """The UTC days (day partitions) of ``values``, sorted; None when any value is missing,
+    since a key without a date could be in any partition (pure)."""
+    days = set()
+    for v in values:
+        if v is None:
+            return None
+        days.add(_utc(v).date())
+    return sorted(days)
+
+
+def day_ranges(days: Iterable[date]) -> list[tuple[date, date]]:
+    """Consecutive days merged into half-open [first, last + 1 day) ranges (pure)."""
+    ranges: list[tuple[date, date]] = []
+    for d in sorted(set(days)):
+        if ranges and ranges[-1][1] == d:
+            ranges[-1] = (ranges[-1][0], d + timedelta(days=1))
+        else:
+            ranges.append((d, d + timedelta(days=1)))
+    return ranges
+
+
+def ts_literal(t: datetime | date) -> str:
+    """A constant BigQuery TIMESTAMP literal (UTC). Constants, not parameters or expressions
+    over other tables, are what BigQuery prunes partitions with."""
+    if not isinstance(t, datetime):
+        t = datetime(t.year, t.month, t.day, tzinfo=UTC)
+    return f"TIMESTAMP '{_utc(t).strftime('%Y-%m-%d %H:%M:%S.%f')}+00'"
+
+
+def partition_filter(column: str, days: Sequence[date] | None, alias: str = "T") -> str:
+    """``alias.column`` within the given days, as ORed constant ranges; "" (no filter) when the
+    days are unknown (pure). https://cloud.google.com/bigquery/docs/querying-partitioned-tables
+    """
+    if days is None:
+        return ""
+    if not days:
+        return "FALSE"
+    parts = [f"({alias}.{column} >= {ts_literal(a)} AND {alias}.{column} < {ts_literal(b)})"
+             for a, b in day_ranges(days)]
+    return parts[0] if len(parts) == 1 else "(" + " OR ".join(parts) + ")"
+
+
+def since_filter(column: str, since: datetime | date, alias: str = "T") -> str:
+    """``alias.column >= <constant>``: prunes every partition before ``since`` (pure)."""
+    return f"{alias}.{column} >= {ts_literal(since)}"
+
+
+def row_bound(spec: TableSpec, rows: Sequence[Mapping[str, Any]]) -> str:
+    """The constant partition filter that covers every copy of these rows' keys (pure).
+
+    Predictions: the rows' own object_created days (every copy has the same). Dead letters and
+    events are partitioned by recorded_at, which differs per copy: the earliest row's time
+    minus REDELIVERY_WINDOW, a bound that still does not grow with the table.
+    """
+    if spec.partition_by == "recorded_at":
+        times = [_utc(r[spec.partition_by]) for r in rows if r.get(spec.partition_by)]
+        start = min(times, default=datetime.now(UTC)) - REDELIVERY_WINDOW
+        return since_filter(spec.partition_by, start.date())
+    return partition_filter(spec.partition_by, partition_days(
+        r.get(spec.partition_by) for r in rows))
+
+
+def first_per_key(rows: Sequence[dict], spec: TableSpec) -> list[dict]:
+    """One row per key, the smallest ``order_by`` (what the MERGE's QUALIFY keeps) (pure)."""
+    best: dict[tuple, dict] = {}
+    for r in rows:
+        k = tuple(r[c] for c in spec.key)
+        if k not in best or _order(r[spec.order_by]) < _order(best[k][spec.order_by]):
+            best[k] = r
+    return list(best.values())
 
 
 def render_view(template: str, settings: Settings) -> str:
@@ -177,34 +315,62 @@ def view_id(sql: str) -> str:
     return match.group(1)
 
 
-def _bq_transient(exc: BaseException) -> bool:
-    """``is_transient`` plus BigQuery's rate limits, which it reports as 403."""
+_RATE_REASONS = frozenset({"rateLimitExceeded", "quotaExceeded"})
+# Backoff between rounds of retries of a quota or rate error: up to a minute, as the quota
+# documentation asks of clients (https://cloud.google.com/bigquery/docs/troubleshoot-quotas).
+QUOTA_WAIT = wait_random_exponential(multiplier=2, max=60)
+
+
+def is_rate_limited(exc: BaseException) -> bool:
+    """A quota or rate limit, which passes: 403 rateLimitExceeded / quotaExceeded, 429 (gRPC
+    RESOURCE_EXHAUSTED) or 503 (gRPC UNAVAILABLE)."""
     if isinstance(exc, api_exceptions.Forbidden):
-        return any(e.get("reason") in {"rateLimitExceeded", "backendError"}
-                   for e in exc.errors or [])
+        return any(e.get("reason") in _RATE_REASONS for e in exc.errors or [])
+    return isinstance(exc, api_exceptions.TooManyRequests | api_exceptions.ServiceUnavailable)
+
+
+def _bq_transient(exc: BaseException) -> bool:
+    """``is_transient`` plus BigQuery's rate and quota limits, which it reports as 403."""
+    if isinstance(exc, api_exceptions.Forbidden):
+        return any(e.get("reason") in _RATE_REASONS | {"backendError"} for e in exc.errors or [])
     return is_transient(exc)
 
 
-def _bq(fn: Callable[[], Any]) -> Any:
-    return call_with_retries(fn, transient=_bq_transient)
+def _bq(fn: Callable[[], Any], patience: float | None = None) -> Any:
+    """``fn`` under fetch's retry policy; with ``patience`` (seconds, 0 = no limit) rate and
+    quota errors that outlast it are waited out too, so a stream stalls instead of dying."""
+    def once() -> Any:
+        return call_with_retries(fn, transient=_bq_transient)
+
+    if patience is None:
+        return once()
+
+    def warn(state: RetryCallState) -> None:
+        log.warning("BigQuery rate/quota limit, retrying (round %d): %r", state.attempt_number,
+                    state.outcome.exception() if state.outcome else None)
+
+    return Retrying(retry=retry_if_exception(is_rate_limited), wait=QUOTA_WAIT,
+                    stop=stop_after_delay(patience) if patience > 0 else stop_never,
+                    before_sleep=warn, reraise=True)(once)
 
 
-def run_query(client: bigquery.Client, sql: str, config: bigquery.QueryJobConfig | None = None
-              ) -> tuple[bigquery.QueryJob, list]:
+def run_query(client: bigquery.Client, sql: str, config: bigquery.QueryJobConfig | None = None,
+              patience: float | None = None) -> tuple[bigquery.QueryJob, list]:
     """Run to completion with retries (a retry is a new job: callers' SQL is idempotent)."""
 
     def attempt() -> tuple[bigquery.QueryJob, list]:
         job = client.query(sql, job_config=config, retry=None, job_retry=None)
         return job, list(job.result(retry=None, job_retry=None))
 
-    return _bq(attempt)
+    return _bq(attempt, patience)
 
 
 # --- sinks ------------------------------------------------------------------------------------
 
 class Sink(Protocol):
-    def existing_keys(self, keys: Sequence[ObjectKey]) -> set[ObjectKey]:
-        """Keys already written, whose classification can be skipped."""
+    def existing_keys(self, keys: Sequence[ObjectKey | Notification]) -> set[ObjectKey]:
+        """Keys already written, whose classification can be skipped. Pass notifications
+        where you have them: their creation day bounds BigQuery's lookup."""
         ...
 
     def write(self, rows: Sequence[dict], batch_id: int) -> int:
@@ -220,14 +386,31 @@ class Sink(Protocol):
         ...
 
 
-class BigQuerySink(Sink):
-    """Staging table + one MERGE per write; library retries are off so tenacity is the one
-    retry layer (every step is idempotent: the load goes to a table of its own, the MERGE
-    inserts only missing keys, the drop ignores a missing table)."""
+def _key_param(spec: TableSpec, keys: Iterable[tuple]) -> bigquery.ArrayQueryParameter:
+    """``@keys``: the key tuples as an array of structs typed from the table's schema."""
+    from google.cloud import bigquery
 
-    def __init__(self, settings: Settings, client: bigquery.Client | None = None) -> None:
+    types = {f["name"]: "INT64" if f["type"] in ("INTEGER", "INT64") else f["type"]
+             for f in schema_json(spec.schema)}
+    return bigquery.ArrayQueryParameter("keys", "STRUCT", [
+        bigquery.StructQueryParameter(None, *(
+            bigquery.ScalarQueryParameter(c, types[c], v) for c, v in zip(spec.key, k, strict=True)))
+        for k in sorted(set(keys))])
+
+
+class BigQuerySink(Sink):
+    """Idempotent writes per ``settings.sink_mode`` (see the module docstring). Library retries
+    are off so tenacity is the one retry layer, and every retried step is idempotent."""
+
+    def __init__(self, settings: Settings, client: bigquery.Client | None = None,
+                 writer: StorageWriter | None = None) -> None:
+        if settings.sink_mode not in SINK_MODES:
+            raise ValueError(f"sink_mode must be one of {', '.join(SINK_MODES)}, "
+                             f"not {settings.sink_mode!r}")
         self.settings = settings
         self._client = client
+        self._writer = writer
+        self.calls: Counter[str] = Counter()  # round trips by kind: query, append, load, ...
 
     @property
     def client(self) -> bigquery.Client:
@@ -236,45 +419,85 @@ class BigQuerySink(Sink):
             self._client = clients.bigquery_client(self.settings)
         return self._client
 
-    def existing_keys(self, keys: Sequence[ObjectKey]) -> set[ObjectKey]:
+    @property
+    def writer(self) -> StorageWriter:
+        """The Storage Write API client, made on first append."""
+        if self._writer is None:
+            from pipeline.bqwrite import StorageWriter
+
+            self._writer = StorageWriter(clients.bigquery_write_client(self.settings))
+        return self._writer
+
+    def _query(self, sql: str, config: bigquery.QueryJobConfig | None = None
+               ) -> tuple[bigquery.QueryJob, list]:
+        self.calls["query"] += 1
+        return run_query(self.client, sql, config)
+
+    def _existing(self, table_id: str, spec: TableSpec, keys: Iterable[tuple], bound: str
+                  ) -> set[tuple]:
+        """One query: which of ``keys`` the table holds, reading only ``bound``'s partitions."""
         from google.cloud import bigquery
 
         wanted = set(keys)
-        if not wanted:
+        if not wanted or bound == "FALSE":
             return set()
+        config = bigquery.QueryJobConfig(query_parameters=[_key_param(spec, wanted)])
+        _, rows = self._query(existing_keys_sql(table_id, spec.key, bound), config)
+        return {tuple(r[c] for c in spec.key) for r in rows} & wanted
 
-        def struct(k: ObjectKey) -> bigquery.StructQueryParameter:
-            return bigquery.StructQueryParameter(
-                None,
-                bigquery.ScalarQueryParameter("bucket", "STRING", k.bucket),
-                bigquery.ScalarQueryParameter("name", "STRING", k.name),
-                bigquery.ScalarQueryParameter("generation", "INT64", k.generation),
-            )
-
-        param = bigquery.ArrayQueryParameter("keys", "STRUCT", [struct(k) for k in sorted(wanted)])
-        config = bigquery.QueryJobConfig(query_parameters=[param])
-        _, rows = run_query(self.client, existing_keys_sql(self.settings.table_id), config)
-        return {ObjectKey(r["bucket"], r["name"], r["generation"]) for r in rows} & wanted
+    def existing_keys(self, keys: Sequence[ObjectKey | Notification]) -> set[ObjectKey]:
+        """Bare ObjectKeys carry no creation day, so their lookup reads every partition."""
+        items = [(k.key, k.created or k.event_time) if isinstance(k, Notification) else (k, None)
+                 for k in keys]
+        if not items:
+            return set()
+        bound = partition_filter(PREDICTIONS.partition_by, partition_days(t for _, t in items))
+        found = _bq(lambda: self._existing(self.settings.table_id, PREDICTIONS,
+                                           [(k.bucket, k.name, k.generation) for k, _ in items],
+                                           bound), self.settings.bq_quota_patience_seconds)
+        return {ObjectKey(*k) for k in found}
 
     def write(self, rows: Sequence[dict], batch_id: int) -> int:
-        return self._merge(rows, self.settings.table_id, "predictions", PREDICTION_KEY,
-                           "processed_at", batch_id)
+        return self._write(rows, self.settings.table_id, PREDICTIONS, batch_id)
 
     def write_dead_letters(self, records: Sequence[dict], batch_id: int) -> int:
-        return self._merge(records, self.settings.dead_letter_table_id, "dead_letters",
-                           DEAD_LETTER_KEY, "recorded_at", batch_id)
+        return self._write(records, self.settings.dead_letter_table_id, DEAD_LETTERS, batch_id)
 
     def write_events(self, records: Sequence[dict], batch_id: int) -> int:
-        return self._merge(records, self.settings.events_table_id, "object_events",
-                           EVENT_KEY, "recorded_at", batch_id)
+        return self._write(records, self.settings.events_table_id, EVENTS, batch_id)
 
-    def _merge(self, rows: Sequence[dict], table_id: str, schema_name: str,
-               key: Sequence[str], order_by: str, batch_id: int) -> int:
-        from google.cloud import bigquery
-
+    def _write(self, rows: Sequence[dict], table_id: str, spec: TableSpec, batch_id: int) -> int:
         if not rows:
             return 0
-        schema = load_schema(schema_name)
+        if self.settings.sink_mode == "merge":
+            return self._merge(rows, table_id, spec, batch_id)
+        return self._append(rows, table_id, spec)
+
+    def _append(self, rows: Sequence[dict], table_id: str, spec: TableSpec) -> int:
+        """Bounded key lookup, then one AppendRows call with the rows the table lacks; both
+        are retried together, so an append committed before its error is found, not redone."""
+        rows = first_per_key(rows, spec)
+        bound = row_bound(spec, rows)
+        fields = schema_json(spec.schema)
+
+        keys = [tuple(r[c] for c in spec.key) for r in rows]
+        tried: set[tuple] = set()  # keys of appends that failed but may have committed
+
+        def attempt() -> int:
+            have = self._existing(table_id, spec, keys, bound)
+            fresh = [r for r, k in zip(rows, keys, strict=True) if k not in have]
+            if fresh:
+                self.calls["append"] += 1
+                tried.update(tuple(r[c] for c in spec.key) for r in fresh)
+                self.writer.append(table_id, fresh, fields)
+            return len(fresh) + len(have & tried)  # ours, committed by an attempt that "failed"
+
+        return _bq(attempt, self.settings.bq_quota_patience_seconds)
+
+    def _merge(self, rows: Sequence[dict], table_id: str, spec: TableSpec, batch_id: int) -> int:
+        from google.cloud import bigquery
+
+        schema = load_schema(spec.schema)
         staging_id = staging_table_id(table_id, batch_id)
         staging = bigquery.Table(staging_id, schema=schema)
         staging.expires = datetime.now(UTC) + STAGING_TTL
@@ -282,14 +505,21 @@ class BigQuerySink(Sink):
         load_config = bigquery.LoadJobConfig(
             source_format=bigquery.SourceFormat.NEWLINE_DELIMITED_JSON, schema=schema,
             write_disposition=bigquery.WriteDisposition.WRITE_APPEND)
-        sql = merge_sql(table_id, staging_id, [f.name for f in schema], key, order_by)
+        sql = merge_sql(table_id, staging_id, [f.name for f in schema], spec.key, spec.order_by,
+                        row_bound(spec, rows))
+        patience = self.settings.bq_quota_patience_seconds
         try:
-            _bq(lambda: self.client.create_table(staging, exists_ok=True, retry=None))
+            self.calls["create_table"] += 1
+            _bq(lambda: self.client.create_table(staging, exists_ok=True, retry=None), patience)
+            self.calls["load"] += 1
             _bq(lambda: self.client.load_table_from_file(
-                io.BytesIO(payload), staging_id, job_config=load_config).result(retry=None))
-            job, _ = run_query(self.client, sql)
+                io.BytesIO(payload), staging_id, job_config=load_config).result(retry=None),
+                patience)
+            self.calls["query"] += 1
+            job, _ = run_query(self.client, sql, patience=patience)
         finally:
             try:
+                self.calls["delete_table"] += 1
                 _bq(lambda: self.client.delete_table(staging_id, not_found_ok=True, retry=None))
             except Exception as exc:  # noqa: BLE001 — the table expires by itself within the TTL
                 log.warning("could not drop %s (expires in %s): %r", staging_id, STAGING_TTL, exc)
@@ -338,7 +568,7 @@ class JsonLinesSink(Sink):
     def object_name(self, batch_id: int, kind: str = "") -> str:
         return "/".join(p for p in (self.prefix, kind, f"batch-{batch_id}.jsonl") if p)
 
-    def existing_keys(self, keys: Sequence[ObjectKey]) -> set[ObjectKey]:
+    def existing_keys(self, keys: Sequence[ObjectKey | Notification]) -> set[ObjectKey]:
         return set()
 
     def write(self, rows: Sequence[dict], batch_id: int) -> int:
@@ -369,7 +599,7 @@ class ConsoleSink(Sink):
     def __init__(self, settings: Settings | None = None, stream: TextIO | None = None) -> None:
         self.stream = stream
 
-    def existing_keys(self, keys: Sequence[ObjectKey]) -> set[ObjectKey]:
+    def existing_keys(self, keys: Sequence[ObjectKey | Notification]) -> set[ObjectKey]:
         return set()
 
     def write(self, rows: Sequence[dict], batch_id: int) -> int:

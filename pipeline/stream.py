@@ -221,7 +221,7 @@ class BatchProcessor:
             log.debug("batch %d: %s/%s#%d ignored: %s", batch_id, *_k(n.key), why)
         todo = t.todo
         if todo:
-            done = self.sink.existing_keys([n.key for n in todo])
+            done = self.sink.existing_keys(todo)  # notifications: their day bounds the lookup
             report.already_done = len(done)
             todo = [n for n in todo if n.key not in done]
         written = classify_and_write(batch_df.sparkSession, todo, self.settings, self.sink,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 
 import pytest
 from google.api_core import exceptions as api_exceptions
@@ -48,6 +48,7 @@ def test_build_row_fields_top1_and_timestamps() -> None:
         "publish_time": "2024-05-06T07:00:00+00:00",  # converted to UTC
         "processed_at": "2024-05-06T07:08:09.123456+00:00",
         "message_id": "msg-9", "batch_id": 3,
+        "object_created": "2024-05-06T07:00:00+00:00",  # no timeCreated: the event time
     }
     json.dumps(row)  # JSON-ready as it stands
 
@@ -102,11 +103,115 @@ def test_bigquery_rate_limit_403_is_retried_but_access_denied_is_not() -> None:
     assert sink._bq_transient(api_exceptions.ServiceUnavailable("x"))
 
 
+def finalize(message_id: str, publish: datetime, **payload) -> Notification:
+    return parse(message_id, {"eventType": "OBJECT_FINALIZE", "bucketId": "b",
+                              "objectId": "a/1.jpg", "objectGeneration": "7",
+                              "eventTime": "2024-05-06T23:59:59Z"},
+                 json.dumps(payload).encode(), publish_time=publish)
+
+
+def test_object_created_is_the_payloads_time_created_in_every_copy() -> None:
+    created = "2024-05-06T23:59:58.5Z"
+    copies = [finalize("m1", T0 + timedelta(days=1), timeCreated=created),
+              finalize("m2", T0 + timedelta(days=3), timeCreated=created)]  # a late redelivery
+    rows = [sink.build_row(n, status="ok", processed_at=T0 + timedelta(days=i + 1))
+            for i, n in enumerate(copies)]
+    assert {r["object_created"] for r in rows} == {"2024-05-06T23:59:58.500000+00:00"}
+    assert rows[0]["processed_at"] != rows[1]["processed_at"]
+    assert finalize("m3", T0 + timedelta(days=1), timeCreated=42).created is None  # not a time
+    # without a payload time the event time is used, then processed_at
+    assert sink.build_row(finalize("m4", T0 + timedelta(days=1)), status="ok")["object_created"] == \
+        "2024-05-06T23:59:59+00:00"
+    assert sink.build_row(note(), status="ok", processed_at=T0)["object_created"] == \
+        T0.isoformat()
+
+
+def test_partition_filter_is_constant_day_ranges() -> None:
+    days = [date(2024, 5, 7), date(2024, 5, 6), date(2024, 5, 9), date(2024, 5, 6)]
+    sql = sink.partition_filter("object_created", days)
+    assert sql == (
+        "((T.object_created >= TIMESTAMP '2024-05-06 00:00:00.000000+00' AND "
+        "T.object_created < TIMESTAMP '2024-05-08 00:00:00.000000+00') OR "
+        "(T.object_created >= TIMESTAMP '2024-05-09 00:00:00.000000+00' AND "
+        "T.object_created < TIMESTAMP '2024-05-10 00:00:00.000000+00'))")
+    assert sink.partition_filter("c", [date(2024, 5, 6)], alias="X") == (
+        "(X.c >= TIMESTAMP '2024-05-06 00:00:00.000000+00' AND "
+        "X.c < TIMESTAMP '2024-05-07 00:00:00.000000+00')")
+    assert sink.partition_filter("c", None) == ""  # a key without a date: any partition
+    assert sink.partition_filter("c", []) == "FALSE"
+    assert sink.partition_days(["2024-05-06T23:30:00-02:00", T0]) == [date(2024, 5, 6),
+                                                                       date(2024, 5, 7)]
+    assert sink.partition_days([T0, None]) is None
+
+
+def test_lookup_and_merge_of_a_batch_are_bounded_to_its_days() -> None:
+    rows = [{**r, "object_created": t} for r, t in zip(
+        rows_for(Settings(), ("a/1.jpg", 1), ("a/2.jpg", 1)),
+        ("2024-05-06T10:00:00+00:00", "2024-05-08T00:00:00+00:00"), strict=True)]
+    bound = sink.row_bound(sink.PREDICTIONS, rows)
+    sql = sink.existing_keys_sql("p.d.t", sink.PREDICTION_KEY, bound)
+    assert sql.endswith(
+        "WHERE ((T.object_created >= TIMESTAMP '2024-05-06 00:00:00.000000+00' AND "
+        "T.object_created < TIMESTAMP '2024-05-07 00:00:00.000000+00') OR "
+        "(T.object_created >= TIMESTAMP '2024-05-08 00:00:00.000000+00' AND "
+        "T.object_created < TIMESTAMP '2024-05-09 00:00:00.000000+00'))")
+    assert "@keys" in sql and "CURRENT_" not in sql
+    merge = sink.merge_sql("p.d.t", "p.d._s", ["bucket"], sink.PREDICTION_KEY, "processed_at",
+                           bound)
+    assert f"ON T.bucket = S.bucket AND T.name = S.name AND T.generation = S.generation AND " \
+           f"{bound}\n" in merge
+    # dead letters: partitioned by recorded_at, which differs per copy: the redelivery window
+    recs = [sink.dead_letter_record("m", "r", {}, None, None, 0, recorded_at=T0)]
+    assert sink.row_bound(sink.DEAD_LETTERS, recs) == (
+        "T.recorded_at >= TIMESTAMP '2024-04-28 00:00:00.000000+00'")
+
+
+def test_first_per_key_keeps_the_earliest_copy() -> None:
+    a, b = rows_for(Settings(), ("x.jpg", 1), ("x.jpg", 1))
+    b = {**b, "processed_at": (T0 - timedelta(microseconds=1)).isoformat(), "status": "gone"}
+    c = rows_for(Settings(), ("y.jpg", 1))[0]
+    assert sink.first_per_key([a, b, c], sink.PREDICTIONS) == [b, c]
+
+
+def test_quota_errors_are_waited_out_with_patience(monkeypatch) -> None:
+    from tenacity import wait_none
+
+    from pipeline import fetch
+
+    monkeypatch.setattr(fetch, "RETRY_WAIT", wait_none())
+    monkeypatch.setattr(sink, "QUOTA_WAIT", wait_none())
+    quota = api_exceptions.Forbidden("x", errors=[{"reason": "quotaExceeded"}])
+    assert sink.is_rate_limited(quota) and sink._bq_transient(quota)
+    assert sink.is_rate_limited(api_exceptions.ResourceExhausted("x"))  # gRPC 8 / HTTP 429
+    assert sink.is_rate_limited(api_exceptions.ServiceUnavailable("x"))  # gRPC 14
+    assert not sink.is_rate_limited(api_exceptions.Forbidden("x", errors=[{"reason": "accessDenied"}]))
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) <= 15:  # more than call_with_retries' own 6 attempts
+            raise api_exceptions.ResourceExhausted("quota")
+        return "ok"
+
+    with pytest.raises(api_exceptions.ResourceExhausted):
+        sink._bq(flaky)  # no patience: gives up after fetch's attempts
+    assert len(calls) == 6
+    calls.clear()
+    assert sink._bq(flaky, patience=0) == "ok" and len(calls) == 16
+    calls.clear()
+    denied = api_exceptions.Forbidden("x", errors=[{"reason": "accessDenied"}])
+    with pytest.raises(api_exceptions.Forbidden):
+        sink._bq(lambda: calls.append(1) or (_ for _ in ()).throw(denied), patience=0)
+    assert len(calls) == 1  # never retried
+
+
 def test_make_sink_kinds() -> None:
     s = Settings()
     assert isinstance(sink.make_sink("console", s), sink.ConsoleSink)
     assert isinstance(sink.make_sink("jsonl", s), sink.JsonLinesSink)
     assert isinstance(sink.make_sink("bigquery", s), sink.BigQuerySink)  # no client made yet
+    with pytest.raises(ValueError, match="append, merge"):
+        sink.BigQuerySink(s.replace(sink_mode="upsert"))
     with pytest.raises(ValueError, match="bigquery, jsonl, console"):
         sink.make_sink("kafka", s)
 

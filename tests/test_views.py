@@ -19,7 +19,8 @@ from pipeline.notifications import Notification, ObjectKey
 T0 = datetime(2024, 5, 6, 7, 0, tzinfo=UTC)
 IMAGENET = {1: "goldfish", 281: "tabby", 282: "tiger cat", 286: "cougar", 287: "lynx",
             309: "bee", 738: "pot", 985: "daisy"}
-REPORT_VIEWS = {"class_mapping", "latest_predictions", "processing_latency", "accuracy_by_label",
+REPORT_VIEWS = {"class_mapping", "distinct_predictions", "latest_predictions",
+                "processing_latency", "accuracy_by_label",
                 "accuracy_summary", "confusion_counts", "latency_distribution",
                 "latency_per_minute", "status_counts", "throughput_per_minute",
                 "top_predicted_classes"}

@@ -12,5 +12,5 @@ SELECT
   processed_at,
   TIMESTAMP_TRUNC(processed_at, MINUTE) AS minute,
   TIMESTAMP_DIFF(processed_at, event_time, MILLISECOND) / 1000 AS latency_s
-FROM `{project}.{dataset}.{table}`
+FROM `{project}.{dataset}.distinct_predictions`
 WHERE event_time IS NOT NULL

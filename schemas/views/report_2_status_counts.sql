@@ -5,5 +5,5 @@ SELECT
   status,
   COUNT(*) AS images,
   COUNT(*) / SUM(COUNT(*)) OVER () AS share
-FROM `{project}.{dataset}.{table}`
+FROM `{project}.{dataset}.distinct_predictions`
 GROUP BY status

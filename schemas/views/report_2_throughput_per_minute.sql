@@ -7,5 +7,5 @@ SELECT
   COUNTIF(top1_class_id IS NOT NULL) AS classified,
   COUNTIF(status NOT IN ('ok', 'low_confidence')) AS errors,
   COUNT(*) / 60 AS images_per_s
-FROM `{project}.{dataset}.{table}`
+FROM `{project}.{dataset}.distinct_predictions`
 GROUP BY minute
