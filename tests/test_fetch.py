@@ -66,6 +66,108 @@ def test_empty_batch_needs_no_client() -> None:
     assert fetch_all([], Settings(), client=object()) == []  # type: ignore[arg-type]
 
 
+MiB = 1024 * 1024
+
+
+@pytest.mark.parametrize(("sizes", "max_count", "budget", "groups"), [
+    ([1, 1, 1, 1, 1], 2, 100, [2, 2, 1]),  # the count bound, as before
+    ([30 * MiB] * 7, 64, 128 * MiB, [4, 3]),  # the byte bound
+    ([None] * 9, 64, 128 * MiB, [4, 4, 1]),  # unknown: up to max_bytes (32 MiB) each
+    ([0, -5, 10], 64, 64 * MiB, [2, 1]),  # non-positive sizes cost max_bytes too
+    ([500 * MiB] * 5 + [None], 64, 128 * MiB, [6]),  # over max_bytes: refused unread, free
+    ([30 * MiB] * 4 + [10 * MiB], 64, 128 * MiB, [4, 1]),
+    ([30 * MiB], 64, 1, [1]),  # one object over the whole budget still goes, alone
+])
+def test_budget_chunks_bound_count_and_bytes(sizes, max_count, budget, groups) -> None:
+    items = list(enumerate(sizes))
+    chunks = list(fetch.budget_chunks(items, max_count, 32 * MiB, budget))
+    assert [len(c) for c in chunks] == groups
+    assert [pair for c in chunks for pair in c] == items  # order kept, nothing lost
+    for c in chunks:
+        held = sum(fetch.download_cost(size, 32 * MiB) for _, size in c)
+        assert len(c) == 1 or held <= budget
+
+
+def test_stream_chunks_hold_at_most_the_byte_budget() -> None:
+    import pandas as pd
+
+    from pipeline import stream
+
+    frame = pd.DataFrame({"bucket": ["b"] * 10, "name": [f"n{i}" for i in range(10)],
+                          "generation": range(1, 11), "size": [30 * MiB] * 9 + [None]})
+    chunks = list(stream._work_chunks([frame], 32 * MiB))
+    assert [len(keys) for keys, _ in chunks] == [4, 4, 2]  # 64 objects a chunk by count alone
+    assert len(chunks[-1][1]) == 1  # the unknown size is looked up by fetch, not invented
+
+
+class EndlessBlob:
+    """Serves an object that never ends, in 1 MiB writes; counts what it handed over."""
+
+    def __init__(self, size: int | None = None) -> None:
+        self.size, self.sent, self.reloads = size, 0, 0
+
+    def reload(self, **kwargs) -> None:
+        self.reloads += 1
+
+    def download_to_file(self, target, **kwargs) -> None:
+        while self.sent < 64 * MiB:
+            target.write(b"\0" * MiB)
+            self.sent += MiB
+
+    def download_as_bytes(self, **kwargs) -> bytes:  # what the library does underneath
+        import io
+
+        buf = io.BytesIO()
+        self.download_to_file(buf)
+        return buf.getvalue()
+
+
+class OneBlobClient:
+    def __init__(self, blob: EndlessBlob) -> None:
+        self.blob_ = blob
+
+    def bucket(self, name: str) -> OneBlobClient:
+        return self
+
+    def blob(self, name: str, generation: int | None = None) -> EndlessBlob:
+        return self.blob_
+
+
+@pytest.mark.parametrize("claimed", [5, None, 0, -1])
+def test_download_stops_at_max_bytes_whatever_the_size_said(claimed) -> None:
+    blob = EndlessBlob()
+    key = ObjectKey("b", "x.jpg", 1)
+    got = fetch.fetch_one(OneBlobClient(blob), key, max_bytes=2 * MiB,  # type: ignore[arg-type]
+                          size=claimed)
+    assert got.status == "too_large" and got.data is None
+    assert blob.sent <= 3 * MiB  # stopped at the cap, not at the end of the object
+    assert blob.reloads == (0 if claimed == 5 else 1)  # unknown / non-positive: looked up
+
+
+def test_non_positive_size_is_looked_up_not_trusted() -> None:
+    blob = EndlessBlob(size=10 * MiB)
+    [got] = [fetch.fetch_one(OneBlobClient(blob), ObjectKey("b", "x", 1),  # type: ignore[arg-type]
+                             max_bytes=MiB, size=0)]
+    assert got.status == "too_large" and "10485760 bytes" in got.reason
+    assert blob.sent == 0  # the metadata said too large: nothing downloaded
+
+
+def test_deadline_bounds_a_block_even_when_a_handler_swallows_it() -> None:
+    import time
+
+    started = time.monotonic()
+    with pytest.raises(fetch.CommandTimeout, match="plan did not finish within 0.3 s"):
+        with fetch.deadline(0.3, "plan"):
+            try:
+                time.sleep(10)
+            except Exception:  # noqa: BLE001 — a retry loop that catches everything
+                time.sleep(10)
+    assert time.monotonic() - started < 3
+    with fetch.deadline(5, "quick"):
+        pass
+    time.sleep(0.2)  # disarmed: nothing fires after the block
+
+
 # --- integration ------------------------------------------------------------------------------
 
 @pytest.mark.integration
@@ -160,3 +262,18 @@ def test_over_max_bytes_is_too_large_without_download(isolated: Settings,
     before = len(proxy.seen)
     [again] = fetch_all([big], settings, sizes={big: 2000})
     assert again.status == "too_large" and len(proxy.seen) == before
+
+
+@pytest.mark.integration
+def test_zero_or_negative_size_from_a_notification_never_skips_the_guard(
+        isolated: Settings, proxy_factory) -> None:
+    big = upload(isolated, "x/big0.jpg", b"x" * 2000)
+    liar = upload(isolated, "x/liar.jpg", b"y" * 3000)
+    proxy = proxy_factory()
+    settings = isolated.replace(max_bytes=1000)
+    got = fetch_all([big, liar], settings, sizes={big: 0, liar: 5})
+    assert [f.status for f in got] == ["too_large", "too_large"]
+    assert "2000 bytes" in got[0].reason and "more than 1000" in got[1].reason
+    assert not [h for h in proxy.hits("big0.jpg") if "/download/" in h[1]]  # looked up instead
+    [small] = fetch_all([upload(isolated, "x/ok.jpg", b"z" * 10)], settings, sizes={})
+    assert (small.status, small.data) == ("ok", b"z" * 10)  # the capped download, intact

@@ -149,9 +149,14 @@ def test_exif_orientation_is_applied(decoder: str) -> None:
     np.testing.assert_allclose(got_bottom, BLUE, atol=12)
 
 
-def test_extreme_aspect_ratio_is_bounded() -> None:
-    strip = png(50_000, 1, 8, 0, zlib.compress(b"\x00" + b"\x80" * 50_000))
+def test_elongated_image_is_bounded_and_beyond_the_header_limit_refused() -> None:
+    side = 40 * images.MAX_HEADER_ASPECT  # exactly at the limit: decoded, then cropped to 4:1
+    strip = png(side, 40, 8, 0, zlib.compress((b"\x00" + b"\x80" * side) * 40))
     assert tuple(images.load(strip, SPEC, **LIMITS).shape) == (3, 224, 224)
+    longer = png(side + 1, 40, 8, 0, zlib.compress((b"\x00" + b"\x80" * (side + 1)) * 40))
+    with pytest.raises(images.ImageError, match="aspect ratio") as caught:
+        images.load(longer, SPEC, **LIMITS)
+    assert caught.value.status == images.TOO_LARGE
     assert tuple(images.bound_aspect(torch.zeros(3, 2, 100)).shape) == (3, 2, 8)
     assert tuple(images.bound_aspect(torch.zeros(3, 30, 40)).shape) == (3, 30, 40)
 
@@ -224,3 +229,16 @@ def test_jpeg_decoders_agree_and_draft_shrinks_big_photos() -> None:
 def test_unknown_decoder_is_a_programming_error() -> None:
     with pytest.raises(ValueError, match="decoder"):
         images.decode(encode(two_tone(), "PNG"), decoder="magick", **LIMITS)
+
+
+def test_decode_budget_counts_the_bitmap_actually_decoded() -> None:
+    big = photo_jpeg(scale=4)  # 1804 x 1200: 8.7 MB as a full RGB bitmap, 541 KB drafted to 1/4
+    budget = 600_000
+    drafted = images.decode(big, decoder="pil_draft", draft_size=SPEC.resize,
+                            max_decoded_bytes=budget, **LIMITS)
+    assert tuple(drafted.shape) == (3, 300, 451)
+    for decoder in ("pil", "torchvision"):  # these decode every pixel, so the header says no
+        with pytest.raises(images.ImageError, match="decode budget") as caught:
+            images.decode(big, decoder=decoder, max_decoded_bytes=budget, **LIMITS)
+        assert caught.value.status == images.TOO_LARGE
+    assert images.MAX_DECODED_BYTES >= 6000 * 4000 * 4  # a 24 MP PNG still decodes

@@ -1,7 +1,9 @@
-"""Integration: the local stack itself — notifications, provisioning, env, lifecycle."""
+"""The local stack: notifications, provisioning, env and lifecycle (integration), and the
+process bookkeeping that makes `down` stop only what `up` started (unit)."""
 
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
@@ -10,9 +12,8 @@ from deploy import localstack, provision
 from pipeline import clients
 from pipeline.config import Settings
 
-pytestmark = pytest.mark.integration
 
-
+@pytest.mark.integration
 def test_upload_produces_object_finalize_notification(isolated: Settings) -> None:
     blob = clients.storage_client(isolated).bucket(isolated.bucket).blob("flowers/daisy/a.jpg")
     blob.upload_from_string(b"not really a jpeg", content_type="image/jpeg")
@@ -30,6 +31,7 @@ def test_upload_produces_object_finalize_notification(isolated: Settings) -> Non
     assert int(attrs["objectGeneration"]) == blob.generation
 
 
+@pytest.mark.integration
 def test_provisioning_twice_changes_nothing(isolated: Settings) -> None:
     # `isolated` already applied once; a second apply and a plan both find everything. What
     # the emulators cannot do (IAM, the bucket's notification config) is reported as skipped.
@@ -42,6 +44,7 @@ def test_provisioning_twice_changes_nothing(isolated: Settings) -> None:
     assert {a.kind for a in second if a.verb == "skip"} == {"service-account", "iam", "notification"}
 
 
+@pytest.mark.integration
 def test_plan_then_destroy_on_a_fresh_project_layout(stack) -> None:
     s = stack.settings(Settings()).replace(
         bucket="plan-destroy", subscription="pd-sub", dead_letter_topic="pd-dlq", dataset="pd_ds")
@@ -56,6 +59,7 @@ def test_plan_then_destroy_on_a_fresh_project_layout(stack) -> None:
     assert remaining == [], remaining
 
 
+@pytest.mark.integration
 def test_env_renders_exports_and_status_reports_alive(stack) -> None:
     env = stack.env()
     assert env["PUBSUB_EMULATOR_HOST"].startswith("127.0.0.1:")
@@ -74,6 +78,7 @@ def test_missing_pubsub_emulator_is_one_clear_sentence(monkeypatch, tmp_path) ->
         localstack.find_pubsub_emulator()
 
 
+@pytest.mark.integration
 def test_down_stops_only_our_processes(tmp_path) -> None:
     state = localstack.up(tmp_path / "run", Settings(), provision=False)
     pids = [s.pid for s in state.services.values()]
@@ -82,3 +87,76 @@ def test_down_stops_only_our_processes(tmp_path) -> None:
         assert not (tmp_path / f"/proc/{pid}").exists() or localstack._alive(
             localstack.Service("x", 0, pid, "", ["never-matches"])) is False
     assert localstack.down(tmp_path / "run") == []
+
+
+# --- down kills only what up started (no stack needed) -----------------------------------------
+
+@pytest.fixture
+def sleeper():
+    """An unrelated process leading its own group, as the emulators do; killed afterwards."""
+    import shutil
+    import subprocess
+
+    proc = subprocess.Popen([shutil.which("sleep") or "/bin/sleep", "1000"],
+                            start_new_session=True)
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def _state(run_dir, svc: localstack.Service) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    localstack.StackState(str(run_dir), "bucketlens-local", {svc.name: svc}).save()
+
+
+@pytest.mark.parametrize("recorded", ["older state (no identity)", "another start time",
+                                      "another argv"])
+def test_down_leaves_a_reused_pid_alone_and_says_so(tmp_path, sleeper, caplog, recorded) -> None:
+    info = localstack.proc_info(sleeper.pid)
+    assert info is not None
+    # what the state says: a "sleep" we started at this PID (same basename, even same argv)
+    identity = {"older state (no identity)": {},
+                "another start time": {"start_time": info.start_time - 1, "argv": info.argv},
+                "another argv": {"start_time": info.start_time, "argv": [*info.argv, "x"]}}
+    svc = localstack.Service("pubsub", 1, sleeper.pid, "", ["/opt/other/bin/sleep", "1000"],
+                             **identity[recorded])
+    _state(tmp_path / "run", svc)
+    assert localstack.status(tmp_path / "run")["pubsub"]["alive"] is False
+    with caplog.at_level("WARNING", logger="bucketlens.localstack"):
+        assert localstack.down(tmp_path / "run") == []  # not reported as stopped
+    time.sleep(0.2)
+    assert sleeper.poll() is None, "down killed a process it did not start"
+    assert f"pid {sleeper.pid}" in caplog.text and "left alone" in caplog.text
+
+
+def test_down_stops_the_process_it_recorded_and_only_says_so_once_it_is_gone(
+        tmp_path, sleeper) -> None:
+    info = localstack.proc_info(sleeper.pid)
+    svc = localstack.Service("gcs", 1, sleeper.pid, "", ["sleep", "1000"],
+                             start_time=info.start_time, argv=info.argv)
+    _state(tmp_path / "run", svc)
+    assert localstack.status(tmp_path / "run")["gcs"]["alive"] is True
+    assert localstack.down(tmp_path / "run", timeout=5) == ["gcs"]
+    assert sleeper.poll() is not None  # gone (and reaped) before "stopped" was said
+    assert not (tmp_path / "run" / "state.json").exists()
+
+
+@pytest.mark.parametrize(("stat", "expected"), [
+    ("42 (sleep) S 1 42 42 0 -1 4194560 " + "0 " * 12 + "777 0", (777, 42)),
+    ("42 (a) (b c) S 1 7 7 0 -1 4194560 " + "0 " * 12 + "12345 0", (12345, 7)),  # odd comm
+])
+def test_proc_stat_fields_are_counted_after_the_command_name(stat, expected) -> None:
+    info = localstack.parse_proc(stat, b"sleep\0" + b"1000\0")
+    assert info is not None and (info.start_time, info.pgrp) == expected
+    assert info.argv == ["sleep", "1000"]
+    assert localstack.parse_proc(stat.replace(") S", ") Z"), b"") is None  # a zombie is gone
+
+
+def test_unreachable_emulator_is_one_sentence(monkeypatch) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"PUBSUB_EMULATOR_HOST": f"127.0.0.1:{port}"}
+    with pytest.raises(localstack.StackError, match=f"cannot reach PUBSUB_EMULATOR_HOST=127.0.0.1:{port}"):
+        localstack.check_emulators(Settings(), env)
+    localstack.check_emulators(Settings(), {})  # real GCP: nothing to probe

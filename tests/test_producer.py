@@ -282,6 +282,78 @@ def test_offline_download_is_one_sentence_naming_the_alternatives(
     assert "--dataset" in err and "--sample" in err and err.count(". ") == 0
 
 
+class _Zeros(io.RawIOBase):
+    """``size`` zero bytes, read in pieces: a member as large as we like, held nowhere."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # type: ignore[no-untyped-def, override]
+        n = min(len(b), self.left)
+        b[:n] = bytes(n)
+        self.left -= n
+        return n
+
+
+def _bomb_tgz(path: Path, member_size: int = 300 * 1024 * 1024, files: int = 0) -> Path:
+    """A valid flowers archive plus one huge all-zero photo (or ``files`` tiny ones)."""
+    _flowers_tgz(path)
+    with tarfile.open(path, "r:gz") as src:
+        members = [(m, src.extractfile(m).read()) for m in src.getmembers()]
+    with tarfile.open(path, "w:gz") as tar:
+        for m, data in members:
+            tar.addfile(m, io.BytesIO(data))
+        if member_size:
+            info = tarfile.TarInfo("flower_photos/daisy/bomb.jpg")
+            info.size = member_size
+            tar.addfile(info, _Zeros(member_size))
+        for i in range(files):
+            tar.addfile(tarfile.TarInfo(f"flower_photos/roses/{i}.jpg"), io.BytesIO(b""))
+    return path
+
+
+@pytest.mark.parametrize(("case", "member_size", "files", "says"), [
+    ("306 KB that expands to 300 MB", 300 * 1024 * 1024, 0, "expands to more than"),
+    ("more files than any dataset", 0, datasets.MAX_MEMBERS + 1, "more than 20000 files"),
+])
+def test_archive_bombs_are_refused_before_anything_is_written(
+        file_server, cache: Path, case, member_size, files, says) -> None:
+    base, _ = file_server
+    archive = _bomb_tgz(cache.parent / "www" / "bomb.tgz", member_size, files)
+    assert archive.stat().st_size < 1024 * 1024
+    with pytest.raises(DatasetError, match=says):
+        datasets.download_flowers(url=f"{base}/bomb.tgz")
+    assert not (cache / "flower_photos").exists()
+    written = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
+    assert written == 0  # the temporary directory and its partial extraction are gone too
+
+
+def test_extraction_limit_scales_with_the_archive_up_to_a_ceiling() -> None:
+    assert datasets.extraction_limit(229_000_000) == datasets.MAX_EXPANSION * 229_000_000
+    assert datasets.extraction_limit(10**12) == datasets.MAX_EXTRACTED_BYTES
+    assert datasets.extraction_limit(306_000) == datasets.MIN_EXTRACTED_BYTES < 300 * 2**20
+
+
+def test_download_stops_at_its_size_cap(file_server, cache: Path, monkeypatch) -> None:
+    base, _ = file_server
+    archive = _flowers_tgz(cache.parent / "www" / "flower_photos.tgz")
+    monkeypatch.setattr(datasets, "MAX_DOWNLOAD_BYTES", archive.stat().st_size - 1)
+    with pytest.raises(DatasetError, match="over the .*-byte limit"):
+        datasets.download_flowers(url=f"{base}/flower_photos.tgz")
+    assert not (cache / "flower_photos").exists()
+
+
+def test_discover_skips_names_that_would_forge_log_lines(dataset: Path) -> None:
+    for evil in ("forged\nINFO uploaded everything.jpg", "bell\a.jpg", "rtl\u202egpj.exe.jpg"):
+        (dataset / "cat" / evil).write_bytes(_image_bytes())
+    (dataset / "cat" / "ünïcödé ok.jpg").write_bytes(_image_bytes())
+    names = [i.relative for i in discover(dataset) if i.class_name == "cat"]
+    assert names == ["cat0.jpg", "cat1.jpg", "cat2.jpg", "ünïcödé ok.jpg"]
+
+
 # --- replay into fake-gcs-server -------------------------------------------------------------
 
 @pytest.mark.integration

@@ -1,0 +1,369 @@
+"""Hostile input, one row per case: messages, names and images that once killed a batch, a
+command or a worker. Adding a case is adding a line to a table.
+
+Notifications go through ``stream.triage`` and the sink's row builders (everything the driver
+does before the sink itself); names through ``Settings.validated`` and the real command lines;
+images through ``images.load`` and the real ``bucketlens classify``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from datetime import UTC, datetime
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+from pipeline import images, stream
+from pipeline.config import Settings
+from pipeline.names import InvalidName
+from pipeline.sink import EVENT_KEY, build_row, dead_letter_record, event_record, to_ndjson
+
+ROOT = Path(__file__).resolve().parents[1]
+BUCKET = "imgs"
+PUBLISHED = datetime(2026, 11, 21, 20, 42, 31, tzinfo=UTC)
+ATTRS = {"eventType": "OBJECT_FINALIZE", "bucketId": BUCKET, "objectId": "flowers/daisy/1.jpg",
+         "objectGeneration": "1795293750903367", "eventTime": "2026-11-21T20:42:30Z",
+         "payloadFormat": "JSON_API_V1"}
+
+
+def msg(data: bytes | dict = b"", **attrs: str | None) -> tuple:
+    """One message row as the source yields it; ``attr=None`` drops that attribute."""
+    merged = {k: v for k, v in {**ATTRS, **attrs}.items() if v is not None}
+    raw = json.dumps(data).encode() if isinstance(data, dict) else data
+    return ("m", PUBLISHED, merged, raw)
+
+
+def payload_only(**payload: object) -> tuple:
+    """The key only in the JSON payload (the attributes say just the event type)."""
+    return msg({"bucket": BUCKET, "name": "a/b.jpg", **payload}, bucketId=None, objectId=None,
+               objectGeneration=None)
+
+
+def metadata_update(metageneration: int) -> tuple:
+    return msg({"metageneration": str(metageneration)}, eventType="OBJECT_METADATA_UPDATE")
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+# (case, messages, expected outcome of each): "dead: <reason part>", "ignored: <reason part>",
+# "event: <event type>", "todo". Every row failed before the hardening (an exception out of
+# triage or row building, a wrong outcome, or a key that dropped a distinct event).
+NOTIFICATIONS: list[tuple[str, list[tuple], list[str]]] = [
+    ("size 1e400", [msg(b'{"size": 1e400}')], ["dead: size is not an integer"]),
+    ("generation 1e400", [payload_only(generation=float("inf"))],
+     ["dead: generation is not an integer"]),
+    ("generation 1e400 raw", [msg(b'{"bucket": "imgs", "name": "a", "generation": 1e400}',
+                                  bucketId=None, objectId=None, objectGeneration=None)],
+     ["dead: generation is not an integer"]),
+    ("JSON nested 100k deep", [msg(DEEP)], ["dead: nested too deeply"]),
+    ("integer of 5000 digits", [msg(b'{"size": ' + b"7" * 5000 + b"}")], ["dead: not JSON"]),
+    ("eventTime 9999-12-31 with updated in that second",
+     [msg({"updated": "9999-12-31T23:59:59.5Z"}, eventTime="9999-12-31T23:59:59Z")],
+     ["dead: after the message was published"]),
+    ("eventTime before year 1 in UTC", [msg(eventTime="0001-01-01T00:00:00+01:00")], ["todo"]),
+    ("generation -5", [msg(objectGeneration="-5")], ["dead: outside 1..2^63-1"]),
+    ("generation 0", [msg(objectGeneration="0")], ["dead: outside 1..2^63-1"]),
+    ("generation 0 in payload", [payload_only(generation=0)], ["dead: outside 1..2^63-1"]),
+    ("generation 2**63", [msg(objectGeneration=str(2**63))], ["dead: outside 1..2^63-1"]),
+    ("generation 2**63 in payload", [payload_only(generation=2**63)], ["dead: outside"]),
+    ("generation true", [payload_only(generation=True)], ["dead: generation is not an integer"]),
+    ("generation 7.0", [payload_only(generation=7.0)], ["dead: generation is not an integer"]),
+    ("generation '1_000'", [msg(objectGeneration="1_000")], ["dead: generation is not an integer"]),
+    ("generation Arabic-Indic 7", [msg(objectGeneration="\u0667")],
+     ["dead: generation is not an integer"]),
+    ("generation ' 7 '", [msg(objectGeneration=" 7 ")], ["dead: generation is not an integer"]),
+    ("size -1", [msg({"size": "-1"})], ["dead: size \"-1\" is outside"]),
+    ("metadata.true_label an object", [msg({"metadata": {"true_label": {"x": 1}}})],
+     ["dead: metadata.true_label is not a string"]),
+    ("metadata an array", [msg({"metadata": ["daisy"]})], ["dead: metadata is not an object"]),
+    ("contentType an object", [msg({"contentType": {"x": 1}})],
+     ["dead: contentType is not a string"]),
+    ("name an object", [payload_only(name={"x": 1}, generation="7")],
+     ["dead: name is not a string"]),
+    ("another bucket", [msg(bucketId="someone-elses")], ["ignored: not the watched bucket"]),
+    ("another bucket's delete", [msg(eventType="OBJECT_DELETE", bucketId="someone-elses")],
+     ["ignored: not the watched bucket"]),
+    ("delete by overwrite", [msg(eventType="OBJECT_DELETE", overwrittenByGeneration="8")],
+     ["event: OBJECT_OVERWRITE"]),
+    ("archive by overwrite (payload)",
+     [msg({"overwrittenByGeneration": "8"}, eventType="OBJECT_ARCHIVE")],
+     ["event: OBJECT_OVERWRITE"]),
+    ("overwrittenByGeneration garbage", [msg(eventType="OBJECT_DELETE",
+                                             overwrittenByGeneration="x")],
+     ["dead: overwrittenByGeneration is not an integer"]),
+    ("second METADATA_UPDATE of a generation", [metadata_update(2), metadata_update(3)],
+     ["event: OBJECT_METADATA_UPDATE", "event: OBJECT_METADATA_UPDATE"]),
+]
+
+
+def outcomes(t: stream.Triage, rows: list[tuple]) -> list[str]:
+    dead = {id(r): f"dead: {why}" for r, why in t.dead_letters}
+    ignored = {n.message_id: f"ignored: {why}" for n, why in t.ignored}
+    events = {n.message_id: f"event: {n.event_type}" for n in t.events}
+    todo = {n.message_id: "todo" for n in t.todo}
+    return [dead.get(id(r)) or ignored.get(r[0]) or events.get(r[0]) or todo.get(r[0]) or "lost"
+            for r in rows]
+
+
+@pytest.mark.parametrize(("case", "rows", "expected"), NOTIFICATIONS,
+                         ids=[c[0] for c in NOTIFICATIONS])
+def test_hostile_notification(case: str, rows: list[tuple], expected: list[str]) -> None:
+    rows = [(f"{case}#{i}", *r[1:]) for i, r in enumerate(rows)]  # distinct message ids
+    t = stream.triage(rows, Settings(bucket=BUCKET))  # must not raise, whatever the message
+    got = outcomes(t, rows)
+    assert [g.split(":")[0] for g in got] == [e.split(":")[0] for e in expected], got
+    for g, e in zip(got, expected, strict=True):
+        assert e.split(": ", 1)[-1] in g, (g, e)
+        assert not re.search(r"0x[0-9a-f]{6,}", g), g  # no heap address in a reason
+    # everything after triage builds rows the sink can serialise
+    to_ndjson([build_row(n, status="ok") for n in t.todo])
+    to_ndjson([dead_letter_record(r[0], why, r[2], r[3], r[1], 0) for r, why in t.dead_letters])
+    records = [event_record(n, 0) for n in t.events]
+    to_ndjson(records)
+    # events are keyed so that distinct events stay distinct rows after the MERGE's dedupe
+    assert len({tuple(r[k] for k in EVENT_KEY) for r in records}) == len(records)
+
+
+# --------------------------------------------------------------------------- names
+
+# (setting, hostile value): GCP refuses each, so none may reach a query, a path or a request.
+NAMES: list[tuple[str, str]] = [
+    ("dataset", "x`; DROP TABLE y; --"),
+    ("dataset", "my-dataset"),
+    ("dataset", "a" * 1025),
+    ("table", "t`; DROP TABLE y; --"),
+    ("table", "a.b"),
+    ("table", "é" * 513),  # 1026 UTF-8 bytes
+    ("dead_letter_table", "dl;x"),
+    ("events_table", "ev`x"),
+    ("project", "p"),
+    ("project", "My-Project"),
+    ("project", "proj-"),
+    ("project", "proj`x"),
+    ("bucket", "ab"),
+    ("bucket", "Images"),
+    ("bucket", "goog-images"),
+    ("bucket", "my-google-images"),
+    ("bucket", "192.168.5.4"),
+    ("bucket", "-images"),
+    ("bucket", "a" * 64),
+    ("topic", "goog-uploads"),
+    ("topic", "1uploads"),
+    ("topic", "up"),
+    ("topic", "up/loads"),
+    ("subscription", "sub with space"),
+    ("subscription", "s" * 256),
+    ("dead_letter_topic", "d" * 252),  # its "<dlq>-sub" subscription would be 256 long
+]
+
+
+@pytest.mark.parametrize(("field", "value"), NAMES, ids=[f"{f}={v[:20]!r}" for f, v in NAMES])
+def test_hostile_name_never_passes_validation(field: str, value: str) -> None:
+    settings = Settings(**{field: value})
+    with pytest.raises(InvalidName) as caught:
+        settings.validated()
+    assert "\n" not in str(caught.value)
+    with pytest.raises(InvalidName):
+        Settings.from_env({}, **{field: value})  # what every command line builds
+
+
+@pytest.mark.parametrize("settings", [
+    Settings(),  # the defaults, with the local stack's project "bucketlens-local"
+    Settings(bucket="test-1a2b3c4d", subscription="sub-1a2b3c4d", dead_letter_topic="dlq-1a2b",
+             dataset="ds_1a2b3c4d"),  # what the test fixtures make
+    Settings(bucket="my.images.example.com", topic="t~a+b%c.d_e-f", table="Prédictions-1 x"),
+    Settings(project="example.com:my-proj", dataset="D_1"),
+])
+def test_valid_names_pass(settings: Settings) -> None:
+    assert settings.validated() is settings
+
+
+# --------------------------------------------------------------------------- command lines
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(argv: list[str], env: dict[str, str] | None = None, timeout: float = 120):
+    started = time.monotonic()
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    return proc, time.monotonic() - started
+
+
+DEPLOY = [sys.executable, "-m", "deploy", "plan"]
+
+# (case, argv, env, exit code, most seconds, a part of the one line on stderr)
+COMMANDS: list[tuple[str, list[str], dict[str, str], int, float, str]] = [
+    ("dataset injection", [*DEPLOY, "--dataset", "x`; DROP TABLE y; --"], {}, 2, 1.0,
+     "dataset name 'x`; DROP TABLE y; --' is invalid"),
+    ("bucket via environment", DEPLOY, {"BUCKETLENS_BUCKET": "Bad Bucket"}, 2, 1.0,
+     "bucket name 'Bad Bucket' is invalid"),
+    ("topic with a newline", [*DEPLOY, "--topic", "up\nloads"], {}, 2, 1.0,
+     "topic name 'up\\nloads' is invalid"),
+    ("unreachable emulators", [*DEPLOY, "--bq-endpoint", "http://127.0.0.1:{port}"],
+     {"STORAGE_EMULATOR_HOST": "http://127.0.0.1:{port}",
+      "PUBSUB_EMULATOR_HOST": "127.0.0.1:{port}"}, 2, 10.0, "cannot reach"),
+]
+
+
+@pytest.mark.parametrize(("case", "argv", "env", "code", "seconds", "says"), COMMANDS,
+                         ids=[c[0] for c in COMMANDS])
+def test_hostile_command_line_fails_fast_in_one_line(case, argv, env, code, seconds,
+                                                     says) -> None:
+    port = str(closed_port())
+    proc, took = run([a.replace("{port}", port) for a in argv],
+                     {k: v.replace("{port}", port) for k, v in env.items()})
+    assert proc.returncode == code, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0], proc.stderr
+    assert took < seconds, f"{case} took {took:.2f}s"
+
+
+def test_deploy_with_a_hostile_name_makes_no_network_call(monkeypatch, capsys) -> None:
+    from deploy.__main__ import main
+
+    calls = []
+    monkeypatch.setattr(socket.socket, "connect", lambda *a: calls.append(a))
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: calls.append(a))
+    started = time.monotonic()
+    assert main(["apply", "--dataset", "x`; DROP TABLE y; --"]) == 2
+    assert time.monotonic() - started < 1.0 and calls == []
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_bucketlens_run_with_a_hostile_name_is_one_line_and_no_network(monkeypatch,
+                                                                        capsys) -> None:
+    from pipeline import classify
+    from pipeline.cli import main
+
+    monkeypatch.setattr(classify, "get_handler", lambda s: pytest.fail("model loaded"))
+    monkeypatch.setattr(socket.socket, "connect", lambda *a: pytest.fail("network call"))
+    assert main(["run", "--table", "t`; DROP TABLE y; --"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "table name" in err
+
+
+def test_deploy_against_an_endpoint_that_never_answers_stops_at_its_timeout() -> None:
+    with socket.socket() as hole:  # accepts connections (the backlog) and never answers
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(64)
+        url = f"127.0.0.1:{hole.getsockname()[1]}"
+        proc, took = run([*DEPLOY, "--bq-endpoint", f"http://{url}", "--timeout", "3"],
+                         {"STORAGE_EMULATOR_HOST": f"http://{url}", "PUBSUB_EMULATOR_HOST": url})
+    assert proc.returncode != 0
+    assert "did not finish within 3 s" in proc.stderr and proc.stderr.count("\n") == 1
+    assert took < 3 + 5  # interpreter start and imports under load, then the deadline
+
+
+# --------------------------------------------------------------------------- images
+
+
+def png(width: int, height: int, color_type: int = 0, bands: int = 1) -> bytes:
+    """An all-zero 8-bit PNG of any declared size, compressed as it is built (no huge buffer)."""
+    row = b"\x00" * (1 + width * bands)
+    per = max(1, (1 << 22) // len(row))
+    z = zlib.compressobj(9)
+    idat = b"".join([z.compress(row * min(per, height - lo)) for lo in range(0, height, per)]
+                    + [z.flush()])
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@cache
+def strip_png() -> bytes:
+    return png(1, 60_000_000)  # 117 KB: passes max_bytes and max_pixels (64 MP)
+
+
+@cache
+def rgba_png() -> bytes:
+    return png(8000, 7999, color_type=6, bands=4)  # 63,992,000 pixels, 256 MB as RGBA
+
+
+def small_photo() -> bytes:
+    import skimage.data
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(skimage.data.chelsea()).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+SPEC = images.Preprocess(resize=256, crop=224, mean=(0.5,) * 3, std=(0.5,) * 3)
+LIMITS = {"max_bytes": 32 * 1024 * 1024, "max_pixels": 64_000_000}  # the defaults
+
+# (case, bytes, status, a part of the reason)
+IMAGES: list[tuple[str, object, str, str]] = [
+    ("1 x 60,000,000 PNG", strip_png, images.TOO_LARGE, "aspect ratio"),
+    ("8000 x 7999 RGBA PNG", rgba_png, images.TOO_LARGE, "decode budget"),
+    ("50,000 x 1 strip", lambda: png(50_000, 1), images.TOO_LARGE, "aspect ratio"),
+    ("PNG signature, garbage header", lambda: b"\x89PNG\r\n\x1a\n" + b"\x00" * 64,
+     images.CORRUPT, "unreadable header"),
+]
+
+
+@pytest.mark.parametrize(("case", "make", "status", "says"), IMAGES, ids=[c[0] for c in IMAGES])
+@pytest.mark.parametrize("decoder", images.DECODERS)
+def test_hostile_image_is_refused_from_its_header(case, make, status, says, decoder) -> None:
+    with pytest.raises(images.ImageError) as caught:
+        images.load(make(), SPEC, decoder=decoder, **LIMITS)
+    assert caught.value.status == status and says in caught.value.reason
+    assert not re.search(r"0x[0-9a-f]{6,}", caught.value.reason)  # the same on every delivery
+
+
+def classify_cli(paths: list[Path]) -> tuple[list[tuple[float, dict]], int]:
+    """``bucketlens classify --json`` one file per batch: (arrival time, row) per output line,
+    and the process's own peak RSS in bytes (``wait4`` reports it for that child alone)."""
+    exe = Path(sys.executable).with_name("bucketlens")
+    proc = subprocess.Popen(
+        [str(exe), "classify", "--model", "efficientnet_lite0", "--batch-size", "1", "--json",
+         *map(str, paths)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        env={**os.environ, "BUCKETLENS_TORCH_THREADS": "1"})
+    rows = [(time.monotonic(), json.loads(line)) for line in proc.stdout]
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return rows, usage.ru_maxrss * 1024
+
+
+# Bounds of the done-when: a refused image costs at most 1 s and 200 MB over a small photo.
+EXTRA_SECONDS = 1.0
+EXTRA_RSS = 200 * 1024 * 1024
+
+
+@pytest.mark.timeout(600)
+def test_bucketlens_classify_refuses_decompression_bombs_in_time_and_memory(tmp_path) -> None:
+    photo, strip, rgba, photo2 = (tmp_path / n for n in ("cat.jpg", "strip.png", "rgba.png",
+                                                         "cat2.jpg"))
+    photo.write_bytes(small_photo())
+    photo2.write_bytes(small_photo())
+    strip.write_bytes(strip_png())
+    rgba.write_bytes(rgba_png())
+    _, baseline_rss = classify_cli([photo])
+    rows, rss = classify_cli([photo, strip, rgba, photo2])
+    (t0, first), (t1, one), (t2, two), (t3, last) = rows
+    assert [r["status"] for r in (first, one, two, last)] == ["ok", "too_large", "too_large", "ok"]
+    photo_seconds = t3 - t2  # the model is warm by then, as it is for the bombs
+    print(f"\npeak RSS: photo {baseline_rss / 2**20:.0f} MiB, photo + bombs {rss / 2**20:.0f} MiB;"
+          f" seconds: strip {t1 - t0:.3f}, rgba {t2 - t1:.3f}, photo {photo_seconds:.3f}")
+    assert t1 - t0 <= photo_seconds + EXTRA_SECONDS
+    assert t2 - t1 <= photo_seconds + EXTRA_SECONDS
+    assert rss <= baseline_rss + EXTRA_RSS
