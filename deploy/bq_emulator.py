@@ -9,6 +9,7 @@ gives the Storage Write API the RECORD sub-fields it drops (``_write_api_nested_
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 
@@ -41,9 +42,21 @@ def _write_api_nested_fields() -> None:
         [raw(f) for f in meta.schema_.fields])
 
 
+def _no_time_travel_copies() -> None:
+    """bqemulator copies the whole table (``CREATE TABLE … AS SELECT *``) after every write to
+    serve time travel, so each write costs O(table); real BigQuery does not. Benchmarks of
+    write paths set BUCKETLENS_BQ_EMULATOR_NO_SNAPSHOTS=1 to measure the write, not the copy
+    (``FOR SYSTEM_TIME AS OF`` then reads the live table)."""
+    from bqemulator.versioning import snapshots
+
+    snapshots.SnapshotManager.capture = lambda self, *a, **k: None  # type: ignore[method-assign]
+
+
 def main(argv: list[str] | None = None) -> None:
     _optional_spatial()
     _write_api_nested_fields()
+    if os.environ.get("BUCKETLENS_BQ_EMULATOR_NO_SNAPSHOTS") == "1":
+        _no_time_travel_copies()
     from bqemulator.cli import main as bq_main
 
     bq_main(args=argv if argv is not None else sys.argv[1:], prog_name="bqemulator")

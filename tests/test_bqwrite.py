@@ -259,3 +259,28 @@ def test_merge_mode_is_bounded_and_idempotent(isolated: Settings) -> None:
     assert len(merges) == 2 and all(
         "AND (T.object_created >= TIMESTAMP '2024-05-06 00:00:00.000000+00'" in q for q in merges)
     assert len(select(settings, f"SELECT name FROM `{settings.table_id}`")) == 2
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_sink_bench_runs_at_tiny_sizes_and_reports_every_figure() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, str(root / "bench" / "sink.py"), "--json", "--small", "50",
+         "--large", "400", "--batch", "5", "--repeats", "1", "--days", "4"],
+        capture_output=True, text=True, timeout=280, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert list(out)[:6] == ["rows_small", "rows_large", "batch_s_small", "batch_s_large",
+                             "growth", "statements_per_batch"]
+    assert (out["rows_small"], out["rows_large"]) == (50, 400)
+    assert out["statements_per_batch"] == 3 and out["old_statements_per_batch"] == 5
+    assert out["calls_per_batch"] == {"query": 2, "append": 1}
+    assert out["growth"] == pytest.approx(out["batch_s_large"] / out["batch_s_small"], abs=1e-3)
+    assert out["billed_new_large"] == 2 * 10 * 2**20  # a small partition: the 10 MB minimum twice
+    assert out["billed_old_large"] >= out["billed_new_large"]
+    assert out["table_key_bytes_large"] > out["table_key_bytes_small"]
