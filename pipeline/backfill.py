@@ -20,18 +20,18 @@ import argparse
 import itertools
 import json
 import logging
-import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import Settings
 from pipeline.notifications import FINALIZE, Notification, ObjectKey, wanted
 from pipeline.sink import own_prefixes
 from pipeline.stream import classify_and_write
+from pipeline.times import parse_since  # noqa: F401 - part of this module's API
 
 if TYPE_CHECKING:
     from google.cloud import storage
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bucketlens.backfill")
 
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
 @dataclass
@@ -66,20 +65,6 @@ class BackfillSummary:
 
 
 # --- pure pieces ------------------------------------------------------------------------------
-
-def parse_since(raw: str, now: datetime | None = None) -> datetime:
-    """An ISO-8601 time (naive = UTC) or an age such as ``90m``, ``6h``, ``2d`` before ``now``."""
-    text = raw.strip()
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhdw])", text)
-    if match:
-        age = timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
-        return (now or datetime.now(UTC)) - age
-    try:
-        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"{raw!r} is neither an ISO-8601 time nor an age like 90m, 6h, 2d") from None
-    return t if t.tzinfo else t.replace(tzinfo=UTC)
-
 
 def notification(blob: Any) -> Notification:
     """The OBJECT_FINALIZE notification GCS sent (or would have sent) for a listed object."""
@@ -206,44 +191,6 @@ def _progress(title: str, *, enabled: bool) -> Iterator[Callable[[BackfillSummar
 
 
 # --- command line -----------------------------------------------------------------------------
-
-def _positive_int(raw: str) -> int:
-    value = int(raw)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {raw}")
-    return value
-
-
-def _since(raw: str) -> datetime:
-    try:
-        return parse_since(raw)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-_since.__name__ = "time"  # argparse names the type in its error messages
-
-
-def add_backfill_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``backfill`` on the top-level CLI; dispatch with ``args.func(args)``."""
-    parser = subparsers.add_parser(
-        "backfill", help="classify the objects already in the bucket",
-        description="List the bucket and classify every object BigQuery has no row for, with "
-                    "the stream's code and rows. Safe to re-run, also while the stream runs.")
-    parser.add_argument("--bucket", required=True, help="the bucket whose objects to classify")
-    parser.add_argument("--prefix", default="", help="only objects under this prefix "
-                        "(default: BUCKETLENS_PREFIX)")
-    parser.add_argument("--since", type=_since, metavar="TIME",
-                        help="only objects created or updated since TIME: ISO 8601 "
-                             "(naive = UTC) or an age like 90m, 6h, 2d")
-    parser.add_argument("--batch", type=_positive_int, default=500, metavar="N",
-                        help="objects per chunk: one BigQuery check, Spark job and MERGE "
-                             "(default: %(default)s)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="list and check BigQuery only: classify and write nothing")
-    parser.set_defaults(func=run_backfill)
-    return parser
-
 
 def run_backfill(args: argparse.Namespace, spark: SparkSession | None = None) -> int:
     """Print the summary as the last stdout line; 0 = every object classified, 1 = error rows."""

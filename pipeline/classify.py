@@ -425,25 +425,6 @@ os.register_at_fork(after_in_child=_forget_parent_state)
 # --------------------------------------------------------------------------- CLI
 
 
-def add_classify_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """``bucketlens classify PATH...``: the classify stage on local files, no Spark or cloud."""
-    parser = subparsers.add_parser(
-        "classify",
-        help="classify local image files",
-        description="Classify image files (directories are walked) with the pipeline's model.",
-    )
-    parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or directories")
-    parser.add_argument("--model", help=f"torchvision model or {EFFICIENTNET_LITE0}")
-    parser.add_argument(
-        "--weights", help="torchvision weights name (IMAGENET1K_V1), state-dict PATH, or gs://..."
-    )
-    parser.add_argument("--batch-size", type=int, help="images per forward pass")
-    parser.add_argument("--min-confidence", type=float, help="mark top-1 below this")
-    parser.add_argument("--json", action="store_true", help="one JSON object per line")
-    parser.set_defaults(func=run_classify)
-    return parser
-
-
 def expand_paths(paths: Iterable[str]) -> Iterator[Path]:
     """Files as given, directories as their files (recursively, sorted)."""
     for raw in paths:

@@ -11,19 +11,23 @@ Every flag defaults to its ``BUCKETLENS_*`` environment variable (see ``pipeline
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable
+from datetime import date, datetime
 
 from pipeline.config import Settings
+from pipeline.times import parse_since
 
 
 class UserError(Exception):
     """An error whose message is the whole story: printed as one line, exit code 2."""
 
 
-def _run(args: argparse.Namespace) -> int:
+def run_stream(args: argparse.Namespace) -> int:
     from pipeline import classify, stream
 
     settings = Settings.from_env(
@@ -80,13 +84,36 @@ def _serve(query) -> int:
     return 0
 
 
-def add_job_commands(sub: argparse._SubParsersAction) -> None:
-    """The commands the job itself needs (what a cluster runs): run, classify, backfill, report.
+def runner(target: str) -> Callable[[argparse.Namespace], int]:
+    """``module:function``, imported only when the command runs: building the parser imports
+    nothing heavy (torch, Spark, the Google clients), so ``--help`` answers at once."""
+    module, _, name = target.partition(":")
 
-    The application CLI (``deploy.cli``) adds the local stack, the demo and the producer.
-    """
-    run = sub.add_parser("run", help="run the streaming classifier",
-                         description="Read GCS notifications from Pub/Sub, classify, write to BigQuery.")
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module), name)(args)
+
+    run.target = target  # type: ignore[attr-defined]
+    return run
+
+
+def positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {raw}")
+    return value
+
+
+def since(raw: str) -> datetime:
+    try:
+        return parse_since(raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+since.__name__ = "time"  # argparse names the type in its error messages
+
+
+def add_run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--subscription", help="Pub/Sub subscription (BUCKETLENS_SUBSCRIPTION)")
     run.add_argument("--table", help="BigQuery table in the dataset (BUCKETLENS_TABLE)")
     run.add_argument("--checkpoint", help="Spark checkpoint directory (BUCKETLENS_CHECKPOINT)")
@@ -97,35 +124,99 @@ def add_job_commands(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--batch-size", type=int, help="images per inference batch")
     run.add_argument("--min-confidence", type=float, help="mark rows whose top-1 prob is lower")
     run.add_argument("--prefix", help="only classify objects under this prefix")
-    run.add_argument("--master", help="Spark master (default local[2])")
+    run.add_argument("--master", help="Spark master (default local[2]; spark-submit's wins)")
     run.add_argument("--sink", choices=["bigquery", "jsonl", "console"],
                      help="where rows go (default bigquery; jsonl writes to BUCKETLENS_JSONL_URI)")
-    run.add_argument("--sink-mode", choices=["append", "merge"],
-                     help="BigQuery writes: Storage Write API appends (default) or staging table "
-                          "+ MERGE per batch (BUCKETLENS_SINK_MODE)")
     run.add_argument("--metrics-port", type=int,
                      help="serve Prometheus metrics on 127.0.0.1:PORT/metrics")
-    run.set_defaults(func=_run)
+    run.add_argument("--sink-mode", choices=["append", "merge"],
+                     help="BigQuery write path (BUCKETLENS_SINK_MODE; default append)")
 
-    for name, module, adder, runner in (
-        ("classify", "pipeline.classify", "add_classify_parser", "run_classify"),
-        ("backfill", "pipeline.backfill", "add_backfill_parser", "run_backfill"),
-        ("report", "pipeline.report", "add_report_parser", "run_report"),
-        ("compact", "pipeline.compact", "add_compact_parser", "run_compact"),
-    ):
-        add_lazy_command(sub, name, module, adder, runner)
+
+def add_classify_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or directories")
+    p.add_argument("--model", help="torchvision model or efficientnet_lite0")
+    p.add_argument("--weights",
+                   help="torchvision weights name (IMAGENET1K_V1), state-dict PATH, or gs://...")
+    p.add_argument("--batch-size", type=int, help="images per forward pass")
+    p.add_argument("--min-confidence", type=float, help="mark top-1 below this")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+
+def add_backfill_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bucket", required=True, help="the bucket whose objects to classify")
+    p.add_argument("--prefix", default="", help="only objects under this prefix "
+                   "(default: BUCKETLENS_PREFIX)")
+    p.add_argument("--since", type=since, metavar="TIME",
+                   help="only objects created or updated since TIME: ISO 8601 "
+                        "(naive = UTC) or an age like 90m, 6h, 2d")
+    p.add_argument("--batch", type=positive_int, default=500, metavar="N",
+                   help="objects per chunk: one BigQuery check, Spark job and write "
+                        "(default: %(default)s)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list and check BigQuery only: classify and write nothing")
+
+
+def add_report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="report", help="output directory (default: %(default)s)")
+    p.add_argument("--dataset", help="BigQuery dataset (BUCKETLENS_DATASET)")
+    p.add_argument("--table", help="predictions table the views read (BUCKETLENS_TABLE)")
+    p.add_argument("--top", type=int, default=15, help="classes in the top-1 ranking (default %(default)s)")
+    p.add_argument("--max-rows", type=int, default=30, help="rows per terminal table (report.md has all)")
+    p.add_argument("--create-views", action="store_true",
+                   help="(re)create the views first (CREATE OR REPLACE: safe to repeat)")
+
+
+def add_compact_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--since", type=date.fromisoformat, metavar="DATE",
+                   help="first UTC day (partition) to compact (default: 7 days ago)")
+
+
+# name, help, description, arguments, implementation: one row per job command.
+JOB_COMMANDS: tuple[tuple[str, str, str, Callable[[argparse.ArgumentParser], None], str], ...] = (
+    ("run", "run the streaming classifier",
+     "Read GCS notifications from Pub/Sub, classify, write to BigQuery.",
+     add_run_arguments, "pipeline.cli:run_stream"),
+    ("classify", "classify local image files",
+     "Classify image files (directories are walked) with the pipeline's model.",
+     add_classify_arguments, "pipeline.classify:run_classify"),
+    ("backfill", "classify the objects already in the bucket",
+     "List the bucket and classify every object BigQuery has no row for, with the stream's code "
+     "and rows. Safe to re-run, also while the stream runs.",
+     add_backfill_arguments, "pipeline.backfill:run_backfill"),
+    ("report", "tables and plots from the BigQuery analytics views",
+     "Query the analytics views, print them, and write PNG plots and report.md.",
+     add_report_arguments, "pipeline.report:run_report"),
+    ("compact", "remove duplicate rows left by racing writers",
+     "Keep one row per key in the predictions, dead-letter and event tables, reading only the "
+     "partitions since DATE (one MERGE per table that has duplicates). Safe to run at any time, "
+     "also while the stream runs.",
+     add_compact_arguments, "pipeline.compact:run_compact"),
+)
+
+
+def add_job_commands(sub: argparse._SubParsersAction) -> None:
+    """The commands the job itself needs (what a cluster runs): run, classify, backfill, report.
+
+    The application CLI (``deploy.cli``) adds the local stack, the demo and the producer.
+    """
+    for name, help_, description, add_arguments, target in JOB_COMMANDS:
+        parser = sub.add_parser(name, help=help_, description=description)
+        add_arguments(parser)
+        parser.set_defaults(func=runner(target))
 
 
 def add_lazy_command(sub: argparse._SubParsersAction, name: str, module: str, adder: str,
-                     runner: str) -> None:
-    """A command whose parser and runner live in ``module``; an import failure is said plainly."""
+                     runner_name: str) -> None:
+    """A command whose parser and runner live in ``module`` (keep such modules light to
+    import); an import failure is said plainly."""
     try:
-        mod = __import__(module, fromlist=[adder])
+        mod = importlib.import_module(module)
     except ImportError as exc:  # pragma: no cover - an install problem, said plainly
         sub.add_parser(name, help=f"unavailable: {exc}")
         return
     getattr(mod, adder)(sub)
-    sub.choices[name].set_defaults(func=getattr(mod, runner))
+    sub.choices[name].set_defaults(func=getattr(mod, runner_name))
 
 
 def build_parser(prog: str = "bucketlens") -> argparse.ArgumentParser:

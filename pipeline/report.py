@@ -366,21 +366,6 @@ def write_report(results: Mapping[str, Rows], settings: Settings, out: Path,
 
 # --- command ----------------------------------------------------------------------------------
 
-def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "report", help="tables and plots from the BigQuery analytics views",
-        description="Query the analytics views, print them, and write PNG plots and report.md.")
-    p.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: %(default)s)")
-    p.add_argument("--dataset", help="BigQuery dataset (BUCKETLENS_DATASET)")
-    p.add_argument("--table", help="predictions table the views read (BUCKETLENS_TABLE)")
-    p.add_argument("--top", type=int, default=15, help="classes in the top-1 ranking (default %(default)s)")
-    p.add_argument("--max-rows", type=int, default=30, help="rows per terminal table (report.md has all)")
-    p.add_argument("--create-views", action="store_true",
-                   help="(re)create the views first (CREATE OR REPLACE: safe to repeat)")
-    p.set_defaults(func=run_report)
-    return p
-
-
 def run_report(args: argparse.Namespace) -> int:
     from google.api_core import exceptions as api_exceptions
     from rich.console import Console

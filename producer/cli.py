@@ -17,8 +17,6 @@ from pathlib import Path
 from types import FrameType
 
 from pipeline.config import Settings
-from producer import datasets
-from producer.replay import preview, replay
 
 PROG = "bucketlens produce"
 
@@ -88,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dataset_root(args: argparse.Namespace, say: Callable[[str], None]) -> Path:
+    from producer import datasets
+
     if args.dataset is not None:
         return args.dataset
     if args.download == "flowers":
@@ -97,6 +97,8 @@ def _dataset_root(args: argparse.Namespace, say: Callable[[str], None]) -> Path:
 
 def run_produce(args: argparse.Namespace) -> int:
     """Exit status: 0 all uploaded, 1 some failed, 2 unusable input, 130 interrupted."""
+    from producer import datasets
+    from producer.replay import preview, replay
 
     def say(message: str) -> None:
         if not args.quiet:

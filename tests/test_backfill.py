@@ -13,7 +13,7 @@ import pytest
 
 from deploy.demo import counts
 from pipeline import backfill as bf
-from pipeline import clients, sink
+from pipeline import cli, clients, sink
 from pipeline.config import Settings
 from pipeline.notifications import FINALIZE, Notification, ObjectKey
 from producer.datasets import Item, discover, sample_dataset
@@ -95,16 +95,14 @@ def test_cli_parser_flags() -> None:
                                  "--batch", "20", "--dry-run"])
     assert (args.bucket, args.prefix, args.batch, args.dry_run) == ("b", "p/", 20, True)
     assert abs(datetime.now(UTC) - timedelta(hours=2) - args.since) < timedelta(seconds=5)
-    assert args.func is bf.run_backfill
+    assert args.func.target == "pipeline.backfill:run_backfill"
     for bad in (["--bucket", "b", "--batch", "0"], ["--bucket", "b", "--since", "soon"], []):
         with pytest.raises(SystemExit):
             _parser().parse_args(["backfill", *bad])
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bucketlens")
-    bf.add_backfill_parser(p.add_subparsers(dest="command"))
-    return p
+    return cli.build_parser()
 
 
 # --- on the local stack -----------------------------------------------------------------------

@@ -26,7 +26,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from pipeline import classify, images
+from pipeline import classify, cli, images
 from pipeline.config import Settings
 
 CATS = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat", "lynx"}
@@ -327,9 +327,7 @@ def test_default_weights_unreachable_fails_fast(tmp_path, monkeypatch, weights_u
 
 
 def classify_args(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bucketlens")
-    classify.add_classify_parser(parser.add_subparsers())
-    return parser.parse_args(["classify", *argv])
+    return cli.build_parser().parse_args(["classify", *argv])
 
 
 def test_cli_json(tmp_path, photos, lite0, capsys) -> None:

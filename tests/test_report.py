@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import clients, report
+from pipeline import cli, clients, report
 from pipeline.config import Settings
 from tests.test_views import T0, load, quality_rows, select, timing_rows
 
@@ -86,9 +86,7 @@ def check_command_writes_tables_and_page(settings: Settings, out: Path,
     for k, v in settings.as_env().items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("COLUMNS", "200")
-    parser = argparse.ArgumentParser()
-    report.add_report_parser(parser.add_subparsers())
-    args = parser.parse_args(["report", "--out", str(out), "--top", "3"])
+    args = cli.build_parser().parse_args(["report", "--out", str(out), "--top", "3"])
     assert args.func(args) == 0
 
     printed = capsys.readouterr().out
