@@ -18,6 +18,16 @@ from pipeline.config import Settings
 
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 
+# A test's markers follow from the fixtures it uses, so `-m "not integration"` can never run
+# a test that needs the stack because its module forgot a pytestmark.
+FIXTURE_MARKERS = {"stack": "integration", "isolated": "integration", "spark": "spark"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture in set(getattr(item, "fixturenames", ())) & set(FIXTURE_MARKERS):
+            item.add_marker(FIXTURE_MARKERS[fixture])
+
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[localstack.StackState]:
