@@ -73,7 +73,6 @@ def notification(blob: Any) -> Notification:
         key=ObjectKey(blob.bucket.name, blob.name, int(blob.generation)),
         event_type=FINALIZE,
         event_time=blob.time_created,
-        created=blob.time_created,  # the partition date the stream's copy gets
         size=int(blob.size) if blob.size is not None else None,
         content_type=blob.content_type,
         metadata=dict(metadata) if metadata else None,
