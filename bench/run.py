@@ -56,7 +56,7 @@ console = Console(stderr=True)
 
 KEYS = ("ceiling_img_s", "pipeline_img_s", "baseline_img_s", "ratio_to_ceiling",
         "ratio_to_baseline", "latency_p50_s", "latency_p95_s", "rss_growth_mb")
-TARGETS = {  # figure → (comparison, target): what issue 9 asks for; figures, not tests
+TARGETS = {  # figure → (comparison, target): the performance goals; figures, not tests
     "ratio_to_ceiling": (">=", 0.8),
     "ratio_to_baseline": (">=", 3.0),
     "latency_p50_s": ("<", 1.0),

@@ -48,7 +48,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -168,41 +168,106 @@ def chunks(items: Sequence[str], size: int = ACK_CHUNK) -> Iterator[list[str]]:
         yield list(items[i:i + size])
 
 
-class _Runtime:
-    """Driver-side state: the client, the buffer and two threads. Never pickled."""
+def _modack(client: Any, subscription: str, ack_ids: Sequence[str], seconds: int) -> None:
+    """Set the ack deadline of these messages; a failure costs a redelivery, never a loss."""
+    for part in chunks(ack_ids):
+        try:
+            client.modify_ack_deadline(subscription=subscription, ack_ids=part,
+                                       ack_deadline_seconds=seconds)
+        except Exception as exc:  # noqa: BLE001 - a lost lease means a redelivery, not a loss
+            log.warning("modify_ack_deadline(%d ids, %ds) failed: %s", len(part), seconds, exc)
 
-    def __init__(self, opts: PubSubOptions) -> None:
-        from pipeline.clients import subscriber_client
 
-        if opts.emulator_host:
-            os.environ["PUBSUB_EMULATOR_HOST"] = opts.emulator_host
-        self.opts = opts
-        self.client = subscriber_client()
-        self.lock = threading.Lock()
+class Leaser:
+    """Keeps the lease of every held message alive, like python-pubsub's ``leaser.py``: one
+    thread, one batched modifyAckDeadline per cycle, a jittered sleep at 0.5–0.8 of the
+    deadline, and leases dropped after ``max_lease_seconds`` so a stuck batch cannot hold
+    messages forever (``on_expired`` hears of them; Pub/Sub redelivers them).
+
+    ``_lock`` guards ``_leased`` (ack id → time the lease was taken) and ``stats``.
+    """
+
+    def __init__(self, client: Any, opts: PubSubOptions,
+                 on_expired: Callable[[set[str]], None]) -> None:
+        self.client, self.opts, self.on_expired = client, opts, on_expired
+        self._lock = threading.Lock()
+        self._leased: dict[str, float] = {}
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="pubsub-lease", daemon=True)
+        self.stats = {"extended": 0, "expired": 0}
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def add(self, ack_ids: Sequence[str]) -> None:
+        """Take the lease at once: the subscription's own deadline may be shorter."""
+        _modack(self.client, self.opts.subscription, ack_ids, self.opts.ack_deadline_seconds)
+        now = time.monotonic()
+        with self._lock:
+            self._leased.update(dict.fromkeys(ack_ids, now))
+
+    def remove(self, ack_ids: Sequence[str]) -> None:
+        with self._lock:
+            for a in ack_ids:
+                self._leased.pop(a, None)
+
+    def _loop(self) -> None:
+        deadline = self.opts.ack_deadline_seconds
+        while not self._stopping.wait(random.uniform(0.5, 0.8) * deadline):
+            now = time.monotonic()
+            with self._lock:
+                expired = {a for a, t in self._leased.items()
+                           if now - t > self.opts.max_lease_seconds}
+                for a in expired:
+                    del self._leased[a]
+                live = list(self._leased)
+                self.stats["expired"] += len(expired)
+                self.stats["extended"] += len(live)
+            if expired:
+                log.warning("dropped the lease of %d messages held over %.0fs",
+                            len(expired), self.opts.max_lease_seconds)
+                self.on_expired(expired)
+            if live:
+                _modack(self.client, self.opts.subscription, live, deadline)
+
+    def stop(self) -> list[str]:
+        """Stop extending; return the ack ids still leased (the caller hands them back)."""
+        self._stopping.set()
+        self._thread.join(timeout=5)
+        with self._lock:
+            held, self._leased = list(self._leased), {}
+        return held
+
+
+class Puller:
+    """Pulls messages into the buffer on one thread while the buffer has room (flow control:
+    ``buffer_limit``), leasing each batch it receives, and numbers buffered messages into
+    batches for Spark; acks once a batch is done.
+
+    ``_lock`` guards ``unplanned``, ``planned``, ``next_seq`` and ``stats``.
+    """
+
+    def __init__(self, client: Any, opts: PubSubOptions, leaser: Leaser) -> None:
+        self.client, self.opts, self.leaser = client, opts, leaser
+        self._lock = threading.Lock()
         self.unplanned: deque[Held] = deque()
         self.planned: dict[int, Held] = {}
         self.next_seq = 0
-        # Offsets name the run that numbered them: a restarted reader cannot know which
-        # messages an older run's offsets meant (Spark < 4.2 does not even say where it resumes).
-        self.run = uuid.uuid4().hex[:12]
-        self.stopping = threading.Event()
-        self.stats = {"pulled": 0, "acked": 0, "extended": 0, "expired": 0, "nacked": 0}
-        self.threads = [
-            threading.Thread(target=self._pull_loop, name="pubsub-pull", daemon=True),
-            threading.Thread(target=self._lease_loop, name="pubsub-lease", daemon=True),
-        ]
-        for t in self.threads:
-            t.start()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="pubsub-pull", daemon=True)
+        self.stats = {"pulled": 0, "acked": 0}
 
-    # -- pulling -------------------------------------------------------------------------
-    def _pull_loop(self) -> None:
+    def start(self) -> None:
+        self._thread.start()
+
+    def _loop(self) -> None:
         from google.api_core import exceptions as gexc
 
-        while not self.stopping.is_set():
-            with self.lock:
+        while not self._stopping.is_set():
+            with self._lock:
                 room = self.opts.buffer_limit - len(self.unplanned)
             if room <= 0:  # flow control: let Spark catch up before pulling more
-                self.stopping.wait(0.05)
+                self._stopping.wait(0.05)
                 continue
             try:
                 resp = self.client.pull(
@@ -212,64 +277,31 @@ class _Runtime:
             except (gexc.DeadlineExceeded, gexc.ServiceUnavailable, gexc.InternalServerError,
                     gexc.Aborted, gexc.Unknown) as exc:
                 log.debug("pull: %s", exc)
-                self.stopping.wait(0.5)
+                self._stopping.wait(0.5)
                 continue
             except Exception:  # noqa: BLE001 - keep pulling; the query must not die silently
                 log.exception("pull failed")
-                self.stopping.wait(1.0)
+                self._stopping.wait(1.0)
                 continue
             if not resp.received_messages:
                 continue
             now = time.monotonic()
             held = [Held(r.ack_id, message_row(r), now) for r in resp.received_messages]
-            # Take the lease at once: the subscription's own deadline may be shorter.
-            self._modack([h.ack_id for h in held], self.opts.ack_deadline_seconds)
-            with self.lock:
+            self.leaser.add([h.ack_id for h in held])
+            with self._lock:
                 self.unplanned.extend(held)
                 self.stats["pulled"] += len(held)
 
-    # -- leases --------------------------------------------------------------------------
-    def _lease_loop(self) -> None:
-        deadline = self.opts.ack_deadline_seconds
-        while not self.stopping.wait(random.uniform(0.5, 0.8) * deadline):
-            now = time.monotonic()
-            with self.lock:
-                held = list(self.unplanned) + list(self.planned.values())
-                expired = [h for h in held if now - h.leased_at > self.opts.max_lease_seconds]
-                for h in expired:  # stop extending: Pub/Sub will redeliver them
-                    self._forget(h)
-                gone = {id(h) for h in expired}
-                live = [h.ack_id for h in held if id(h) not in gone]
-                self.stats["expired"] += len(expired)
-            if expired:
-                log.warning("dropped the lease of %d messages held over %.0fs",
-                            len(expired), self.opts.max_lease_seconds)
-            if live:
-                self._modack(live, deadline)
-                self.stats["extended"] += len(live)
+    def forget(self, ack_ids: set[str]) -> None:
+        """Drop messages whose lease expired: Pub/Sub redelivers them."""
+        with self._lock:
+            self.unplanned = deque(h for h in self.unplanned if h.ack_id not in ack_ids)
+            for seq in [s for s, h in self.planned.items() if h.ack_id in ack_ids]:
+                del self.planned[seq]
 
-    def _forget(self, h: Held) -> None:
-        if h.seq is not None:
-            self.planned.pop(h.seq, None)
-        else:
-            try:
-                self.unplanned.remove(h)
-            except ValueError:
-                pass
-
-    def _modack(self, ack_ids: Sequence[str], seconds: int) -> None:
-        for part in chunks(ack_ids):
-            try:
-                self.client.modify_ack_deadline(
-                    subscription=self.opts.subscription, ack_ids=part,
-                    ack_deadline_seconds=seconds)
-            except Exception as exc:  # noqa: BLE001 - a lost lease means a redelivery, not a loss
-                log.warning("modify_ack_deadline(%d ids, %ds) failed: %s", len(part), seconds, exc)
-
-    # -- offsets -------------------------------------------------------------------------
     def number(self, limit: int | None) -> int:
         """Give sequence numbers to up to ``limit`` buffered messages; return the end seq."""
-        with self.lock:
+        with self._lock:
             take = len(self.unplanned) if limit is None else min(limit, len(self.unplanned))
             for _ in range(take):
                 h = self.unplanned.popleft()
@@ -279,29 +311,55 @@ class _Runtime:
             return self.next_seq
 
     def rows(self, start: int, end: int) -> list[tuple]:
-        with self.lock:
+        with self._lock:
             return [self.planned[s].row for s in range(start, end) if s in self.planned]
 
     def ack_below(self, end: int) -> int:
-        with self.lock:
+        with self._lock:
             done = [s for s in self.planned if s < end]
             ack_ids = [self.planned.pop(s).ack_id for s in done]
+        self.leaser.remove(ack_ids)
         for part in chunks(ack_ids):
             _ack_with_retry(self.client, self.opts.subscription, part)
-        self.stats["acked"] += len(ack_ids)
+        with self._lock:
+            self.stats["acked"] += len(ack_ids)
         return len(ack_ids)
 
-    def close(self) -> None:
-        """Stop the threads and hand every unacked message back to Pub/Sub at once."""
-        self.stopping.set()
-        with self.lock:
-            held = [h.ack_id for h in self.unplanned] + [h.ack_id for h in self.planned.values()]
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=self.opts.pull_timeout_seconds + 1)
+        with self._lock:
             self.unplanned.clear()
             self.planned.clear()
-        self._modack(held, 0)
-        self.stats["nacked"] += len(held)
-        for t in self.threads:
-            t.join(timeout=self.opts.pull_timeout_seconds + 1)
+
+
+class _Runtime:
+    """Driver-side state: the client, a puller and a leaser, and this run's id. Never pickled."""
+
+    def __init__(self, opts: PubSubOptions) -> None:
+        from pipeline.clients import subscriber_client
+
+        if opts.emulator_host:
+            os.environ["PUBSUB_EMULATOR_HOST"] = opts.emulator_host
+        self.opts = opts
+        self.client = subscriber_client()
+        # Offsets name the run that numbered them: a restarted reader cannot know which
+        # messages an older run's offsets meant (Spark < 4.2 does not even say where it resumes).
+        self.run = uuid.uuid4().hex[:12]
+        self.leaser = Leaser(self.client, opts, on_expired=lambda ids: self.puller.forget(ids))
+        self.puller = Puller(self.client, opts, self.leaser)
+        self.leaser.start()
+        self.puller.start()
+
+    @property
+    def next_seq(self) -> int:
+        return self.puller.next_seq
+
+    def close(self) -> None:
+        """Stop both threads and hand every unacked message back to Pub/Sub at once."""
+        self.puller.stop()
+        held = self.leaser.stop()
+        _modack(self.client, self.opts.subscription, held, 0)
         try:
             self.client.close()
         except Exception:  # noqa: BLE001
@@ -384,12 +442,12 @@ class PubSubStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
         rt = self.runtime
         done = rt.next_seq if start is None else self._seq(start)
         if done:
-            rt.ack_below(done)
+            rt.puller.ack_below(done)
         if ADMISSION_CONTROL and limit is not None:
             max_rows = None if isinstance(limit, ReadAllAvailable) else getattr(limit, "max_rows", None)
         else:
             max_rows = self.opts.max_messages_per_batch
-        return {RUN_KEY: rt.run, OFFSET_KEY: rt.number(max_rows)}
+        return {RUN_KEY: rt.run, OFFSET_KEY: rt.puller.number(max_rows)}
 
     def partitions(self, start: dict, end: dict) -> Sequence[InputPartition]:
         """Ship this run's numbered messages; a batch planned by an earlier run yields nothing
@@ -397,7 +455,7 @@ class PubSubStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
         stop = self._seq(end)
         if stop is None:
             return []
-        rows = self.runtime.rows(self._seq(start) or 0, stop)
+        rows = self.runtime.puller.rows(self._seq(start) or 0, stop)
         return [MessagePartition(rows=c) for c in split(rows, self.opts.num_partitions)]
 
     def read(self, partition: InputPartition) -> Iterator[tuple]:
@@ -405,7 +463,7 @@ class PubSubStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
 
     def commit(self, end: dict) -> None:
         stop = self._seq(end)
-        n = self.runtime.ack_below(stop) if stop else 0
+        n = self.runtime.puller.ack_below(stop) if stop else 0
         log.debug("committed offset %s: acked %d", end, n)
 
     def stop(self) -> None:

@@ -181,7 +181,7 @@ def test_messages_whose_lease_lapses_again_and_again_keep_coming_back(isolated) 
     """A driver that crashes while holding messages, over and over: each lapse must redeliver.
 
     Guards provisioning: with a retry_policy, the emulator stops redelivering several messages
-    after their third lapsed lease (issue 3's SIGKILL run lost 30 of 300 that way).
+    after their third lapsed lease (the SIGKILL fault test lost 30 of 300 that way).
     """
     sub = clients.subscriber_client()
     publish(isolated, _msgs(5, "lapse"))
