@@ -15,18 +15,9 @@ import pytest
 
 from deploy import localstack, provision
 from pipeline.config import Settings
+from tests.helpers.markers import pytest_collection_modifyitems  # noqa: F401 - a pytest hook
 
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-
-# A test's markers follow from the fixtures it uses, so `-m "not integration"` can never run
-# a test that needs the stack because its module forgot a pytestmark.
-FIXTURE_MARKERS = {"stack": "integration", "isolated": "integration", "spark": "spark"}
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        for fixture in set(getattr(item, "fixturenames", ())) & set(FIXTURE_MARKERS):
-            item.add_marker(FIXTURE_MARKERS[fixture])
 
 
 @pytest.fixture(scope="session")
@@ -67,12 +58,3 @@ def spark(stack):
     s = session("local[2]", app="bucketlens-tests")
     yield s
     s.stop()
-
-
-def publish(settings: Settings, payloads: list[tuple[bytes, dict[str, str]]]) -> list[str]:
-    """Publish messages to the settings' topic and wait for their ids."""
-    from pipeline import clients
-
-    pub = clients.publisher_client()
-    futures = [pub.publish(settings.topic_path, data, **attrs) for data, attrs in payloads]
-    return [f.result(timeout=30) for f in futures]

@@ -13,9 +13,8 @@ import pytest
 
 from pipeline import stream
 from pipeline.config import Settings
-from tests.conftest import publish
+from tests.helpers.stream import keys, publish, rows_of, upload_samples, wait_rows
 from tests.test_hostile import ATTRS, BUCKET, NOTIFICATIONS
-from tests.test_stream import keys, rows_of, upload_samples, wait_rows
 
 pytestmark = [pytest.mark.integration, pytest.mark.spark]
 

@@ -9,7 +9,7 @@ pytest_plugins = ["pytester"]
 def test_markers_follow_the_fixtures(pytester) -> None:
     pytester.makeconftest("""
 import pytest
-from tests.conftest import pytest_collection_modifyitems  # noqa: F401
+from tests.helpers.markers import pytest_collection_modifyitems  # noqa: F401
 
 @pytest.fixture
 def stack():

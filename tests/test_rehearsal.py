@@ -31,8 +31,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import Settings
+from tests.helpers.stream import upload_samples
 from tests.helpers.tables import counts
-from tests.test_stream import upload_samples
 
 pytestmark = [pytest.mark.integration, pytest.mark.spark, pytest.mark.rehearsal]
 ROOT = Path(__file__).resolve().parent.parent

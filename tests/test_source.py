@@ -20,7 +20,8 @@ import pytest
 from deploy import provision
 from pipeline import clients, source
 from pipeline.source import PubSubOptions, split
-from tests.conftest import publish
+from tests.helpers.stream import publish
+from tests.helpers.wait import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.spark]
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,15 +57,6 @@ def _stream(spark, settings, handler, *, max_per_batch=50, ack_deadline=60):
             .trigger(processingTime="500 milliseconds").start())
 
 
-def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 def _left_in_subscription(settings) -> int:
     """Messages still deliverable (i.e. never acked), drained with short pulls."""
     sub = clients.subscriber_client()
@@ -94,7 +86,7 @@ def test_500_messages_each_reach_foreach_batch_across_many_batches(spark, isolat
     publish(isolated, _msgs(500, "a"))
     q = _stream(spark, isolated, handle, max_per_batch=50)
     try:
-        _wait(lambda: len(set(seen)) >= 500, 120, "500 messages")
+        wait_until(lambda: len(set(seen)) >= 500, 120, "500 messages")
         time.sleep(2)  # a few idle triggers: the last batch is acked though no batch follows
     finally:
         q.stop()
@@ -118,7 +110,7 @@ def test_failed_batch_is_not_acked_and_comes_back(spark, isolated) -> None:
     q2 = _stream(spark, isolated, lambda df, b: seen.extend(
         r.attributes["idx"] for r in df.collect()))
     try:
-        _wait(lambda: len(set(seen)) >= 30, 90, "redelivery after the failed batch")
+        wait_until(lambda: len(set(seen)) >= 30, 90, "redelivery after the failed batch")
     finally:
         q2.stop()
     assert set(seen) == {f"f-{i}" for i in range(30)}
@@ -138,7 +130,7 @@ def test_batch_slower_than_ack_deadline_causes_no_redelivery(spark, isolated) ->
     publish(slow, _msgs(20, "s"))
     q = _stream(spark, slow, handle, max_per_batch=10, ack_deadline=10)
     try:
-        _wait(lambda: len(seen) >= 20, 120, "20 messages")
+        wait_until(lambda: len(seen) >= 20, 120, "20 messages")
         time.sleep(15)  # long enough for any expired lease to be redelivered
     finally:
         q.stop()
@@ -220,7 +212,7 @@ def test_sigkill_and_restart_on_same_checkpoint_loses_nothing(stack, isolated, t
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
         try:
-            _wait(lambda b=before: len(lines()) >= b + 30, 120, f"progress in round {round_}")
+            wait_until(lambda b=before: len(lines()) >= b + 30, 120, f"progress in round {round_}")
         finally:
             os.killpg(proc.pid, signal.SIGKILL)  # no stop(), no nack: a real crash
             proc.wait(30)
@@ -228,7 +220,7 @@ def test_sigkill_and_restart_on_same_checkpoint_loses_nothing(stack, isolated, t
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         # unacked messages of the killed runs come back after their ack deadline (60 s)
-        _wait(lambda: set(lines()) >= {f"k-{i}" for i in range(200)}, 240, "all 200 messages")
+        wait_until(lambda: set(lines()) >= {f"k-{i}" for i in range(200)}, 240, "all 200 messages")
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(60)

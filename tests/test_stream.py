@@ -13,37 +13,12 @@ import time
 import pytest
 
 from pipeline import clients, stream
-from pipeline.config import Settings
 from pipeline.sink import create_views
 from producer.datasets import discover, sample_dataset
 from producer.replay import replay
-from tests.conftest import publish
+from tests.helpers.stream import keys, publish, rows_of, upload_samples, wait_rows
 
 pytestmark = [pytest.mark.integration, pytest.mark.spark]
-
-
-def rows_of(settings: Settings, table: str | None = None) -> list[dict]:
-    bq = clients.bigquery_client(settings)
-    table_id = f"{settings.project}.{settings.dataset}.{table or settings.table}"
-    return [dict(r.items()) for r in bq.query(f"SELECT * FROM `{table_id}`").result()]
-
-
-def wait_rows(settings: Settings, n: int, query, timeout: float = 180,
-              table: str | None = None) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    rows: list[dict] = []
-    while time.monotonic() < deadline:
-        if query.exception():
-            raise AssertionError(f"stream failed: {query.exception()}")
-        rows = rows_of(settings, table)
-        if len(rows) >= n:
-            return rows
-        time.sleep(1)
-    raise AssertionError(f"only {len(rows)} of {n} rows after {timeout}s")
-
-
-def keys(rows: list[dict]) -> set[tuple]:
-    return {(r["bucket"], r["name"], r["generation"]) for r in rows}
 
 
 @pytest.fixture
@@ -53,14 +28,6 @@ def running(spark, isolated):
     query, processor = stream.start(settings, spark=spark)
     yield settings, query, processor
     query.stop()
-
-
-def upload_samples(settings: Settings, n: int):
-    items = discover(sample_dataset())
-    summary = replay(items, settings, rate=50, limit=n, loop=True, seed=1, progress=False)
-    assert summary.uploaded == n and summary.failed == 0
-    return summary
-
 
 
 def test_prefetched_keeps_order_and_fetches_the_next_item_while_the_caller_works() -> None:

@@ -1,0 +1,47 @@
+"""The end-to-end tests' verbs: publish to the topic, upload sample photos, read the rows."""
+
+from __future__ import annotations
+
+from pipeline import clients
+from pipeline.config import Settings
+from producer.datasets import discover, sample_dataset
+from producer.replay import replay
+from tests.helpers.wait import wait_until
+
+
+def publish(settings: Settings, payloads: list[tuple[bytes, dict[str, str]]]) -> list[str]:
+    """Publish messages to the settings' topic and wait for their ids."""
+    pub = clients.publisher_client()
+    futures = [pub.publish(settings.topic_path, data, **attrs) for data, attrs in payloads]
+    return [f.result(timeout=30) for f in futures]
+
+
+def upload_samples(settings: Settings, n: int):
+    """Replay ``n`` of the bundled sample photos into the settings' bucket, all of them."""
+    items = discover(sample_dataset())
+    summary = replay(items, settings, rate=50, limit=n, loop=True, seed=1, progress=False)
+    assert summary.uploaded == n and summary.failed == 0
+    return summary
+
+
+def rows_of(settings: Settings, table: str | None = None) -> list[dict]:
+    bq = clients.bigquery_client(settings)
+    table_id = f"{settings.project}.{settings.dataset}.{table or settings.table}"
+    return [dict(r.items()) for r in bq.query(f"SELECT * FROM `{table_id}`").result()]
+
+
+def wait_rows(settings: Settings, n: int, query, timeout: float = 180,
+              table: str | None = None) -> list[dict]:
+    """At least ``n`` rows, failing early with the stream's own error if it died."""
+
+    def enough() -> list[dict]:
+        if query.exception():
+            raise AssertionError(f"stream failed: {query.exception()}")
+        rows = rows_of(settings, table)
+        return rows if len(rows) >= n else []
+
+    return wait_until(enough, timeout, f"{n} rows in {table or settings.table}", interval=1)
+
+
+def keys(rows: list[dict]) -> set[tuple]:
+    return {(r["bucket"], r["name"], r["generation"]) for r in rows}
