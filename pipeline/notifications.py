@@ -142,7 +142,7 @@ def _metadata(value: object) -> dict[str, str] | None:
         raise PoisonMessage(f"metadata is not an object: {type(value).__name__}")
     for k, v in value.items():
         if not isinstance(v, str):
-            raise PoisonMessage(f"metadata.{k[:40]} is not a string: {type(v).__name__}")
+            raise PoisonMessage(f"metadata.{printable(k, 40)} is not a string: {type(v).__name__}")
     return value
 
 

@@ -87,6 +87,8 @@ NOTIFICATIONS: list[tuple[str, list[tuple], list[str]]] = [
     ("metadata.true_label an object", [msg({"metadata": {"true_label": {"x": 1}}})],
      ["dead: metadata.true_label is not a string"]),
     ("metadata an array", [msg({"metadata": ["daisy"]})], ["dead: metadata is not an object"]),
+    ("metadata key forging a line", [msg({"metadata": {"a\nERROR forged": 5}})],
+     ["dead: metadata.a\\nERROR forged is not a string"]),
     ("contentType an object", [msg({"contentType": {"x": 1}})],
      ["dead: contentType is not a string"]),
     ("name an object", [payload_only(name={"x": 1}, generation="7")],
@@ -246,16 +248,29 @@ def test_deploy_with_a_hostile_name_makes_no_network_call(monkeypatch, capsys) -
     assert capsys.readouterr().err.count("\n") == 1
 
 
-def test_bucketlens_run_with_a_hostile_name_is_one_line_and_no_network(monkeypatch,
-                                                                        capsys) -> None:
-    from pipeline import classify
-    from pipeline.cli import main
+# (command line, hostile BUCKETLENS_* variables): every command that builds SQL, a request or
+# an upload from settings refuses before it loads a model, builds a client or opens a socket.
+JOB_COMMANDS: list[tuple[list[str], dict[str, str]]] = [
+    (["run"], {"BUCKETLENS_TABLE": "t`; DROP TABLE y; --"}),
+    (["report"], {"BUCKETLENS_DATASET": "x`; DROP TABLE y; --"}),
+    (["backfill", "--bucket", "Bad Bucket"], {}),
+    (["produce", "--sample", "--limit", "1"], {"BUCKETLENS_BUCKET": "goog-x"}),
+]
 
+
+@pytest.mark.parametrize(("argv", "env"), JOB_COMMANDS, ids=[c[0][0] for c in JOB_COMMANDS])
+def test_bucketlens_command_with_a_hostile_name_is_one_line_and_no_network(
+        argv, env, monkeypatch, capsys) -> None:
+    from deploy.cli import main
+    from pipeline import classify
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
     monkeypatch.setattr(classify, "get_handler", lambda s: pytest.fail("model loaded"))
     monkeypatch.setattr(socket.socket, "connect", lambda *a: pytest.fail("network call"))
-    assert main(["run", "--table", "t`; DROP TABLE y; --"]) == 2
+    assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "table name" in err
+    assert err.count("\n") == 1 and " name '" in err and "is invalid" in err, err
 
 
 def test_deploy_against_an_endpoint_that_never_answers_stops_at_its_timeout() -> None:
