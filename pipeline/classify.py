@@ -24,6 +24,7 @@ import torchvision
 
 from pipeline import images
 from pipeline.config import Settings
+from pipeline.names import describe
 
 OK = "ok"
 LOW_CONFIDENCE = "low_confidence"
@@ -337,7 +338,7 @@ class TorchModelHandler:
         except images.ImageError as exc:
             return Prediction(exc.status, exc.reason, ())
         except Exception as exc:  # a decoder bug on hostile bytes must not fail the batch
-            return Prediction(images.CORRUPT, f"preprocessing failed: {exc!r}", ())
+            return Prediction(images.CORRUPT, f"preprocessing failed: {describe(exc)}", ())
 
     def run_inference(self, batch: Sequence[bytes]) -> list[Prediction]:
         """One prediction per input, in order; decodes lazily so memory stays one batch."""

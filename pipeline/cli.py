@@ -20,11 +20,8 @@ from collections.abc import Callable
 from datetime import date, datetime
 
 from pipeline.config import Settings
+from pipeline.errors import UserError
 from pipeline.times import parse_since
-
-
-class UserError(Exception):
-    """An error whose message is the whole story: printed as one line, exit code 2."""
 
 
 def run_stream(args: argparse.Namespace) -> int:

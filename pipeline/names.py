@@ -19,7 +19,7 @@ import unicodedata
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from pipeline.cli import UserError
+from pipeline.errors import UserError
 
 if TYPE_CHECKING:
     from pipeline.config import Settings

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import FrameType
 
 from pipeline.config import Settings
+from pipeline.names import printable
 
 PROG = "bucketlens produce"
 
@@ -123,7 +124,7 @@ def run_produce(args: argparse.Namespace) -> int:
     if args.dry_run:
         planned = preview(items, settings, **opts)
         for p in planned:
-            print(p.name)
+            print(printable(p.name))
         print(json.dumps({"uploaded": 0, "failed": 0, "seconds": 0.0, "rate": 0.0,
                           "planned": len(planned)}))
         return 0
@@ -136,7 +137,7 @@ def run_produce(args: argparse.Namespace) -> int:
                          if_not_exists=args.if_not_exists, stop=stop,
                          progress=not args.quiet and sys.stderr.isatty(), **opts)
     for name, error in summary.errors[:5]:
-        print(f"{PROG}: failed {name}: {error}", file=sys.stderr)
+        print(f"{PROG}: failed {printable(name)}: {printable(str(error))}", file=sys.stderr)
     if len(summary.errors) > 5:
         print(f"{PROG}: ... and {len(summary.errors) - 5} more failures", file=sys.stderr)
     print(json.dumps(summary.as_json()), flush=True)

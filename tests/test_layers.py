@@ -28,10 +28,25 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node except those under ``if TYPE_CHECKING:`` (annotations only, never run)."""
+    out: list[ast.AST] = []
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        out.append(node)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            todo.extend(node.orelse)
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+    return out
+
+
 def imports_of(path: Path) -> set[str]:
-    """Every project module this file imports: at the top, inside functions, or by name."""
+    """Every project module this file imports when it runs: at the top, inside functions, or
+    by name (imports for type checking only are not dependencies)."""
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _runtime_nodes(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -61,8 +76,10 @@ def test_each_layer_imports_only_the_layers_below_it(package: str) -> None:
 def test_the_check_sees_a_late_and_a_by_name_import(tmp_path: Path) -> None:
     f = tmp_path / "m.py"
     f.write_text("def f():\n    from deploy import localstack\n"
-                 "add_lazy_command(sub, 'produce', 'producer.cli', 'a', 'b')\n")
+                 "add_lazy_command(sub, 'produce', 'producer.cli', 'a', 'b')\n"
+                 "if TYPE_CHECKING:\n    from deploy import iam\n")
     assert {"deploy", "deploy.localstack", "producer.cli"} <= imports_of(f)
+    assert "deploy.iam" not in imports_of(f)
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str]:
