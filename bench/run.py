@@ -267,7 +267,7 @@ class Ceiling:
     (the background load of a shared machine changes during a run)."""
 
     def __init__(self, settings: Settings, blobs: list[bytes], slots: int) -> None:
-        from pipeline.stream import CHUNK
+        from pipeline.executor import CHUNK
 
         ctx = mp.get_context("spawn")  # fresh interpreters: no inherited torch thread pools
         self.threads = executor_threads(settings)
@@ -607,7 +607,7 @@ def _passthrough(frames: Iterator[Any]) -> Iterator[Any]:
 def anatomy(spark: Any, settings: Settings, objects: Sequence[tuple[str, int]], slots: int,
             repeats: int = 3) -> dict[str, float]:
     """What one micro-batch's classify job costs when the batch is small (median of repeats)."""
-    from pipeline.stream import RESULT_SCHEMA, WORK_SCHEMA, classify_partitions
+    from pipeline.executor import RESULT_SCHEMA, WORK_SCHEMA, classify_partitions
 
     rows = [(settings.bucket, n, g, None) for n, g in objects[:SMALL_BATCH]]
     fn = classify_partitions(settings)
@@ -736,7 +736,7 @@ def measure_rss(spark: Any, settings: Settings, objects: Sequence[tuple[str, int
     allocator swings a worker's RSS by tens of MB from one batch to the next (see the curve), so
     a pair measures where in that swing each snapshot fell. The pair is reported too.
     """
-    from pipeline.stream import RESULT_SCHEMA, WORK_SCHEMA, classify_partitions
+    from pipeline.executor import RESULT_SCHEMA, WORK_SCHEMA, classify_partitions
 
     fn = classify_partitions(settings)
     work = [(settings.bucket, name, gen, sizes.get(name)) for name, gen in objects]

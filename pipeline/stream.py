@@ -19,27 +19,18 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TypeVar
-
-import pandas as pd
 
 from pipeline.batches import CLASSIFIED, BatchReport, Written
 from pipeline.config import Settings
+from pipeline.executor import RESULT_SCHEMA, WORK_SCHEMA, classify_partitions
 from pipeline.names import describe, printable
 from pipeline.notifications import Notification, ObjectKey, PoisonMessage, dedupe, parse, wanted
 
 log = logging.getLogger("bucketlens.stream")
-T = TypeVar("T")
-R = TypeVar("R")
 
-WORK_SCHEMA = "bucket string, name string, generation long, size long"
-RESULT_SCHEMA = ("bucket string, name string, generation long, status string, reason string, "
-                 "topk string, worker_pid long, model_loads long")
-CHUNK = 64  # objects fetched and classified together inside one partition
 
 
 @dataclass(frozen=True)
@@ -78,76 +69,6 @@ def triage(rows: Sequence[tuple], settings: Settings) -> Triage:
             parsed.append(n)
     todo = dedupe(parsed)
     return Triage(todo, dead, events, ignored, len(parsed) - len(todo))
-
-
-PartitionFn = Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]
-
-
-def prefetched(items: Iterable[T], fetch: Callable[[T], R]) -> Iterator[tuple[T, R]]:
-    """``(item, fetch(item))`` in order, fetching item i + 1 on a thread while the caller works
-    on item i, so downloads and inference overlap (at most two fetched items in hand)."""
-    with ThreadPoolExecutor(1, thread_name_prefix="bucketlens-prefetch") as pool:
-        pending: tuple[T, Future[R]] | None = None
-        for item in items:
-            future = pool.submit(fetch, item)
-            if pending is not None:
-                yield pending[0], pending[1].result()
-            pending = (item, future)
-        if pending is not None:
-            yield pending[0], pending[1].result()
-
-
-def _work_chunks(frames: Iterable[pd.DataFrame], max_bytes: int
-                 ) -> Iterator[tuple[list[ObjectKey], dict[ObjectKey, int]]]:
-    """The work rows as (keys, known sizes), at most CHUNK objects and fetch.CHUNK_BYTES of
-    downloads at a time."""
-    from pipeline.fetch import budget_chunks
-
-    for frame in frames:
-        rows = [(ObjectKey(b, n, int(g)), int(size) if pd.notna(size) else None)
-                for b, n, g, size in zip(frame["bucket"], frame["name"], frame["generation"],
-                                         frame["size"], strict=True)]
-        for chunk in budget_chunks(rows, CHUNK, max_bytes):
-            yield [k for k, _ in chunk], {k: size for k, size in chunk if size is not None}
-
-
-def classify_partitions(settings: Settings) -> PartitionFn:
-    """The executor side: fetch and classify CHUNK objects at a time, the next chunk's
-    downloads running while this one is classified; the model is cached per worker."""
-
-    def run(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        from pipeline import classify, fetch
-        from pipeline.clients import shared_storage_client
-
-        handler = classify.get_handler(settings)
-        client = shared_storage_client(settings)
-
-        def download(chunk: tuple[list[ObjectKey], dict[ObjectKey, int]]) -> list:
-            keys, sizes = chunk
-            return fetch.fetch_all(keys, settings, client, sizes=sizes)
-
-        for (keys, _), fetched in prefetched(_work_chunks(frames, settings.max_bytes), download):
-            yield _classified(keys, fetched, handler)
-
-    return run
-
-
-def _classified(keys: list[ObjectKey], fetched: list, handler) -> pd.DataFrame:
-    from pipeline import classify
-
-    results: dict[ObjectKey, tuple[str, str, str]] = {}
-    good = [f for f in fetched if f.status == "ok"]
-    for f in fetched:
-        if f.status != "ok":
-            results[f.key] = (f.status, f.reason, "[]")
-    for f, p in zip(good, handler.run_inference([f.data for f in good]), strict=True):
-        results[f.key] = (p.status, p.reason, json.dumps([list(t) for t in p.topk]))
-    pid, loads = os.getpid(), classify.model_load_count()
-    return pd.DataFrame(
-        [(k.bucket, k.name, k.generation, *results[k], pid, loads) for k in keys],
-        columns=["bucket", "name", "generation", "status", "reason", "topk", "worker_pid",
-                 "model_loads"],
-    )
 
 
 def classify_and_write(spark, todo: Sequence[Notification], settings: Settings, sink,

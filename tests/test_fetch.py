@@ -91,11 +91,11 @@ def test_budget_chunks_bound_count_and_bytes(sizes, max_count, budget, groups) -
 def test_stream_chunks_hold_at_most_the_byte_budget() -> None:
     import pandas as pd
 
-    from pipeline import stream
+    from pipeline import executor
 
     frame = pd.DataFrame({"bucket": ["b"] * 10, "name": [f"n{i}" for i in range(10)],
                           "generation": range(1, 11), "size": [30 * MiB] * 9 + [None]})
-    chunks = list(stream._work_chunks([frame], 32 * MiB))
+    chunks = list(executor._work_chunks([frame], 32 * MiB))
     assert [len(keys) for keys, _ in chunks] == [4, 4, 2]  # 64 objects a chunk by count alone
     assert len(chunks[-1][1]) == 1  # the unknown size is looked up by fetch, not invented
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from pipeline import clients, stream
+from pipeline import clients, executor, stream
 from pipeline.sink import create_views
 from producer.datasets import discover, sample_dataset
 from producer.replay import replay
@@ -38,12 +38,12 @@ def test_prefetched_keeps_order_and_fetches_the_next_item_while_the_caller_works
         return i * 10
 
     got = []
-    for i, value in stream.prefetched(range(4), fetch):
+    for i, value in executor.prefetched(range(4), fetch):
         got.append((i, value))
         if i < 3:  # while the caller holds item i, the fetch of i + 1 has begun (or this hangs)
             assert started[i + 1].wait(10), f"item {i + 1} was not prefetched"
     assert got == [(0, 0), (1, 10), (2, 20), (3, 30)]
-    assert list(stream.prefetched([], fetch)) == []
+    assert list(executor.prefetched([], fetch)) == []
 
 
 def test_prefetched_raises_a_fetch_error_at_its_item() -> None:
@@ -52,7 +52,7 @@ def test_prefetched_raises_a_fetch_error_at_its_item() -> None:
             raise OSError("disk on fire")
         return i
 
-    it = stream.prefetched(range(3), fetch)
+    it = executor.prefetched(range(3), fetch)
     assert next(it) == (0, 0)
     with pytest.raises(OSError, match="disk on fire"):
         next(it)
