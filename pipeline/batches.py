@@ -27,7 +27,6 @@ class BatchReport:
     workers: dict[int, int] = field(default_factory=dict)  # worker pid → model loads there
 
 
-CLASSIFIED = ("ok", "low_confidence")  # every other status is an error row (gone, corrupt …)
 
 
 @dataclass

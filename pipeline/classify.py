@@ -25,10 +25,9 @@ import torchvision
 from pipeline import images
 from pipeline.config import Settings
 from pipeline.names import describe
+from pipeline.status import Status
 
-OK = "ok"
-LOW_CONFIDENCE = "low_confidence"
-STATUSES = (OK, LOW_CONFIDENCE, *images.ERROR_STATUSES)
+OK, LOW_CONFIDENCE = Status.OK, Status.LOW_CONFIDENCE
 
 DEFAULT_MODEL = "mobilenet_v2"
 EFFICIENTNET_LITE0 = "efficientnet_lite0"

@@ -81,9 +81,9 @@ def classify_partitions(settings: Settings) -> PartitionFn:
 
 def _classified(keys: list[ObjectKey], fetched: list, handler) -> pd.DataFrame:
     results: dict[ObjectKey, tuple[str, str, str]] = {}
-    good = [f for f in fetched if f.status == "ok"]
+    good = [f for f in fetched if f.ok]
     for f in fetched:
-        if f.status != "ok":
+        if not f.ok:
             results[f.key] = (f.status, f.reason, "[]")
     for f, p in zip(good, handler.run_inference([f.data for f in good]), strict=True):
         results[f.key] = (p.status, p.reason, json.dumps([list(t) for t in p.topk]))

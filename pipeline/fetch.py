@@ -6,9 +6,7 @@ the old generation is either still readable (versioned bucket) or "gone" (404), 
 generation gets its own notification. Per-object problems become a ``Fetched`` status, never an
 exception, so one bad object cannot fail (and endlessly replay) a whole micro-batch.
 
-The retry policy lives in module globals read at call time, so tests can shorten it:
-
-    fetch.RETRY_WAIT = tenacity.wait_none()
+Retries follow ``pipeline.retry`` (the one policy for every Google call).
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ import io
 import logging
 import signal
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,20 +25,14 @@ from typing import TYPE_CHECKING, TypeVar
 import requests
 import urllib3
 from google.api_core import exceptions as api_exceptions
-from google.auth import exceptions as auth_exceptions
 from google.cloud.storage.exceptions import DataCorruption
-from tenacity import (
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-    stop_after_delay,
-    wait_random_exponential,
-)
 
 from pipeline import clients
 from pipeline.config import Settings
 from pipeline.names import describe, printable
 from pipeline.notifications import ObjectKey
+from pipeline.retry import call_with_retries
+from pipeline.status import Status
 
 if TYPE_CHECKING:
     from google.cloud import storage
@@ -48,12 +40,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-OK, GONE, FORBIDDEN, FETCH_ERROR, TOO_LARGE = "ok", "gone", "forbidden", "fetch_error", "too_large"
+OK, GONE, FORBIDDEN, FETCH_ERROR, TOO_LARGE = (Status.OK, Status.GONE, Status.FORBIDDEN,
+                                              Status.FETCH_ERROR, Status.TOO_LARGE)
 
-# Exponential backoff with full jitter (so parallel retries do not stampede), bounded both in
-# attempts and in time so a batch cannot stall behind one object.
-RETRY_WAIT = wait_random_exponential(multiplier=0.5, max=10)
-RETRY_STOP = stop_after_attempt(6) | stop_after_delay(60)
 DEFAULT_TIMEOUT_SECONDS = 60.0
 
 # Raw bytes one chunk of downloads may hold. A partition holds two chunks (one classified while
@@ -61,7 +50,6 @@ DEFAULT_TIMEOUT_SECONDS = 60.0
 # large the objects are: 64 objects x 32 MiB x 2 chunks would otherwise be 4 GiB.
 CHUNK_BYTES = 128 * 1024 * 1024
 
-TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
     ConnectionError,
     TimeoutError,
@@ -84,23 +72,6 @@ class Fetched:
     @property
     def ok(self) -> bool:
         return self.status == OK
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Worth retrying: 408/429/5xx, connection drops and timeouts — never 403/404."""
-    if isinstance(exc, api_exceptions.GoogleAPICallError):
-        return exc.code in TRANSIENT_STATUS
-    if isinstance(exc, auth_exceptions.TransportError):  # token refresh hit the network
-        return True
-    return isinstance(exc, _TRANSIENT_TYPES)
-
-
-def call_with_retries(fn: Callable[[], T],
-                      transient: Callable[[BaseException], bool] = is_transient) -> T:
-    """Run ``fn`` under the module's retry policy; re-raise the last error when it gives up."""
-    retrying = Retrying(retry=retry_if_exception(transient), wait=RETRY_WAIT, stop=RETRY_STOP,
-                        reraise=True)
-    return retrying(fn)
 
 
 def download_cost(size: int | None, max_bytes: int) -> int:

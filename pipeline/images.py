@@ -21,12 +21,10 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from pipeline.names import describe
+from pipeline.status import DECODE_ERRORS
 
-EMPTY = "empty"
-NOT_IMAGE = "not_image"
-CORRUPT = "corrupt"
-TOO_LARGE = "too_large"
-ERROR_STATUSES = (EMPTY, NOT_IMAGE, CORRUPT, TOO_LARGE)
+EMPTY, NOT_IMAGE, CORRUPT, TOO_LARGE = DECODE_ERRORS
+ERROR_STATUSES = DECODE_ERRORS
 
 # What PIL may open. An allow-list keeps PIL's exotic (and ghostscript-backed) plugins away
 # from untrusted bytes. The JPEG opener also yields "MPO", PIL's name for the multi-picture

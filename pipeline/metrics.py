@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("bucketlens.metrics")
 
 KEEP_BATCHES = 256  # per-batch records kept in memory; totals are kept forever
-OK_STATUSES = ("ok", "low_confidence")
 
 
 # --- pure -------------------------------------------------------------------------------------

@@ -39,21 +39,20 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
-from google.api_core import exceptions as api_exceptions
 from tenacity import (
     RetryCallState,
     Retrying,
     retry_if_exception,
     stop_after_delay,
     stop_never,
-    wait_random_exponential,
 )
 
 from pipeline import clients
 from pipeline.catalog import load_schema, schema_json, view_templates
 from pipeline.config import Settings
-from pipeline.fetch import call_with_retries, is_transient
 from pipeline.notifications import Notification, ObjectKey
+from pipeline.retry import QUOTA_WAIT, call_with_retries, is_bq_transient, is_rate_limited
+from pipeline.status import CLASSIFIED, sql_list
 
 if TYPE_CHECKING:
     from google.cloud import bigquery, storage
@@ -304,8 +303,11 @@ def first_per_key(rows: Sequence[dict], spec: TableSpec) -> list[dict]:
 
 
 def render_view(template: str, settings: Settings) -> str:
+    """A ``schemas/views`` file for these settings; ``{classified}`` is the statuses that count
+    as classified (``pipeline.status``), so the SQL never spells them itself."""
     return template.format(project=settings.project, dataset=settings.dataset,
-                           table=settings.table, dead_letter_table=settings.dead_letter_table)
+                           table=settings.table, dead_letter_table=settings.dead_letter_table,
+                           classified=sql_list(CLASSIFIED))
 
 
 def view_id(sql: str) -> str:
@@ -315,32 +317,11 @@ def view_id(sql: str) -> str:
     return match.group(1)
 
 
-_RATE_REASONS = frozenset({"rateLimitExceeded", "quotaExceeded"})
-# Backoff between rounds of retries of a quota or rate error: up to a minute, as the quota
-# documentation asks of clients (https://cloud.google.com/bigquery/docs/troubleshoot-quotas).
-QUOTA_WAIT = wait_random_exponential(multiplier=2, max=60)
-
-
-def is_rate_limited(exc: BaseException) -> bool:
-    """A quota or rate limit, which passes: 403 rateLimitExceeded / quotaExceeded, 429 (gRPC
-    RESOURCE_EXHAUSTED) or 503 (gRPC UNAVAILABLE)."""
-    if isinstance(exc, api_exceptions.Forbidden):
-        return any(e.get("reason") in _RATE_REASONS for e in exc.errors or [])
-    return isinstance(exc, api_exceptions.TooManyRequests | api_exceptions.ServiceUnavailable)
-
-
-def _bq_transient(exc: BaseException) -> bool:
-    """``is_transient`` plus BigQuery's rate and quota limits, which it reports as 403."""
-    if isinstance(exc, api_exceptions.Forbidden):
-        return any(e.get("reason") in _RATE_REASONS | {"backendError"} for e in exc.errors or [])
-    return is_transient(exc)
-
-
 def _bq(fn: Callable[[], Any], patience: float | None = None) -> Any:
-    """``fn`` under fetch's retry policy; with ``patience`` (seconds, 0 = no limit) rate and
+    """``fn`` under the retry policy (``pipeline.retry``); with ``patience`` (seconds, 0 = no limit) rate and
     quota errors that outlast it are waited out too, so a stream stalls instead of dying."""
     def once() -> Any:
-        return call_with_retries(fn, transient=_bq_transient)
+        return call_with_retries(fn, transient=is_bq_transient)
 
     if patience is None:
         return once()

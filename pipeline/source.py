@@ -367,24 +367,10 @@ class _Runtime:
 
 
 def _ack_with_retry(client: Any, subscription: str, ack_ids: list[str]) -> None:
-    from google.api_core import exceptions as gexc
-    from tenacity import (
-        retry,
-        retry_if_exception_type,
-        stop_after_attempt,
-        wait_exponential_jitter,
-    )
-
-    transient = (gexc.ServiceUnavailable, gexc.InternalServerError, gexc.DeadlineExceeded,
-                 gexc.Aborted, gexc.Unknown, gexc.TooManyRequests)
-
-    @retry(retry=retry_if_exception_type(transient), stop=stop_after_attempt(5),
-           wait=wait_exponential_jitter(initial=0.2, max=5), reraise=True)
-    def ack() -> None:
-        client.acknowledge(subscription=subscription, ack_ids=ack_ids)
+    from pipeline.retry import call_with_retries
 
     try:
-        ack()
+        call_with_retries(lambda: client.acknowledge(subscription=subscription, ack_ids=ack_ids))
     except Exception as exc:  # noqa: BLE001 - unacked means redelivered; the sink dedupes
         log.warning("acknowledge of %d messages failed, they will be redelivered: %s",
                     len(ack_ids), exc)

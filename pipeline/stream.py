@@ -23,11 +23,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from pipeline.batches import CLASSIFIED, BatchReport, Written
+from pipeline.batches import BatchReport, Written
 from pipeline.config import Settings
 from pipeline.executor import RESULT_SCHEMA, WORK_SCHEMA, classify_partitions
 from pipeline.names import describe, printable
 from pipeline.notifications import Notification, ObjectKey, PoisonMessage, dedupe, parse, wanted
+from pipeline.status import CLASSIFIED
 
 log = logging.getLogger("bucketlens.stream")
 

@@ -37,6 +37,7 @@ from tenacity import (
 
 from pipeline import clients
 from pipeline.config import Settings
+from pipeline.retry import is_transient
 from producer.datasets import Item
 
 if TYPE_CHECKING:
@@ -165,24 +166,6 @@ def expected_uploads(
 def content_type(path: Path | str) -> str:
     kind, _ = mimetypes.guess_type(str(path))
     return kind or "application/octet-stream"
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Worth retrying: 408/429/5xx and connection-level failures; other 4xx are permanent."""
-    if isinstance(exc, api_exceptions.GoogleAPICallError):
-        return exc.code in (408, 429) or (exc.code or 0) >= 500
-    import google.auth.exceptions
-    import requests
-
-    return isinstance(
-        exc,
-        ConnectionError
-        | TimeoutError
-        | requests.ConnectionError
-        | requests.Timeout
-        | requests.exceptions.ChunkedEncodingError
-        | google.auth.exceptions.TransportError,
-    )
 
 
 def _describe(exc: BaseException) -> str:

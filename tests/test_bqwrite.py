@@ -11,7 +11,7 @@ import pytest
 from google.api_core import exceptions as api_exceptions
 from tenacity import wait_none
 
-from pipeline import bqwrite, catalog, clients, compact, fetch, sink
+from pipeline import bqwrite, catalog, clients, compact, retry, sink
 from pipeline.config import Settings
 from pipeline.notifications import Notification, ObjectKey
 
@@ -175,10 +175,10 @@ class FlakyWriter:
 @pytest.mark.parametrize("commit_first", [False, True])
 def test_quota_errors_on_append_are_retried_without_duplicates(
         isolated: Settings, monkeypatch, error: Exception, commit_first: bool) -> None:
-    monkeypatch.setattr(fetch, "RETRY_WAIT", wait_none())
-    monkeypatch.setattr(sink, "QUOTA_WAIT", wait_none())
+    monkeypatch.setattr(retry, "RETRY_WAIT", wait_none())
+    monkeypatch.setattr(retry, "QUOTA_WAIT", wait_none())
     real = bqwrite.StorageWriter(clients.bigquery_write_client(isolated))
-    flaky = FlakyWriter(real, error, fails=8, commit_first=commit_first)  # > fetch's 6 attempts
+    flaky = FlakyWriter(real, error, fails=8, commit_first=commit_first)  # > the policy's 6 attempts
     bq = sink.BigQuerySink(isolated, writer=flaky)  # type: ignore[arg-type]
     rows = [row(isolated, f"{i}.jpg") for i in range(3)]
     assert bq.write(rows, batch_id=0) == 3  # also when an append "failed" after committing

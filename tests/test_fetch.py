@@ -10,7 +10,7 @@ import requests
 from google.api_core import exceptions as api_exceptions
 from tenacity import stop_after_attempt, wait_none
 
-from pipeline import clients, fetch
+from pipeline import clients, fetch, retry
 from pipeline.config import Settings
 from pipeline.fetch import Fetched, fetch_all
 from pipeline.notifications import ObjectKey
@@ -19,8 +19,8 @@ from tests.helpers.faultproxy import Fault, FaultyProxy, every_other, start_prox
 
 @pytest.fixture
 def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fetch, "RETRY_WAIT", wait_none())
-    monkeypatch.setattr(fetch, "RETRY_STOP", stop_after_attempt(3))
+    monkeypatch.setattr(retry, "RETRY_WAIT", wait_none())
+    monkeypatch.setattr(retry, "RETRY_STOP", stop_after_attempt(3))
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def upload(settings: Settings, name: str, data: bytes) -> ObjectKey:
     (ValueError("bug"), False),
 ])
 def test_is_transient(exc: BaseException, transient: bool) -> None:
-    assert fetch.is_transient(exc) is transient
+    assert retry.is_transient(exc) is transient
 
 
 def test_empty_batch_needs_no_client() -> None:

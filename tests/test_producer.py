@@ -28,13 +28,13 @@ from PIL import Image
 
 from pipeline import clients
 from pipeline.config import Settings
+from pipeline.retry import is_transient
 from producer import cli, datasets
 from producer.datasets import DatasetError, Item, discover
 from producer.replay import (
     Result,
     TokenBucket,
     expected_uploads,
-    is_transient,
     manifest_names,
     object_name,
     replay,

@@ -10,7 +10,7 @@ from datetime import UTC, date, datetime, timedelta, timezone
 import pytest
 from google.api_core import exceptions as api_exceptions
 
-from pipeline import clients, sink
+from pipeline import clients, retry, sink
 from pipeline.config import Settings
 from pipeline.notifications import Notification, ObjectKey, parse
 
@@ -96,11 +96,11 @@ def test_staging_table_id_is_unique_and_valid_for_backfill() -> None:
 
 
 def test_bigquery_rate_limit_403_is_retried_but_access_denied_is_not() -> None:
-    assert sink._bq_transient(api_exceptions.Forbidden(
+    assert retry.is_bq_transient(api_exceptions.Forbidden(
         "x", errors=[{"reason": "rateLimitExceeded"}]))
-    assert not sink._bq_transient(api_exceptions.Forbidden(
+    assert not retry.is_bq_transient(api_exceptions.Forbidden(
         "x", errors=[{"reason": "accessDenied"}]))
-    assert sink._bq_transient(api_exceptions.ServiceUnavailable("x"))
+    assert retry.is_bq_transient(api_exceptions.ServiceUnavailable("x"))
 
 
 def finalize(message_id: str, publish: datetime, **payload) -> Notification:
@@ -176,15 +176,13 @@ def test_first_per_key_keeps_the_earliest_copy() -> None:
 def test_quota_errors_are_waited_out_with_patience(monkeypatch) -> None:
     from tenacity import wait_none
 
-    from pipeline import fetch
-
-    monkeypatch.setattr(fetch, "RETRY_WAIT", wait_none())
-    monkeypatch.setattr(sink, "QUOTA_WAIT", wait_none())
+    monkeypatch.setattr(retry, "RETRY_WAIT", wait_none())
+    monkeypatch.setattr(retry, "QUOTA_WAIT", wait_none())
     quota = api_exceptions.Forbidden("x", errors=[{"reason": "quotaExceeded"}])
-    assert sink.is_rate_limited(quota) and sink._bq_transient(quota)
-    assert sink.is_rate_limited(api_exceptions.ResourceExhausted("x"))  # gRPC 8 / HTTP 429
-    assert sink.is_rate_limited(api_exceptions.ServiceUnavailable("x"))  # gRPC 14
-    assert not sink.is_rate_limited(api_exceptions.Forbidden("x", errors=[{"reason": "accessDenied"}]))
+    assert retry.is_rate_limited(quota) and retry.is_bq_transient(quota)
+    assert retry.is_rate_limited(api_exceptions.ResourceExhausted("x"))  # gRPC 8 / HTTP 429
+    assert retry.is_rate_limited(api_exceptions.ServiceUnavailable("x"))  # gRPC 14
+    assert not retry.is_rate_limited(api_exceptions.Forbidden("x", errors=[{"reason": "accessDenied"}]))
     calls = []
 
     def flaky() -> str:
@@ -194,7 +192,7 @@ def test_quota_errors_are_waited_out_with_patience(monkeypatch) -> None:
         return "ok"
 
     with pytest.raises(api_exceptions.ResourceExhausted):
-        sink._bq(flaky)  # no patience: gives up after fetch's attempts
+        sink._bq(flaky)  # no patience: gives up after the policy's attempts
     assert len(calls) == 6
     calls.clear()
     assert sink._bq(flaky, patience=0) == "ok" and len(calls) == 16

@@ -5,7 +5,7 @@ SELECT
   TIMESTAMP_TRUNC(processed_at, MINUTE) AS minute,
   COUNT(*) AS images,
   COUNTIF(top1_class_id IS NOT NULL) AS classified,
-  COUNTIF(status NOT IN ('ok', 'low_confidence')) AS errors,
+  COUNTIF(status NOT IN ({classified})) AS errors,
   COUNT(*) / 60 AS images_per_s
 FROM `{project}.{dataset}.distinct_predictions`
 GROUP BY minute
