@@ -21,8 +21,9 @@ only does I/O.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
+
+from pipeline.times import iso_time
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -79,8 +80,7 @@ def _value(field: Mapping[str, Any], value: Any) -> Any:
     if kind in ("RECORD", "STRUCT"):
         return {f["name"]: _value(f, value.get(f["name"])) for f in field.get("fields", [])}
     if kind == "TIMESTAMP" and isinstance(value, str):
-        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        return t if t.tzinfo else t.replace(tzinfo=UTC)
+        return iso_time(value)
     return value
 
 

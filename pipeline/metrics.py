@@ -23,11 +23,13 @@ import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 from pyspark.sql.streaming import StreamingQueryListener
+
+from pipeline.times import iso_time
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -86,8 +88,7 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 def _time(value: str | datetime | None) -> datetime | None:
     if value is None or isinstance(value, datetime):
         return value
-    t = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    return t if t.tzinfo else t.replace(tzinfo=UTC)
+    return iso_time(value)
 
 
 def latencies_s(rows: Sequence[Mapping[str, Any]]) -> list[float]:

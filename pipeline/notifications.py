@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from pipeline.names import printable
+from pipeline.times import parse_time
 
 FINALIZE = "OBJECT_FINALIZE"
 EVENT_TYPES = frozenset({FINALIZE, "OBJECT_DELETE", "OBJECT_ARCHIVE", "OBJECT_METADATA_UPDATE"})
@@ -70,17 +71,6 @@ class Notification:
 def true_label_from_name(name: str) -> str | None:
     parts = [p for p in name.split("/") if p]
     return parts[-2] if len(parts) >= 2 else None
-
-
-def parse_time(value: str | None) -> datetime | None:
-    """An RFC 3339 time in UTC, or None when it is absent, malformed or out of range."""
-    if not value:
-        return None
-    try:
-        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        return t.astimezone(UTC) if t.tzinfo else t.replace(tzinfo=UTC)
-    except (ValueError, OverflowError):  # "0001-01-01T00:00:00+01:00" is before year 1 in UTC
-        return None
 
 
 def event_time(attributes: Mapping[str, str], payload: Mapping[str, object]) -> datetime | None:
