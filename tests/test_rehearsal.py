@@ -41,7 +41,8 @@ DATAPROC_SPARK = "4.1.2"  # Dataproc image 3.0.1/3.0.2 (3.0.0: 4.1.1)
 SHIPPED_DATA = ("schemas/predictions.json", "schemas/dead_letters.json",
                 "schemas/object_events.json", "schemas/class_mapping.json",
                 "schemas/views/class_mapping.sql", "schemas/views/latest_generation.sql")
-EMULATOR_VARS = ("STORAGE_EMULATOR_HOST", "PUBSUB_EMULATOR_HOST", "BUCKETLENS_BQ_ENDPOINT")
+EMULATOR_VARS = ("STORAGE_EMULATOR_HOST", "PUBSUB_EMULATOR_HOST", "BUCKETLENS_BQ_ENDPOINT",
+                 "BUCKETLENS_BQ_STORAGE_ENDPOINT")
 
 
 def uv() -> str:
@@ -120,6 +121,16 @@ def submitted(settings: Settings, tmp_path: Path) -> dict:
     return {"main": main_file, "args": job_args, "properties": properties}
 
 
+def why(log: Path) -> str:
+    """The Python side of a job log: tracebacks and bucketlens' own lines, not JVM noise."""
+    lines = log.read_text(errors="replace").splitlines()
+    keep = [i for i, line in enumerate(lines)
+            if line.startswith(("Traceback", "bucketlens", "ModuleNotFoundError", "ImportError"))
+            or "Error:" in line and not line.lstrip().startswith("at ")]
+    shown = sorted({j for i in keep[:6] for j in range(i, min(i + 25, len(lines)))})
+    return "\n".join(lines[j] for j in shown)[-6000:] or "\n".join(lines[-40:])
+
+
 def run_until_rows(cmd: list[str], env: dict[str, str], cwd: Path, settings: Settings, n: int,
                    log: Path, timeout: float = 420) -> tuple[int, int, int]:
     """Start the job, upload ``n`` samples, wait for ``n`` rows (or the job's death), stop it."""
@@ -137,8 +148,7 @@ def run_until_rows(cmd: list[str], env: dict[str, str], cwd: Path, settings: Set
                 return counts(settings)
             time.sleep(2)
         state = "still running" if proc.poll() is None else f"exited {proc.returncode}"
-        tail = log.read_text(errors="replace")[-4000:]
-        raise AssertionError(f"{got[0]} of {n} rows; the job is {state}:\n{tail}")
+        raise AssertionError(f"{got[0]} of {n} rows; the job is {state}:\n{why(log)}")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
