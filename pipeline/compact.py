@@ -111,29 +111,6 @@ def compact(settings: Settings, since: date, client: bigquery.Client | None = No
     return out
 
 
-def _date(raw: str) -> date:
-    try:
-        return date.fromisoformat(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{raw!r} is not a date like 2024-05-06") from None
-
-
-_date.__name__ = "date"  # argparse names the type in its error messages
-
-
-def add_compact_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``compact`` on the top-level CLI."""
-    parser = subparsers.add_parser(
-        "compact", help="remove duplicate rows left by racing writers",
-        description="Keep one row per key in the predictions, dead-letter and event tables, "
-                    "reading only the partitions since DATE (one MERGE per table that has "
-                    "duplicates). Safe to run at any time, also while the stream runs.")
-    parser.add_argument("--since", type=_date, metavar="DATE",
-                        help=f"first UTC day (partition) to compact (default: {DEFAULT_DAYS} "
-                             "days ago)")
-    return parser
-
-
 def run_compact(args: argparse.Namespace) -> int:
     """Print {table: {duplicate_keys, removed}} as the last stdout line."""
     settings = Settings.from_env()

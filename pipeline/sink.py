@@ -53,6 +53,7 @@ from pipeline.config import Settings
 from pipeline.notifications import Notification, ObjectKey
 from pipeline.retry import QUOTA_WAIT, call_with_retries, is_bq_transient, is_rate_limited
 from pipeline.status import CLASSIFIED, sql_list
+from pipeline.times import iso_time
 
 if TYPE_CHECKING:
     from google.cloud import bigquery, storage
@@ -225,8 +226,9 @@ def existing_keys_sql(target: str, key: Sequence[str] = PREDICTION_KEY,
 
 
 def _utc(value: datetime | str) -> datetime:
-    t = datetime.fromisoformat(value.replace("Z", "+00:00")) if isinstance(value, str) else value
-    return t.astimezone(UTC) if t.tzinfo else t.replace(tzinfo=UTC)
+    if isinstance(value, str):
+        return iso_time(value)
+    return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def partition_days(values: Iterable[datetime | str | None]) -> list[date] | None:
