@@ -25,8 +25,6 @@ from pipeline.times import parse_since
 
 
 def run_stream(args: argparse.Namespace) -> int:
-    from pipeline import classify, stream
-
     settings = Settings.from_env(
         subscription=args.subscription, table=args.table, checkpoint=args.checkpoint,
         model=args.model, weights=args.weights, trigger_seconds=args.trigger_seconds,
@@ -34,6 +32,8 @@ def run_stream(args: argparse.Namespace) -> int:
         prefix=args.prefix, min_confidence=args.min_confidence, batch_size=args.batch_size,
         sink=args.sink, metrics_port=args.metrics_port, sink_mode=args.sink_mode,
     )
+    from pipeline import classify, stream  # heavy: only once the names are known good
+
     classify.get_handler(settings)  # fail fast, in one sentence, if the model cannot load
     query, _ = stream.start(settings)
     if settings.metrics_port:
