@@ -223,6 +223,9 @@ def fake_gcs_binary() -> str:
 
 def _commands(run_dir: Path, settings: Settings, ports: dict[str, int]) -> dict[str, list[str]]:
     gcs_root = run_dir / "gcs"
+    # Every service starts empty: the Pub/Sub emulator and an --ephemeral bqemulator keep
+    # nothing across a restart, so objects kept here would notify no one and match no rows.
+    shutil.rmtree(gcs_root, ignore_errors=True)
     gcs_root.mkdir(parents=True, exist_ok=True)
     return {
         "pubsub": [find_pubsub_emulator(), "--host=127.0.0.1", f"--port={ports['pubsub']}"],

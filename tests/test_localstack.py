@@ -160,3 +160,22 @@ def test_unreachable_emulator_is_one_sentence(monkeypatch) -> None:
     with pytest.raises(localstack.StackError, match=f"cannot reach PUBSUB_EMULATOR_HOST=127.0.0.1:{port}"):
         localstack.check_emulators(Settings(), env)
     localstack.check_emulators(Settings(), {})  # real GCP: nothing to probe
+
+
+@pytest.mark.integration
+def test_down_then_up_starts_every_service_empty(tmp_path, monkeypatch) -> None:
+    """Pub/Sub and BigQuery keep nothing across a restart, so GCS must not either: an object
+    that survived would have no notification and no row."""
+    settings = Settings()
+    state = localstack.up(tmp_path / "run", settings)
+    try:
+        with localstack.environment(state.env()):
+            clients.storage_client(settings).bucket(settings.bucket).blob("kept.jpg") \
+                .upload_from_string(b"x")
+        localstack.down(tmp_path / "run")
+        state = localstack.up(tmp_path / "run", settings)
+        with localstack.environment(state.env()):
+            names = [b.name for b in clients.storage_client(settings).list_blobs(settings.bucket)]
+        assert names == []
+    finally:
+        localstack.down(tmp_path / "run")
