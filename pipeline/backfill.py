@@ -147,7 +147,7 @@ def backfill(settings: Settings, spark: SparkSession | None = None, *, prefix: s
                 if spark is None:
                     from pipeline.spark import session
 
-                    spark = session(settings.spark_master)
+                    spark = session(settings.spark_master, log_file=settings.spark_log)
                 written = classify_and_write(spark, todo, settings, sink, batch_id=-index)
                 summary.classified += written.classified
                 summary.inserted += written.inserted
@@ -193,7 +193,8 @@ def _progress(title: str, *, enabled: bool) -> Iterator[Callable[[BackfillSummar
 
 def run_backfill(args: argparse.Namespace, spark: SparkSession | None = None) -> int:
     """Print the summary as the last stdout line; 0 = every object classified, 1 = error rows."""
-    settings = Settings.from_env(bucket=args.bucket)
+    settings = Settings.from_env(bucket=args.bucket,
+                                 spark_log="" if getattr(args, "verbose", False) else None)
     if not args.dry_run:
         from pipeline import classify
 

@@ -31,6 +31,7 @@ def run_stream(args: argparse.Namespace) -> int:
         max_messages_per_batch=args.max_messages_per_batch, spark_master=args.master,
         prefix=args.prefix, min_confidence=args.min_confidence, batch_size=args.batch_size,
         sink=args.sink, metrics_port=args.metrics_port, sink_mode=args.sink_mode,
+        spark_log="" if args.verbose else None,
     )
     from pipeline import classify, stream  # heavy: only once the names are known good
 
@@ -40,8 +41,9 @@ def run_stream(args: argparse.Namespace) -> int:
         print(f"Prometheus metrics on http://127.0.0.1:{settings.metrics_port}/metrics",
               file=sys.stderr)
     print(f"streaming {settings.subscription_path} → {settings.table_id} "
-          f"(model {settings.model}, checkpoint {settings.checkpoint}); Ctrl-C stops",
-          file=sys.stderr)
+          f"(model {settings.model}, checkpoint {settings.checkpoint}); Ctrl-C stops"
+          + (f"; Spark's own log: {settings.spark_log} (-v shows it here)"
+             if settings.spark_log else ""), file=sys.stderr)
 
     return _serve(query)
 

@@ -60,6 +60,9 @@ class Settings:
     max_bytes: int = 32 * 1024 * 1024
     max_pixels: int = 64_000_000
     spark_master: str = "local[2]"
+    # Spark's own (JVM) log and progress bars go to this file, so commands print only their
+    # results; empty (`-v`) = the console. Under spark-submit the platform's logging stands.
+    spark_log: str = ".bucketlens/spark.log"
     sink: str = "bigquery"  # bigquery | jsonl | console
     metrics_port: int = 0  # 0 = no Prometheus endpoint
     jsonl_uri: str = ""  # JSON-lines sink target; empty = gs://<bucket>/_bucketlens/<table>

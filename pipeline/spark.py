@@ -8,20 +8,49 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from pyspark.sql import SparkSession
 
 from pipeline.source import PubSubDataSource
 
+# log4j2 configuration for a quiet session: everything Spark logs goes to one file.
+LOG4J2 = """\
+status = error
+appender.file.type = File
+appender.file.name = file
+appender.file.fileName = {log}
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = %d{{yy/MM/dd HH:mm:ss}} %p %c{{1}}: %m%n%ex
+rootLogger.level = info
+rootLogger.appenderRef.file.ref = file
+"""
 
-def session(master: str = "local[2]", app: str = "bucketlens", conf: dict | None = None) -> SparkSession:
+
+def quiet_conf(log_file: str) -> dict[str, str]:
+    """Spark conf that sends the JVM's log to ``log_file`` and hides the progress bars, so a
+    command's own output is not interleaved with Spark's (pure apart from writing the file)."""
+    log = Path(log_file).resolve()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    props = log.with_suffix(".log4j2.properties")
+    props.write_text(LOG4J2.format(log=log))
+    return {"spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile=file:{props}",
+            "spark.ui.showConsoleProgress": "false"}
+
+
+def session(master: str = "local[2]", app: str = "bucketlens", conf: dict | None = None,
+            log_file: str = "") -> SparkSession:
+    """The session; with ``log_file`` Spark's own output goes there instead of the console."""
+    submitted = bool(os.environ.get("PYSPARK_GATEWAY_PORT"))  # the JVM runs already
+    if log_file and not submitted:
+        conf = {**quiet_conf(log_file), **(conf or {})}
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     builder = SparkSession.builder.appName(app)
     # Under spark-submit (Dataproc jobs, the rehearsal) the master is already chosen, and
     # PYSPARK_GATEWAY_PORT names the JVM it started; an empty master defers to the platform
     # too (Dataproc Serverless rejects an explicit one).
-    if master and not os.environ.get("PYSPARK_GATEWAY_PORT"):
+    if master and not submitted:
         builder = builder.master(master)
     builder = (
         builder

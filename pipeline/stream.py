@@ -186,7 +186,7 @@ def start(settings: Settings, spark=None, processor: BatchProcessor | None = Non
     from pipeline import metrics
     from pipeline.spark import session
 
-    spark = spark or session(settings.spark_master)
+    spark = spark or session(settings.spark_master, log_file=settings.spark_log)
     listener = metrics.attach(spark)
     processor = processor or BatchProcessor(settings, on_batch=listener.recorder.record)
     if settings.metrics_port:

@@ -38,3 +38,30 @@ def test_master_is_left_to_spark_submit(monkeypatch, gateway, expected) -> None:
     with pytest.raises(RuntimeError, match="stop here"):
         spark_mod.session("local[2]")
     assert rec.masters == expected
+
+
+def test_quiet_conf_points_log4j_at_the_file(tmp_path) -> None:
+    conf = spark_mod.quiet_conf(str(tmp_path / "logs" / "spark.log"))
+    props = tmp_path / "logs" / "spark.log4j2.properties"
+    assert conf["spark.driver.extraJavaOptions"] == f"-Dlog4j2.configurationFile=file:{props}"
+    assert conf["spark.ui.showConsoleProgress"] == "false"
+    assert f"fileName = {tmp_path / 'logs' / 'spark.log'}" in props.read_text()
+
+
+@pytest.mark.spark
+def test_a_quiet_session_logs_to_its_file_not_the_console(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    log = tmp_path / "spark.log"
+    code = ("from pipeline.spark import session\n"
+            f"s = session('local[1]', app='quiet', log_file={str(log)!r})\n"
+            "print('rows', s.range(3).count())\n"
+            "s.stop()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path, env={**__import__("os").environ,
+                                                          "SPARK_LOCAL_IP": "127.0.0.1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "rows 3"
+    assert "Running Spark version" in log.read_text()
+    assert "SparkContext" not in out.stderr and "log4j" not in out.stderr, out.stderr[-2000:]
