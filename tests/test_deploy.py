@@ -910,13 +910,12 @@ def node(tmp_path) -> SimpleNamespace:
                                  f'exec "{sys.executable}" "$@"\n')
     for f in fakes.iterdir():
         f.chmod(0o755)
-    # the image's pyspark (this test's real one) on Spark's python path; torch stubs for speed
+    # the image's pyspark (this test's real one) on Spark's python path; the smoke test imports
+    # the real torch too, as it does on a node (pipeline.stream loads the executor side)
     import pyspark
     (spark_home / "python" / "pyspark").symlink_to(Path(pyspark.__file__).parent)
     (spark_home / "RELEASE").write_text(f"Spark {pyspark.__version__} built for Hadoop 3.4.1\n")
-    for mod in ("torch", "torchvision"):
-        (stubs / mod).mkdir(parents=True)
-        (stubs / mod / "__init__.py").write_text('__version__ = "0.0-stub"\n')
+    stubs.mkdir()
     env = {"PATH": f"{fakes}{os.pathsep}{FAKE_GCLOUD_DIR}{os.pathsep}{os.environ['PATH']}",
            "FAKE_METADATA": str(metadata), "SPARK_HOME": str(spark_home), "SPARK_CONF_DIR": str(conf),
            "PYTHONPATH": str(stubs)}
