@@ -73,10 +73,19 @@ def is_rate_limited(exc: BaseException) -> bool:
     return isinstance(exc, api_exceptions.TooManyRequests | api_exceptions.ServiceUnavailable)
 
 
+# bqemulator runs its REST and gRPC handlers on different threads over one DuckDB connection;
+# a query that meets an append there fails at once with this (as a 400) instead of waiting.
+# Real BigQuery never says it; on the local stack it passes like any other contention.
+EMULATOR_BUSY = "connection is busy with another call"
+
+
 def is_bq_transient(exc: BaseException) -> bool:
-    """``is_transient`` plus BigQuery's 403 rate/quota limits and backend errors."""
+    """``is_transient`` plus BigQuery's 403 rate/quota limits and backend errors (and the
+    local emulator's connection contention)."""
     if isinstance(exc, api_exceptions.Forbidden):
         return any(e.get("reason") in _RATE_REASONS | {"backendError"} for e in exc.errors or [])
+    if isinstance(exc, api_exceptions.GoogleAPICallError) and EMULATOR_BUSY in str(exc):
+        return True
     return is_transient(exc)
 
 

@@ -317,3 +317,10 @@ def test_jsonl_sink_ignores_its_own_output_objects(isolated: Settings) -> None:
     assert js.write(own, batch_id=2) == 0  # would otherwise loop: output → notification → row
     bucket = clients.storage_client(isolated).bucket(isolated.bucket)
     assert not list(bucket.list_blobs(prefix=f"{sink.RESULTS_PREFIX}/"))
+
+
+def test_the_emulators_connection_contention_is_retried_but_a_bad_query_is_not() -> None:
+    busy = api_exceptions.BadRequest("Query execution failed: Resource In Use Error: connection "
+                                     "is busy with another call; it refuses instead of waiting")
+    assert retry.is_bq_transient(busy)
+    assert not retry.is_bq_transient(api_exceptions.BadRequest("Syntax error at [1:8]"))

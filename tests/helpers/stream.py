@@ -6,6 +6,7 @@ from pipeline import clients
 from pipeline.config import Settings
 from producer.datasets import discover, sample_dataset
 from producer.replay import replay
+from tests.helpers.tables import query
 from tests.helpers.wait import wait_until
 
 
@@ -25,9 +26,8 @@ def upload_samples(settings: Settings, n: int):
 
 
 def rows_of(settings: Settings, table: str | None = None) -> list[dict]:
-    bq = clients.bigquery_client(settings)
     table_id = f"{settings.project}.{settings.dataset}.{table or settings.table}"
-    return [dict(r.items()) for r in bq.query(f"SELECT * FROM `{table_id}`").result()]
+    return query(settings, f"SELECT * FROM `{table_id}`")
 
 
 def wait_rows(settings: Settings, n: int, query, timeout: float = 180,
