@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bucketlens",
         description="Classify images as they land in Google Cloud Storage.",
         epilog='Quick start: `bucketlens demo`. Flags default to BUCKETLENS_* variables; '
-               '`eval "$(bucketlens local env)"` sets them for the local stack.')
+               '`eval "$(bucketlens local env)"` sets them for the local stack; ' + job_cli.EXIT_CODES)
     p.add_argument("-v", "--verbose", action="store_true", help="log every batch")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -18,21 +18,16 @@ import sys
 import threading
 from collections.abc import Callable
 from datetime import date, datetime
+from typing import get_type_hints
 
-from pipeline.config import Settings
+from pipeline.config import ENV_PREFIX, Settings
 from pipeline.errors import UserError
 from pipeline.times import parse_since
 
 
 def run_stream(args: argparse.Namespace) -> int:
-    settings = Settings.from_env(
-        subscription=args.subscription, table=args.table, checkpoint=args.checkpoint,
-        model=args.model, weights=args.weights, trigger_seconds=args.trigger_seconds,
-        max_messages_per_batch=args.max_messages_per_batch, spark_master=args.master,
-        prefix=args.prefix, min_confidence=args.min_confidence, batch_size=args.batch_size,
-        sink=args.sink, metrics_port=args.metrics_port, sink_mode=args.sink_mode,
-        spark_log="" if args.verbose else None,
-    )
+    settings = Settings.from_env(**{name: getattr(args, name) for name in RUN_SETTINGS},
+                                 spark_log="" if args.verbose else None)
     from pipeline import classify, stream  # heavy: only once the names are known good
 
     classify.get_handler(settings)  # fail fast, in one sentence, if the model cannot load
@@ -112,24 +107,44 @@ def since(raw: str) -> datetime:
 since.__name__ = "time"  # argparse names the type in its error messages
 
 
+EXIT_CODES = ("exit status: 0 done; 1 the stream failed, or some objects got error rows; "
+              "2 a usage or configuration error (one line on stderr); 130 interrupted")
+
+# The `run` flags that set one Settings field each: field → (help, choices). Flag names, types
+# and the BUCKETLENS_* variable in the help are generated from the field.
+RUN_SETTINGS: dict[str, tuple[str, tuple[str, ...] | None]] = {
+    "subscription": ("Pub/Sub subscription", None),
+    "table": ("BigQuery table in the dataset", None),
+    "checkpoint": ("Spark checkpoint directory", None),
+    "model": ("torchvision model name or efficientnet_lite0", None),
+    "weights": ("weights file or gs:// URI", None),
+    "trigger_seconds": ("micro-batch interval", None),
+    "max_messages_per_batch": ("admission control per batch", None),
+    "batch_size": ("images per inference batch", None),
+    "min_confidence": ("mark rows whose top-1 probability is lower", None),
+    "prefix": ("only classify objects under this prefix", None),
+    "spark_master": ("Spark master (default local[2]; spark-submit's wins)", None),
+    "sink": ("where rows go (jsonl writes to BUCKETLENS_JSONL_URI)",
+             ("bigquery", "jsonl", "console")),
+    "sink_mode": ("BigQuery write path", ("append", "merge")),
+    "metrics_port": ("serve Prometheus metrics on 127.0.0.1:PORT/metrics", None),
+}
+FLAG_ALIASES = {"spark_master": ("--master",)}
+
+
+def add_settings_flags(parser: argparse.ArgumentParser,
+                       fields: dict[str, tuple[str, tuple[str, ...] | None]]) -> None:
+    """One ``--field-name`` per Settings field, typed like the field; unset = the variable."""
+    hints = get_type_hints(Settings)
+    for name, (help_, choices) in fields.items():
+        kind = hints[name]
+        parser.add_argument(f"--{name.replace('_', '-')}", *FLAG_ALIASES.get(name, ()), dest=name,
+                            type=kind if kind in (int, float) else None, choices=choices,
+                            help=f"{help_} ({ENV_PREFIX}{name.upper()})")
+
+
 def add_run_arguments(run: argparse.ArgumentParser) -> None:
-    run.add_argument("--subscription", help="Pub/Sub subscription (BUCKETLENS_SUBSCRIPTION)")
-    run.add_argument("--table", help="BigQuery table in the dataset (BUCKETLENS_TABLE)")
-    run.add_argument("--checkpoint", help="Spark checkpoint directory (BUCKETLENS_CHECKPOINT)")
-    run.add_argument("--model", help="torchvision model name or efficientnet_lite0 (BUCKETLENS_MODEL)")
-    run.add_argument("--weights", help="weights file or gs:// URI (BUCKETLENS_WEIGHTS)")
-    run.add_argument("--trigger-seconds", type=float, help="micro-batch interval")
-    run.add_argument("--max-messages-per-batch", type=int, help="admission control per batch")
-    run.add_argument("--batch-size", type=int, help="images per inference batch")
-    run.add_argument("--min-confidence", type=float, help="mark rows whose top-1 prob is lower")
-    run.add_argument("--prefix", help="only classify objects under this prefix")
-    run.add_argument("--master", help="Spark master (default local[2]; spark-submit's wins)")
-    run.add_argument("--sink", choices=["bigquery", "jsonl", "console"],
-                     help="where rows go (default bigquery; jsonl writes to BUCKETLENS_JSONL_URI)")
-    run.add_argument("--metrics-port", type=int,
-                     help="serve Prometheus metrics on 127.0.0.1:PORT/metrics")
-    run.add_argument("--sink-mode", choices=["append", "merge"],
-                     help="BigQuery write path (BUCKETLENS_SINK_MODE; default append)")
+    add_settings_flags(run, RUN_SETTINGS)
 
 
 def add_classify_arguments(p: argparse.ArgumentParser) -> None:
@@ -223,7 +238,7 @@ def build_parser(prog: str = "bucketlens") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
         description="Classify images as they land in Google Cloud Storage.",
-        epilog="Flags default to BUCKETLENS_* variables.")
+        epilog="Flags default to BUCKETLENS_* variables; " + EXIT_CODES)
     p.add_argument("-v", "--verbose", action="store_true", help="log every batch")
     add_job_commands(p.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     return p

@@ -48,3 +48,18 @@ def test_a_runner_loads_its_module_only_when_called() -> None:
     run = job_cli.runner("pipeline.times:parse_since")
     assert run.target == "pipeline.times:parse_since"  # type: ignore[attr-defined]
     assert run("2024-05-06").year == 2024
+
+
+def test_run_flags_are_the_settings_fields_they_set() -> None:
+    from pipeline.config import Settings
+
+    args = job_cli.build_parser().parse_args(
+        ["run", "--max-messages-per-batch", "7", "--sink-mode", "merge", "--master", "local[1]",
+         "--min-confidence", "0.5"])
+    fields = {f: getattr(args, f) for f in job_cli.RUN_SETTINGS}
+    assert {k: v for k, v in fields.items() if v is not None} == {
+        "max_messages_per_batch": 7, "sink_mode": "merge", "spark_master": "local[1]",
+        "min_confidence": 0.5}
+    assert set(job_cli.RUN_SETTINGS) <= set(Settings.__dataclass_fields__)
+    with pytest.raises(SystemExit):
+        job_cli.build_parser().parse_args(["run", "--batch-size", "many"])
