@@ -28,11 +28,7 @@ from deploy import iam, provision
 from deploy.__main__ import main as deploy_main
 from pipeline import catalog, clients, sink
 from pipeline.config import Settings
-
-ROOT = Path(__file__).resolve().parent.parent
-DATAPROC = ROOT / "deploy" / "dataproc"
-FAKE_GCLOUD_DIR = Path(__file__).resolve().parent / "fake_gcloud"
-EMULATOR_VARS = ("STORAGE_EMULATOR_HOST", "PUBSUB_EMULATOR_HOST")
+from tests.helpers.scripts import ABSENT, DATAPROC, FAKE_GCLOUD_DIR, ROOT, run_script
 
 # --- IAM as data -----------------------------------------------------------------------------------
 
@@ -620,24 +616,6 @@ def test_cli_apply_twice_changes_nothing_and_destroy_removes_it_all(stack, capsy
 
 # --- Dataproc scripts, against the recording fake gcloud ------------------------------------------
 
-def run_script(name: str, *args: str, tmp_path: Path, responses: dict | None = None,
-               env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
-    """Run deploy/dataproc/<name> with a clean BUCKETLENS_* environment and the fake gcloud."""
-    log = tmp_path / f"{name}.jsonl"
-    log.unlink(missing_ok=True)
-    base = {k: v for k, v in os.environ.items()
-            if not k.startswith("BUCKETLENS_") and k not in EMULATOR_VARS}
-    base.update(PATH=f"{FAKE_GCLOUD_DIR}{os.pathsep}{os.environ['PATH']}", FAKE_GCLOUD_LOG=str(log))
-    if responses is not None:
-        (tmp_path / "responses.json").write_text(json.dumps(responses))
-        base["FAKE_GCLOUD_RESPONSES"] = str(tmp_path / "responses.json")
-    base.update(env or {})
-    proc = subprocess.run([str(DATAPROC / name), *args], env=base, capture_output=True, text=True,
-                          timeout=60)
-    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    return proc, calls
-
-
 def find(calls: list[list[str]], *prefix: str) -> list[str]:
     matches = [c for c in calls if c[:len(prefix)] == list(prefix)]
     assert matches, f"no gcloud {' '.join(prefix)} among {calls}"
@@ -648,7 +626,6 @@ def flag(argv: list[str], name: str) -> str:
     return argv[argv.index(name) + 1]
 
 
-ABSENT = {"rc": 1, "stderr": "ERROR: NOT_FOUND"}
 
 
 FRESH = {"storage buckets describe": ABSENT, "dataproc clusters describe": ABSENT,

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from deploy import iam
-from tests.test_deploy import ABSENT, FAKE_GCLOUD_DIR, ROOT, run_script
+from tests.helpers.scripts import ABSENT, FAKE_GCLOUD_DIR, ROOT, run_script
 
 # What the real gcloud says when a command line parsed and the next step needs credentials.
 AUTH_STOPS = ("You do not currently have an active account selected",

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 import zlib
-from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 
@@ -28,85 +27,9 @@ from pipeline import images, stream
 from pipeline.config import Settings
 from pipeline.names import InvalidName
 from pipeline.sink import EVENT_KEY, build_row, dead_letter_record, event_record, to_ndjson
+from tests.helpers.hostile import BUCKET, NOTIFICATIONS
 
 ROOT = Path(__file__).resolve().parents[1]
-BUCKET = "imgs"
-PUBLISHED = datetime(2026, 11, 21, 20, 42, 31, tzinfo=UTC)
-ATTRS = {"eventType": "OBJECT_FINALIZE", "bucketId": BUCKET, "objectId": "flowers/daisy/1.jpg",
-         "objectGeneration": "1795293750903367", "eventTime": "2026-11-21T20:42:30Z",
-         "payloadFormat": "JSON_API_V1"}
-
-
-def msg(data: bytes | dict = b"", **attrs: str | None) -> tuple:
-    """One message row as the source yields it; ``attr=None`` drops that attribute."""
-    merged = {k: v for k, v in {**ATTRS, **attrs}.items() if v is not None}
-    raw = json.dumps(data).encode() if isinstance(data, dict) else data
-    return ("m", PUBLISHED, merged, raw)
-
-
-def payload_only(**payload: object) -> tuple:
-    """The key only in the JSON payload (the attributes say just the event type)."""
-    return msg({"bucket": BUCKET, "name": "a/b.jpg", **payload}, bucketId=None, objectId=None,
-               objectGeneration=None)
-
-
-def metadata_update(metageneration: int) -> tuple:
-    return msg({"metageneration": str(metageneration)}, eventType="OBJECT_METADATA_UPDATE")
-
-
-DEEP = b"[" * 100_000 + b"]" * 100_000
-
-# (case, messages, expected outcome of each): "dead: <reason part>", "ignored: <reason part>",
-# "event: <event type>", "todo". Every row failed before the hardening (an exception out of
-# triage or row building, a wrong outcome, or a key that dropped a distinct event).
-NOTIFICATIONS: list[tuple[str, list[tuple], list[str]]] = [
-    ("size 1e400", [msg(b'{"size": 1e400}')], ["dead: size is not an integer"]),
-    ("generation 1e400", [payload_only(generation=float("inf"))],
-     ["dead: generation is not an integer"]),
-    ("generation 1e400 raw", [msg(b'{"bucket": "imgs", "name": "a", "generation": 1e400}',
-                                  bucketId=None, objectId=None, objectGeneration=None)],
-     ["dead: generation is not an integer"]),
-    ("JSON nested 100k deep", [msg(DEEP)], ["dead: nested too deeply"]),
-    ("integer of 5000 digits", [msg(b'{"size": ' + b"7" * 5000 + b"}")], ["dead: not JSON"]),
-    ("eventTime 9999-12-31 with updated in that second",
-     [msg({"updated": "9999-12-31T23:59:59.5Z"}, eventTime="9999-12-31T23:59:59Z")],
-     ["dead: after the message was published"]),
-    ("eventTime before year 1 in UTC", [msg(eventTime="0001-01-01T00:00:00+01:00")], ["todo"]),
-    ("generation -5", [msg(objectGeneration="-5")], ["dead: outside 1..2^63-1"]),
-    ("generation 0", [msg(objectGeneration="0")], ["dead: outside 1..2^63-1"]),
-    ("generation 0 in payload", [payload_only(generation=0)], ["dead: outside 1..2^63-1"]),
-    ("generation 2**63", [msg(objectGeneration=str(2**63))], ["dead: outside 1..2^63-1"]),
-    ("generation 2**63 in payload", [payload_only(generation=2**63)], ["dead: outside"]),
-    ("generation true", [payload_only(generation=True)], ["dead: generation is not an integer"]),
-    ("generation 7.0", [payload_only(generation=7.0)], ["dead: generation is not an integer"]),
-    ("generation '1_000'", [msg(objectGeneration="1_000")], ["dead: generation is not an integer"]),
-    ("generation Arabic-Indic 7", [msg(objectGeneration="\u0667")],
-     ["dead: generation is not an integer"]),
-    ("generation ' 7 '", [msg(objectGeneration=" 7 ")], ["dead: generation is not an integer"]),
-    ("size -1", [msg({"size": "-1"})], ["dead: size \"-1\" is outside"]),
-    ("metadata.true_label an object", [msg({"metadata": {"true_label": {"x": 1}}})],
-     ["dead: metadata.true_label is not a string"]),
-    ("metadata an array", [msg({"metadata": ["daisy"]})], ["dead: metadata is not an object"]),
-    ("metadata key forging a line", [msg({"metadata": {"a\nERROR forged": 5}})],
-     ["dead: metadata.a\\nERROR forged is not a string"]),
-    ("contentType an object", [msg({"contentType": {"x": 1}})],
-     ["dead: contentType is not a string"]),
-    ("name an object", [payload_only(name={"x": 1}, generation="7")],
-     ["dead: name is not a string"]),
-    ("another bucket", [msg(bucketId="someone-elses")], ["ignored: not the watched bucket"]),
-    ("another bucket's delete", [msg(eventType="OBJECT_DELETE", bucketId="someone-elses")],
-     ["ignored: not the watched bucket"]),
-    ("delete by overwrite", [msg(eventType="OBJECT_DELETE", overwrittenByGeneration="8")],
-     ["event: OBJECT_OVERWRITE"]),
-    ("archive by overwrite (payload)",
-     [msg({"overwrittenByGeneration": "8"}, eventType="OBJECT_ARCHIVE")],
-     ["event: OBJECT_OVERWRITE"]),
-    ("overwrittenByGeneration garbage", [msg(eventType="OBJECT_DELETE",
-                                             overwrittenByGeneration="x")],
-     ["dead: overwrittenByGeneration is not an integer"]),
-    ("second METADATA_UPDATE of a generation", [metadata_update(2), metadata_update(3)],
-     ["event: OBJECT_METADATA_UPDATE", "event: OBJECT_METADATA_UPDATE"]),
-]
 
 
 def outcomes(t: stream.Triage, rows: list[tuple]) -> list[str]:

@@ -13,8 +13,8 @@ import pytest
 
 from pipeline import stream
 from pipeline.config import Settings
+from tests.helpers.hostile import ATTRS, BUCKET, NOTIFICATIONS
 from tests.helpers.stream import keys, publish, rows_of, upload_samples, wait_rows
-from tests.test_hostile import ATTRS, BUCKET, NOTIFICATIONS
 
 pytestmark = [pytest.mark.integration, pytest.mark.spark]
 

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline import cli, clients, report
 from pipeline.config import Settings
-from tests.test_views import T0, load, quality_rows, select, timing_rows
+from tests.helpers.views import T0, load, quality_rows, select, timing_rows
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

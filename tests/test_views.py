@@ -6,85 +6,26 @@ from __future__ import annotations
 import ast
 import importlib.util
 import re
-from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from pipeline import catalog, clients, report, sink
+from pipeline import catalog, report, sink
 from pipeline.config import Settings
-from pipeline.notifications import Notification, ObjectKey
+from tests.helpers.views import (
+    T0,
+    load,
+    quality_rows,
+    select,
+    timing_rows,
+)
 
-T0 = datetime(2024, 5, 6, 7, 0, tzinfo=UTC)
-IMAGENET = {1: "goldfish", 281: "tabby", 282: "tiger cat", 286: "cougar", 287: "lynx",
-            309: "bee", 738: "pot", 985: "daisy"}
 REPORT_VIEWS = {"class_mapping", "distinct_predictions", "latest_predictions",
                 "processing_latency", "accuracy_by_label",
                 "accuracy_summary", "confusion_counts", "latency_distribution",
                 "latency_per_minute", "status_counts", "throughput_per_minute",
                 "top_predicted_classes"}
-
-# name, generation, status, top-k class ids (best first). Only the newest generation counts for
-# quality, so daisy/3 is a miss at generation 1 and a hit at 2; roses have no ImageNet class, so
-# predicting "daisy" for one must not count as wrong; "mystery" is in no mapping; loose.jpg has
-# no class folder at all.
-QUALITY = [
-    ("flowers/daisy/1.jpg", 1, "ok", [985, 309]),          # top-1 hit
-    ("flowers/daisy/2.jpg", 1, "ok", [309, 985]),          # top-5 hit only
-    ("flowers/daisy/3.jpg", 1, "ok", [309, 1]),            # miss, but overwritten by ...
-    ("flowers/daisy/3.jpg", 2, "ok", [985]),               # ... a hit
-    ("flowers/daisy/4.jpg", 1, "corrupt", []),             # no prediction: not classified
-    ("samples/cat/1.jpg", 1, "ok", [282, 281]),            # top-1 hit
-    ("samples/cat/2.jpg", 1, "ok", [287, 286]),            # wild cats: miss
-    ("flowers/roses/1.jpg", 1, "ok", [985]),               # unmappable, not wrong
-    ("flowers/roses/2.jpg", 1, "low_confidence", [738]),   # unmappable
-    ("other/mystery/1.jpg", 1, "ok", [1]),                 # not in the mapping
-    ("loose.jpg", 1, "ok", [1]),                           # no true label
-]
-
-
-def note(name: str, generation: int, bucket: str, event_time: datetime | None) -> Notification:
-    return Notification(ObjectKey(bucket, name, generation), "OBJECT_FINALIZE",
-                        event_time=event_time, publish_time=event_time)
-
-
-def prediction(settings: Settings, name: str, generation: int, status: str, ids: Sequence[int],
-               processed_at: datetime, latency_s: float | None = 1.0) -> dict:
-    """A row exactly as the pipeline builds it (``build_row``)."""
-    event = None if latency_s is None else processed_at - timedelta(seconds=latency_s)
-    topk = [(c, IMAGENET[c], round(0.6 / (i + 1), 3)) for i, c in enumerate(ids)]
-    return sink.build_row(note(name, generation, settings.bucket, event), status=status,
-                          model="test", topk=topk, batch_id=0, processed_at=processed_at)
-
-
-def quality_rows(settings: Settings) -> list[dict]:
-    return [prediction(settings, n, g, s, ids, T0 + timedelta(seconds=10))
-            for n, g, s, ids in QUALITY]
-
-
-def timing_rows(settings: Settings) -> list[dict]:
-    """07:00 — three rows 2 s old; 07:01 — nothing; 07:02 — twenty rows 1..20 s old and one
-    failed row without an event_time (throughput counts it, latency cannot)."""
-    rows = [prediction(settings, f"t0-{i}.jpg", 1, "ok", [1], T0 + timedelta(seconds=10 + i), 2.0)
-            for i in range(3)]
-    rows += [prediction(settings, f"t2-{i}.jpg", 1, "ok", [1], T0 + timedelta(seconds=120 + i),
-                        float(i + 1)) for i in range(20)]
-    rows.append(prediction(settings, "t2-bad.jpg", 1, "fetch_error", [],
-                           T0 + timedelta(seconds=150), None))
-    return rows
-
-
-def load(settings: Settings, rows: list[dict]) -> None:
-    """Write through the pipeline's sink, then (re)create the views."""
-    assert sink.BigQuerySink(settings).write(rows, batch_id=0) == len(rows)
-    sink.create_views(settings)
-
-
-def select(settings: Settings, view: str, order_by: str = "1") -> list[dict]:
-    c = clients.bigquery_client(settings)
-    sql = f"SELECT * FROM `{settings.project}.{settings.dataset}.{view}` ORDER BY {order_by}"
-    return [dict(r.items()) for r in c.query(sql).result()]
 
 
 # --- pure -------------------------------------------------------------------------------------
