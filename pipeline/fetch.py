@@ -11,7 +11,6 @@ Retries follow ``pipeline.retry`` (the one policy for every Google call).
 
 from __future__ import annotations
 
-import http.client
 import io
 import logging
 import signal
@@ -22,10 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
-import requests
-import urllib3
 from google.api_core import exceptions as api_exceptions
-from google.cloud.storage.exceptions import DataCorruption
 
 from pipeline import clients
 from pipeline.config import Settings
@@ -49,17 +45,6 @@ DEFAULT_TIMEOUT_SECONDS = 60.0
 # the next downloads), so a Python worker holds at most 2 x CHUNK_BYTES of object bytes however
 # large the objects are: 64 objects x 32 MiB x 2 chunks would otherwise be 4 GiB.
 CHUNK_BYTES = 128 * 1024 * 1024
-
-_TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
-    ConnectionError,
-    TimeoutError,
-    requests.ConnectionError,
-    requests.Timeout,
-    requests.exceptions.ChunkedEncodingError,
-    http.client.HTTPException,
-    urllib3.exceptions.HTTPError,
-    DataCorruption,  # checksum mismatch: a truncated or garbled transfer, worth another read
-)
 
 
 @dataclass(frozen=True)
