@@ -31,7 +31,6 @@ from pipeline.config import Settings
 from pipeline.notifications import FINALIZE, Notification, ObjectKey, wanted
 from pipeline.sink import own_prefixes
 from pipeline.stream import classify_and_write
-from pipeline.times import parse_since  # noqa: F401 - part of this module's API
 
 if TYPE_CHECKING:
     from google.cloud import storage

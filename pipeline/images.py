@@ -24,7 +24,6 @@ from pipeline.names import describe
 from pipeline.status import DECODE_ERRORS
 
 EMPTY, NOT_IMAGE, CORRUPT, TOO_LARGE = DECODE_ERRORS
-ERROR_STATUSES = DECODE_ERRORS
 
 # What PIL may open. An allow-list keeps PIL's exotic (and ghostscript-backed) plugins away
 # from untrusted bytes. The JPEG opener also yields "MPO", PIL's name for the multi-picture

@@ -16,6 +16,7 @@ from pipeline import backfill as bf
 from pipeline import cli, clients, sink
 from pipeline.config import Settings
 from pipeline.notifications import FINALIZE, Notification, ObjectKey
+from pipeline.times import parse_since
 from producer.datasets import Item, discover, sample_dataset
 from producer.replay import replay
 
@@ -32,14 +33,14 @@ def blob(name: str, *, created: datetime = NOW, updated: datetime | None = None,
 # --- pure -------------------------------------------------------------------------------------
 
 def test_parse_since_iso_naive_utc_and_ages() -> None:
-    assert bf.parse_since("2024-05-06T07:08:09Z") == datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
-    assert bf.parse_since("2024-05-06 07:08") == datetime(2024, 5, 6, 7, 8, tzinfo=UTC)
-    assert bf.parse_since("2024-05-06T09:00+02:00") == datetime(2024, 5, 6, 7, 0, tzinfo=UTC)
-    assert bf.parse_since("90m", NOW) == NOW - timedelta(minutes=90)
-    assert bf.parse_since("2d", NOW) == NOW - timedelta(days=2)
-    assert bf.parse_since("1.5h", NOW) == NOW - timedelta(minutes=90)
+    assert parse_since("2024-05-06T07:08:09Z") == datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
+    assert parse_since("2024-05-06 07:08") == datetime(2024, 5, 6, 7, 8, tzinfo=UTC)
+    assert parse_since("2024-05-06T09:00+02:00") == datetime(2024, 5, 6, 7, 0, tzinfo=UTC)
+    assert parse_since("90m", NOW) == NOW - timedelta(minutes=90)
+    assert parse_since("2d", NOW) == NOW - timedelta(days=2)
+    assert parse_since("1.5h", NOW) == NOW - timedelta(minutes=90)
     with pytest.raises(ValueError, match="neither"):
-        bf.parse_since("yesterday")
+        parse_since("yesterday")
 
 
 def test_notification_is_the_finalize_gcs_would_send() -> None:

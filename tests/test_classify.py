@@ -28,6 +28,7 @@ from PIL import Image
 
 from pipeline import classify, cli, images
 from pipeline.config import Settings
+from pipeline.status import DECODE_ERRORS
 
 CATS = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat", "lynx"}
 LITE0 = Settings(model=classify.EFFICIENTNET_LITE0)
@@ -206,7 +207,7 @@ def test_bad_inputs_are_statuses_in_order(lite0, photos) -> None:
     assert [p.status for p in got] == [
         images.EMPTY, classify.OK, images.NOT_IMAGE, images.CORRUPT, images.TOO_LARGE, classify.OK
     ]  # fmt: skip
-    assert all(p.topk == () and p.reason for p in got if p.status in images.ERROR_STATUSES)
+    assert all(p.topk == () and p.reason for p in got if p.status in DECODE_ERRORS)
     assert got[1].topk[0][1] in CATS and got[5].topk[0][1] == "daisy"
 
 
