@@ -41,6 +41,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -804,158 +805,261 @@ class Run:
                     f"(load {self.phases[name]['loadavg']})")
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    from deploy import localstack
+@dataclass
+class FetchedBytes:
+    """The (b) objects' bytes, fetched as a partition would: (c)'s input, (e)'s sizes."""
 
-    r = Run()
-    o: dict[str, Any] = {"loadavg_start": loadavg(), "machine": machine(), "images": args.images}
-    own_dir = not args.run_dir  # a temporary directory of ours is removed at the end
-    run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="bucketlens-bench-"))
-    console.rule("[bold]bucketlens bench")
-    console.log(f"machine: {o['machine']}; load {o['loadavg_start']}")
-    items, blobs = sample_blobs()
-    settings = Settings.from_env()
-    slots = task_slots(settings.spark_master)
-    # The ceiling's processes import torch while the emulators start.
-    model = localstack.LOCAL_MODEL if settings.model == Settings.model else settings.model
-    ceiling = Ceiling(settings.replace(model=model), blobs, slots)  # as StackState.settings
-    spark = query = None
-    saved: dict[str, str | None] = {}
-    try:
-        console.log(f"starting the local stack in {run_dir} …")
+    data: list[bytes] = field(default_factory=list)
+    sizes: dict[str, int] = field(default_factory=dict)
+    img_s: float = 0.0
+
+
+@dataclass
+class Figures:
+    """What the phases measured, filled in the order they run."""
+
+    ceiling: dict[str, Any] = field(default_factory=dict)  # (a), before Spark starts
+    rounds: list[dict[str, Any]] = field(default_factory=list)  # (b), every round
+    pipeline: dict[str, Any] = field(default_factory=dict)  # (b), the best round
+    ceiling_again: dict[str, Any] = field(default_factory=dict)  # (a), right after (b)
+    latency: dict[str, Any] = field(default_factory=dict)  # (d)
+    profile_pipeline: list[dict[str, Any]] = field(default_factory=list)
+    profile_latency: list[dict[str, Any]] = field(default_factory=list)
+    stream_worker_pids: list[int] = field(default_factory=list)
+    anatomy: dict[str, float] = field(default_factory=dict)
+    fetched: FetchedBytes = field(default_factory=FetchedBytes)
+    memory: dict[str, Any] = field(default_factory=dict)  # (e)
+    baseline: dict[str, Any] = field(default_factory=dict)  # (c)
+    camera: dict[str, Any] | None = None  # (c) on camera-sized JPEGs
+    executor_threads: list[int] = field(default_factory=list)
+
+
+class Bench:
+    """What the phases share: the local stack, the ceiling's processes, Spark and the stream.
+    Leaving the ``with`` block stops all of them and removes what the run made."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from deploy import localstack
+
+        self.args, self.r = args, Run()
+        self.o: dict[str, Any] = {"loadavg_start": loadavg(), "machine": machine(),
+                                  "images": args.images}
+        self.own_dir = not args.run_dir  # a temporary directory of ours is removed at the end
+        self.run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="bucketlens-bench-"))
+        console.rule("[bold]bucketlens bench")
+        console.log(f"machine: {self.o['machine']}; load {self.o['loadavg_start']}")
+        self.items, self.blobs = sample_blobs()
+        self.settings = Settings.from_env()
+        self.slots = task_slots(self.settings.spark_master)
+        # The ceiling's processes import torch while the emulators start.
+        s = self.settings
+        model = localstack.LOCAL_MODEL if s.model == Settings.model else s.model
+        self.ceiling = Ceiling(s.replace(model=model), self.blobs, self.slots)  # as StackState.settings
+        self.environment = ExitStack()  # the stack's variables, for Spark and its workers
+        self.cpu: CpuShare | None = None
+        self.spark: Any = None
+        self.query: Any = None
+        self.sink: TimedSink | None = None
+        self.batches: Any = None  # TimedBatches, once the stream runs
+        self.poller: Any = None  # Poller, once the stream runs
+
+    def __enter__(self) -> Bench:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from deploy import localstack
+
+        self.ceiling.close()
+        self.stop_query()
+        if self.spark is not None:
+            self.spark.stop()
+        localstack.down(self.run_dir)
+        if self.own_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.environment.close()
+
+    def stop_query(self) -> None:
+        if self.query is not None:
+            self.query.stop()
+            self.query = None
+
+    def start_stack(self) -> None:
+        from deploy import localstack
+
+        console.log(f"starting the local stack in {self.run_dir} …")
         t = time.monotonic()
-        stack = localstack.up(run_dir, settings)  # stops what it started if it fails
-        env = stack.env()
-        cpu = CpuShare({svc.pid for svc in stack.services.values()}, os.cpu_count() or 1)
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        settings = Settings.from_env()
-        r.phase("stack", t)
-        o["model"] = settings.model
-        o["settings"] = {k: getattr(settings, k) for k in (
+        stack = localstack.up(self.run_dir, self.settings)  # stops what it started if it fails
+        self.cpu = CpuShare({svc.pid for svc in stack.services.values()}, os.cpu_count() or 1)
+        self.environment.enter_context(localstack.environment(stack.env()))
+        self.settings = Settings.from_env()
+        self.r.phase("stack", t)
+        self.o["model"] = self.settings.model
+        self.o["settings"] = {k: getattr(self.settings, k) for k in (
             "spark_master", "trigger_seconds", "max_messages_per_batch", "batch_size",
             "fetch_threads", "num_partitions", "torch_threads")}
 
-        # (a) ceiling, first taken before any JVM of ours runs
+    def ceiling_before_spark(self) -> dict[str, Any]:
+        """(a) the ceiling, first taken before any JVM of ours runs."""
         t = time.monotonic()
-        console.log(f"(a) ceiling: {slots} processes x {ceiling.threads} torch thread(s), "
-                    f"{args.ceiling_seconds:g}s …")
-        ceil1 = ceiling.measure(args.ceiling_seconds, single=True)
-        r.phase("ceiling", t, img_s=r3(ceil1["img_s"]))
+        console.log(f"(a) ceiling: {self.slots} processes x {self.ceiling.threads} torch "
+                    f"thread(s), {self.args.ceiling_seconds:g}s …")
+        ceil = self.ceiling.measure(self.args.ceiling_seconds, single=True)
+        self.r.phase("ceiling", t, img_s=r3(ceil["img_s"]))
+        return ceil
 
-        # Spark + stream, warmed up (Python workers started, model loaded in each)
+    def start_stream(self) -> None:
+        """Spark and the stream, warmed up (Python workers started, model loaded in each)."""
         from pipeline import stream
         from pipeline.sink import make_sink
         from pipeline.spark import session
 
         t = time.monotonic()
         console.log("starting Spark and the stream …")
-        spark = session(settings.spark_master, app="bucketlens-bench",
-                        conf={"spark.sql.streaming.numRecentProgressUpdates": "1000",
-                              "spark.ui.showConsoleProgress": "false"})
-        sink = TimedSink(make_sink(settings.sink, settings))
-        batches = TimedBatches(stream.BatchProcessor(settings, sink=sink))
-        query, _ = stream.start(settings, spark=spark, processor=batches)
-        poller = Poller(settings)
-        warm = max(2 * slots, min(len(items), 10))
-        upload(items, settings, "warmup", limit=warm, rate_=1000, seed=1)
-        poller.wait("warmup", Seen(), warm, query, batches, 0, args.timeout, label="warm-up")
-        r.phase("spark+warmup", t)
+        s = self.settings
+        self.spark = session(s.spark_master, app="bucketlens-bench",
+                             conf={"spark.sql.streaming.numRecentProgressUpdates": "1000",
+                                   "spark.ui.showConsoleProgress": "false"})
+        self.sink = TimedSink(make_sink(s.sink, s))
+        self.batches = TimedBatches(stream.BatchProcessor(s, sink=self.sink))
+        self.query, _ = stream.start(s, spark=self.spark, processor=self.batches)
+        self.poller = Poller(s)
+        warm = max(2 * self.slots, min(len(self.items), 10))
+        upload(self.items, s, "warmup", limit=warm, rate_=1000, seed=1)
+        self.poller.wait("warmup", Seen(), warm, self.query, self.batches, 0, self.args.timeout,
+                         label="warm-up")
+        self.r.phase("spark+warmup", t)
 
-        # (b) pipeline at full producer speed, best of --pipeline-rounds rounds
+    def pipeline_rounds(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """(b) the pipeline at full producer speed, ``--pipeline-rounds`` times: every round's
+        figures, and the best round (its steady state) that counts."""
         t = time.monotonic()
-        rounds_b: list[dict[str, Any]] = []
-        for i in range(args.pipeline_rounds):
-            console.log(f"(b) pipeline round {i + 1}: {args.images} uploads at full speed …")
-            since = batches.inserted
-            cpu_before = cpu.snapshot()
+        rounds: list[dict[str, Any]] = []
+        for i in range(self.args.pipeline_rounds):
+            console.log(f"(b) pipeline round {i + 1}: {self.args.images} uploads at full speed …")
+            since = self.batches.inserted
+            cpu_before = self.cpu.snapshot()
             first_upload = time.time()
-            summary = upload(items, settings, f"e2e{i}", limit=args.images, rate_=10_000,
-                             seed=2 + i)
+            summary = upload(self.items, self.settings, f"e2e{i}", limit=self.args.images,
+                             rate_=10_000, seed=2 + i)
             upload_s = time.time() - first_upload
             seen = Seen()
-            poller.wait(f"e2e{i}", seen, summary.uploaded, query, batches, since, args.timeout,
-                        label=f"(b) pipeline round {i + 1}")
-            fig = pipeline_figures(seen, first_upload, batches)
+            self.poller.wait(f"e2e{i}", seen, summary.uploaded, self.query, self.batches, since,
+                             self.args.timeout, label=f"(b) pipeline round {i + 1}")
+            fig = pipeline_figures(seen, first_upload, self.batches)
             fig.update(summary=summary, seen=seen, upload_img_s=rate(summary.uploaded, upload_s),
-                       loadavg=loadavg(), cpu_share=cpu.since(cpu_before))
-            rounds_b.append(fig)
+                       loadavg=loadavg(), cpu_share=self.cpu.since(cpu_before))
+            rounds.append(fig)
             console.log(f"(b) round {i + 1}: {fig['steady_img_s'] or fig['wall_img_s']:.1f} "
                         f"images/s steady, {fig['wall_img_s']:.1f} wall (load {fig['loadavg']}; "
                         f"share of the cores {fig['cpu_share']})")
-        pipe = max(rounds_b, key=lambda f: f["steady_img_s"] or f["wall_img_s"])
-        e2e, e2e_seen = pipe["summary"], pipe["seen"]
-        r.phase("pipeline", t, upload_img_s=round(pipe["upload_img_s"], 1))
+        best = max(rounds, key=lambda f: f["steady_img_s"] or f["wall_img_s"])
+        self.r.phase("pipeline", t, upload_img_s=round(best["upload_img_s"], 1))
+        return rounds, best
 
-        # (a) again, next to (b) in time: the same background load
+    def ceiling_after_pipeline(self) -> dict[str, Any]:
+        """(a) again, next to (b) in time: the same background load."""
         t = time.monotonic()
-        ceil2 = ceiling.measure(args.ceiling_seconds)
-        ceiling.close()
-        r.phase("ceiling-again", t, img_s=r3(ceil2["img_s"]))
+        ceil = self.ceiling.measure(self.args.ceiling_seconds)
+        self.ceiling.close()
+        self.r.phase("ceiling-again", t, img_s=r3(ceil["img_s"]))
+        return ceil
 
-        # (d) latency at a steady rate
+    def latency(self) -> dict[str, Any]:
+        """(d) latency at a steady upload rate."""
         t = time.monotonic()
-        console.log(f"(d) latency: {args.latency_rate:g} images/s for {args.latency_seconds:g}s …")
-        lat = measure_latency(items, settings, poller, query, batches, args)
-        r.phase("latency", t)
-        progress = progress_by_batch(query)
-        profile_b = batch_profile({int(x["batch_id"]) for x in e2e_seen.rows.values()},
-                                  batches, sink, progress)
-        profile_d = batch_profile({int(x["batch_id"]) for x in lat["seen"].rows.values()},
-                                  batches, sink, progress)
-        worker_pids = sorted({p for rep in batches.reports for p in rep.workers})
-        query.stop()
-        query = None
+        console.log(f"(d) latency: {self.args.latency_rate:g} images/s for "
+                    f"{self.args.latency_seconds:g}s …")
+        lat = measure_latency(self.items, self.settings, self.poller, self.query, self.batches,
+                              self.args)
+        self.r.phase("latency", t)
+        return lat
 
+    def stop_stream(self, pipeline: Seen, latency: Seen
+                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[int]]:
+        """The batch profiles of (b) and (d) from the query's progress and the stream's Python
+        workers; then the query stops."""
+        progress = progress_by_batch(self.query)
+        pipeline_b, latency_b = (
+            batch_profile({int(x["batch_id"]) for x in seen.rows.values()}, self.batches,
+                          self.sink, progress) for seen in (pipeline, latency))
+        workers = sorted({p for rep in self.batches.reports for p in rep.workers})
+        self.stop_query()
+        return pipeline_b, latency_b, workers
+
+    def small_batch_anatomy(self, objects: Sequence[tuple[str, int]]) -> dict[str, float]:
         t = time.monotonic()
-        small = anatomy(spark, settings, e2e.objects, slots)
-        r.phase("anatomy", t)
+        small = anatomy(self.spark, self.settings, objects, self.slots)
+        self.r.phase("anatomy", t)
+        return small
 
-        # the e2e objects' bytes, fetched as a partition would: (c)'s input, (e)'s sizes
+    def fetch(self, objects: Sequence[tuple[str, int]]) -> FetchedBytes:
         from pipeline import fetch
         from pipeline.notifications import ObjectKey
 
-        keys = [ObjectKey(settings.bucket, n, g) for n, g in e2e.objects]
-        f0 = time.perf_counter()
-        fetched = fetch.fetch_all(keys, settings)
-        fetch_s = time.perf_counter() - f0
-        data = [f.data for f in fetched if f.ok]
-        sizes = {f.key.name: len(f.data) for f in fetched if f.ok}
+        keys = [ObjectKey(self.settings.bucket, n, g) for n, g in objects]
+        started = time.perf_counter()
+        fetched = fetch.fetch_all(keys, self.settings)
+        seconds = time.perf_counter() - started
+        ok = [f for f in fetched if f.ok]
+        return FetchedBytes(data=[f.data for f in ok], sizes={f.key.name: len(f.data) for f in ok},
+                            img_s=rate(len(keys), seconds))
 
-        # (e) memory, before (c) runs other code in the same Python workers
+    def memory(self, objects: Sequence[tuple[str, int]], sizes: dict[str, int]) -> dict[str, Any]:
+        """(e) memory, before (c) runs other code in the same Python workers."""
         t = time.monotonic()
-        console.log(f"(e) memory: {args.rss_images} images through the executor function …")
-        rss = measure_rss(spark, settings, e2e.objects, sizes, args.rss_images, slots)
-        r.phase("memory", t)
+        console.log(f"(e) memory: {self.args.rss_images} images through the executor function …")
+        rss = measure_rss(self.spark, self.settings, objects, sizes, self.args.rss_images,
+                          self.slots)
+        self.r.phase("memory", t)
+        return rss
 
-        # (c) the naive baseline on the same fetched bytes, then on camera-sized JPEGs
+    def baseline(self, data: list[bytes]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """(c) the naive baseline on the same fetched bytes, then on camera-sized JPEGs."""
         t = time.monotonic()
+        args, threads = self.args, self.ceiling.threads
         console.log(f"(c) baseline: naive pandas UDF vs the pipeline's handler, "
                     f"{len(data)} fetched images, best of {args.baseline_rounds} …")
-        base = compare_classifiers(spark, settings, data, slots, ceiling.threads,
+        base = compare_classifiers(self.spark, self.settings, data, self.slots, threads,
                                    args.baseline_rounds)
         camera = None
         if args.camera_images:
             console.log(f"(c) the same on {args.camera_images} camera-sized (4032x3024) JPEGs …")
-            camera = compare_classifiers(spark, settings, [camera_jpeg()] * args.camera_images,
-                                         slots, ceiling.threads, 1)
-        r.phase("baseline", t)
-        probe = probe_threads(spark, settings, slots)
-    finally:
-        ceiling.close()
-        if query is not None:
-            query.stop()
-        if spark is not None:
-            spark.stop()
-        localstack.down(run_dir)
-        if own_dir:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+            camera = compare_classifiers(self.spark, self.settings,
+                                         [camera_jpeg()] * args.camera_images, self.slots,
+                                         threads, 1)
+        self.r.phase("baseline", t)
+        return base, camera
 
+    def probe_executor_threads(self) -> list[int]:
+        return probe_threads(self.spark, self.settings, self.slots)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    f = Figures()
+    with Bench(args) as bench:
+        bench.start_stack()
+        f.ceiling = bench.ceiling_before_spark()
+        bench.start_stream()
+        f.rounds, f.pipeline = bench.pipeline_rounds()
+        f.ceiling_again = bench.ceiling_after_pipeline()
+        f.latency = bench.latency()
+        f.profile_pipeline, f.profile_latency, f.stream_worker_pids = bench.stop_stream(
+            f.pipeline["seen"], f.latency["seen"])
+        objects = f.pipeline["summary"].objects
+        f.anatomy = bench.small_batch_anatomy(objects)
+        f.fetched = bench.fetch(objects)
+        f.memory = bench.memory(objects, f.fetched.sizes)
+        f.baseline, f.camera = bench.baseline(f.fetched.data)
+        f.executor_threads = bench.probe_executor_threads()
+    o = report(bench.o, bench.r, args, f)
+    show(o, f.profile_pipeline, f.profile_latency)
+    return o
+
+
+def report(o: dict[str, Any], r: Run, args: argparse.Namespace, f: Figures) -> dict[str, Any]:
+    """The run's figures, as the JSON line prints them (bench/README.md defines each)."""
+    ceil1, ceil2, pipe, lat, rss = f.ceiling, f.ceiling_again, f.pipeline, f.latency, f.memory
+    base, camera = f.baseline, f.camera
     steady = pipe["steady_img_s"] if pipe["steady_img_s"] is not None else pipe["wall_img_s"]
     ceiling_img_s = max(ceil1["img_s"], ceil2["img_s"])
     o.update({
@@ -977,17 +1081,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ceiling_single_process_img_s": r3(ceil1["single_img_s"]),
         "ceiling_single_process_threads": ceil1["single_threads"],
         "decode_ms": r3(ceil1["decode_ms"]),
-        "executor_torch_threads": probe,
+        "executor_torch_threads": f.executor_threads,
         # (b)
-        "pipeline_rounds_img_s": [r3(f["steady_img_s"] or f["wall_img_s"]) for f in rounds_b],
-        "pipeline_rounds_loadavg": [f["loadavg"] for f in rounds_b],
+        "pipeline_rounds_img_s": [r3(x["steady_img_s"] or x["wall_img_s"]) for x in f.rounds],
+        "pipeline_rounds_loadavg": [x["loadavg"] for x in f.rounds],
         "pipeline_method": pipe["method"],
         "pipeline_batches": pipe["batches"],
         "pipeline_wall_img_s": r3(pipe["wall_img_s"]),
         "pipeline_cpu_share": pipe["cpu_share"],  # of all cores, first upload → last row
         "upload_img_s": r.phases["pipeline"]["upload_img_s"],
-        "fetch_img_s": r3(rate(len(keys), fetch_s)),
-        "profile_pipeline": summarize_profile(profile_b),
+        "fetch_img_s": r3(f.fetched.img_s),
+        "profile_pipeline": summarize_profile(f.profile_pipeline),
         # (c)
         "spark_classify_img_s": r3(base["ours_img_s"]),
         "classify_ratio_to_baseline": r3(rate(base["ours_img_s"], base["naive_img_s"])),
@@ -1008,8 +1112,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "visible_polled_latency_p50_s": r3(lat["polled_p50"]),
         "visible_polled_latency_p95_s": r3(lat["polled_p95"]),
         "poll_seconds": args.poll_seconds,
-        "profile_latency": summarize_profile(profile_d),
-        "anatomy": {k: r3(v) for k, v in small.items()},
+        "profile_latency": summarize_profile(f.profile_latency),
+        "anatomy": {k: r3(v) for k, v in f.anatomy.items()},
         # (e)
         "rss_images": args.rss_images,
         "rss_seconds": r3(rss["seconds"]),
@@ -1024,12 +1128,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rss_new_workers": rss["new_workers"],
         "rss_curve": rss["curve"],
         "model_loads": rss["model_loads"],
-        "stream_worker_pids": worker_pids,
+        "stream_worker_pids": f.stream_worker_pids,
         "phases": r.phases,
         "seconds": round(time.monotonic() - r.started, 1),
         "loadavg_end": loadavg(),
     })
-    show(o, profile_b, profile_d)
     return o
 
 

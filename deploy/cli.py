@@ -46,7 +46,7 @@ def _demo(args: argparse.Namespace) -> int:
     from deploy import demo
 
     summary = demo.run(images=args.images, rate=args.rate, timeout=args.timeout,
-                       run_dir=Path(args.run_dir))
+                       run_dir=Path(args.run_dir), model=args.model)
     print(json.dumps(summary))
     return 0 if summary["rows"] == summary["distinct_keys"] == summary["uploaded"] else 1
 
@@ -74,11 +74,35 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=float, default=10.0, help="uploads per second")
     demo.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for rows")
     demo.add_argument("--run-dir", default=".bucketlens/demo", help="stack state directory")
+    demo.add_argument("--model", help="model name, bundle or model location (default: the "
+                                      "offline efficientnet_lite0)")
     demo.set_defaults(func=_demo)
 
     job_cli.add_lazy_command(sub, "produce", "producer.cli", "add_produce_parser", "run_produce")
-    job_cli.add_job_commands(sub)
+    job_cli.add_job_commands(sub, extend={"train": _add_train_download})
     return p
+
+
+def _add_train_download(parser: argparse.ArgumentParser) -> None:
+    """``train --download flowers``: the producer's download (cached), then the job's train."""
+    parser.add_argument("--download", choices=["flowers"],
+                        help="download (once, then cached) the TF flower_photos set and train on it")
+    train = parser.get_default("func")
+
+    def run(args: argparse.Namespace) -> int:
+        if args.download and args.dataset:
+            raise job_cli.UserError("give --dataset or --download, not both")
+        if args.download:
+            from producer import datasets
+
+            try:
+                args.dataset = str(datasets.download_flowers(
+                    log=lambda line: print(f"bucketlens train: {line}", file=sys.stderr)))
+            except datasets.DatasetError as exc:
+                raise job_cli.UserError(str(exc)) from None
+        return train(args)
+
+    parser.set_defaults(func=run)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,14 +46,14 @@ def counts(bq, settings: Settings) -> tuple[int, int, int]:
 
 
 def run(images: int = 60, rate: float = 10.0, timeout: float = 600.0,
-        run_dir: Path = Path(".bucketlens/demo")) -> dict:
+        run_dir: Path = Path(".bucketlens/demo"), model: str | None = None) -> dict:
     started = time.monotonic()
     console.rule("[bold]bucketlens demo")
     console.print(f"starting the local stack in {run_dir} …")
     state = localstack.up(run_dir)
     try:
         with localstack.environment(state.env()):
-            summary = _stream_samples(Settings.from_env(), images, rate, timeout)
+            summary = _stream_samples(Settings.from_env(model=model), images, rate, timeout)
     finally:
         localstack.down(run_dir)
     return {**summary, "seconds": round(time.monotonic() - started, 1)}

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline.config import Settings
+from pipeline.config import EMULATOR_VARS, Settings
 from pipeline.names import printable
 
 logger = logging.getLogger("bucketlens.localstack")
@@ -98,6 +98,8 @@ class StackState:
             project=self.project,
             bq_endpoint=self.bq_endpoint,
             bq_storage_endpoint=self.bq_storage_endpoint,
+            pubsub_emulator_host=self.pubsub_host,
+            storage_emulator_host=self.storage_host,
             model=LOCAL_MODEL if base.model == Settings.model else base.model,
             checkpoint=str(Path(self.run_dir) / "checkpoints" / base.table),
         )
@@ -170,8 +172,10 @@ def check_emulators(settings: Settings, env: Mapping[str, str] | None = None,
     """Raise StackError in one sentence when an emulator endpoint refuses connections.
 
     The client libraries would retry a refused connection for minutes before saying so.
+    The emulators are the settings' own unless ``env`` (variables by Google's names) is given.
     """
-    env = os.environ if env is None else env
+    if env is None:
+        env = {var: getattr(settings, name) for name, var in EMULATOR_VARS.items()}
     dead = []
     for label, value, host, port in emulator_endpoints(env, settings.bq_endpoint):
         try:
@@ -259,6 +263,8 @@ def _wait_ready(svc: Service, project: str, proc: subprocess.Popen, timeout: flo
         if proc.poll() is not None:
             tail = Path(svc.log).read_text(errors="replace")[-2000:]
             raise StackError(f"{svc.name} exited with code {proc.returncode}; log {svc.log}:\n{tail}")
+        if _port_taken(Path(svc.log).parent, svc.log):  # what answers there is not ours
+            raise StackError(f"{svc.name} could not bind port {svc.port}; see {svc.log}")
         try:
             with urllib.request.urlopen(url, timeout=2) as resp:
                 if resp.status < 500:
@@ -290,6 +296,28 @@ def up(run_dir: Path | str = DEFAULT_RUN_DIR, settings: Settings | None = None,
         down(run_dir)
     require_java()
     run_dir.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        try:
+            return _start(run_dir, settings, timeout, provision)
+        except StackError:
+            # free_port() can only say a port was free a moment ago: another process (a second
+            # test run, a parallel CI job) may bind it first. Then try again on new ports.
+            if attempt == PORT_ATTEMPTS or not _port_taken(run_dir):
+                raise
+    raise AssertionError("unreachable")
+
+
+PORT_ATTEMPTS = 3
+
+
+def _port_taken(run_dir: Path, *logs: str) -> bool:
+    """Whether a service's log (by default any) says its port was bound by someone else."""
+    paths = [Path(p) for p in logs] or list(run_dir.glob("*.log"))
+    return any("already in use" in p.read_text(errors="replace").lower()
+               for p in paths if p.exists())
+
+
+def _start(run_dir: Path, settings: Settings, timeout: float, provision: bool) -> StackState:
     ports = {name: free_port() for name in ("pubsub", "gcs", "bigquery", "bigquery_grpc")}
     commands = _commands(run_dir, settings, ports)
     state = StackState(run_dir=str(run_dir), project=settings.project,
@@ -318,9 +346,7 @@ def up(run_dir: Path | str = DEFAULT_RUN_DIR, settings: Settings | None = None,
         if provision:
             from deploy import provision as prov
 
-            with environment({"PUBSUB_EMULATOR_HOST": state.pubsub_host,
-                              "STORAGE_EMULATOR_HOST": state.storage_host}):
-                prov.apply(state.settings(settings))
+            prov.apply(state.settings(settings))  # the settings name the emulators
     except BaseException:
         # Our own children, unreaped, so their PIDs cannot have been reused: stop them by
         # handle, even one that never answered (and so has no argv on record).

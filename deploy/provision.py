@@ -43,7 +43,7 @@ def subscription_filter(event_types: Sequence[str]) -> str:
 
 @dataclass(frozen=True)
 class Action:
-    verb: str  # "create", "exists", "delete", "absent", "skip"
+    verb: str  # "create", "exists", "update", "delete", "absent", "skip"
     kind: str
     name: str
     note: str = ""
@@ -61,6 +61,9 @@ class Resource:
     create: Callable[[], object]
     delete: Callable[[], object]
     skip: str = ""  # non-empty: not managed here, and why (plan/apply/destroy report it)
+    # an existing resource that lacks what this version of bucketlens needs, and the fix
+    outdated: Callable[[], bool] = lambda: False
+    update: Callable[[], object] = lambda: None
 
 
 class _Clients:
@@ -75,11 +78,11 @@ class _Clients:
 
     @cached_property
     def publisher(self):
-        return clients.publisher_client()
+        return clients.publisher_client(self.settings)
 
     @cached_property
     def subscriber(self):
-        return clients.subscriber_client()
+        return clients.subscriber_client(self.settings)
 
     @cached_property
     def bigquery(self):
@@ -115,8 +118,9 @@ def _ignore_missing(action: Callable[[], object]) -> Callable[[], None]:
     return run
 
 
-def on_emulator() -> bool:
-    return bool(os.environ.get("STORAGE_EMULATOR_HOST"))
+def on_emulator(settings: Settings) -> bool:
+    """Cloud Storage is fake-gcs-server: it has no notification configs to manage."""
+    return bool(settings.storage_emulator_host)
 
 
 def subscription_request(settings: Settings, *, pubsub_emulator: bool) -> dict[str, Any]:
@@ -145,7 +149,7 @@ def subscription_request(settings: Settings, *, pubsub_emulator: bool) -> dict[s
 
 def emulated(settings: Settings) -> bool:
     """Any service pointed at an emulator: then there is no IAM to manage."""
-    return on_emulator() or bool(os.environ.get("PUBSUB_EMULATOR_HOST") or settings.bq_endpoint)
+    return on_emulator(settings) or bool(settings.pubsub_emulator_host or settings.bq_endpoint)
 
 
 def notification_matches(n: Any, settings: Settings) -> bool:
@@ -214,6 +218,39 @@ def core_resources(settings: Settings, c: _Clients) -> list[Resource]:
         )
 
     def table(table_id: str, layout: TableLayout) -> Resource:
+        """The table. An existing one is *outdated* when its schema file gained columns since
+        it was made (an upgrade of bucketlens); ``update`` adds them in place with ``ALTER TABLE
+        … ADD COLUMN``, which BigQuery allows for NULLABLE columns (https://cloud.google.com/
+        bigquery/docs/reference/standard-sql/data-definition-language#alter_table_add_column_statement).
+        Rows written before read NULL there."""
+
+        def missing() -> list | None:
+            """The schema's columns the table lacks; None when there is no table yet."""
+            try:
+                have = {f.name for f in c.bigquery.get_table(table_id).schema}
+            except NotFound:
+                return None  # the table resource creates it whole
+            return [f for f in load_schema(layout.schema) if f.name not in have]
+
+        def add() -> None:
+            new = missing() or []
+            unsupported = [f.name for f in new if f.mode == "REQUIRED" or f.field_type == "RECORD"]
+            if unsupported:
+                raise RuntimeError(f"{table_id} lacks column(s) {unsupported}, which cannot be added "
+                                   "to an existing table as NULLABLE scalars; add them by hand.")
+            # DDL rather than tables.patch: the same statements on BigQuery (free DDL queries) and
+            # on the emulator, whose patch changes only the metadata, not the stored table. One
+            # column per statement: the emulator's DuckDB takes one ALTER action at a time.
+            from pipeline.sink import run_query
+
+            for f in new:
+                run_query(c.bigquery, f"ALTER TABLE `{table_id}` ADD COLUMN IF NOT EXISTS "
+                                      f"`{f.name}` {_SQL_TYPES.get(f.field_type, f.field_type)}")
+            if still := missing():  # the emulator's table metadata does not follow its DDL
+                table = c.bigquery.get_table(table_id)
+                table.schema = [*table.schema, *still]
+                c.bigquery.update_table(table, ["schema"])
+
         def create() -> None:
             t = bigquery.Table(table_id, schema=load_schema(layout.schema))
             if not s.bq_endpoint:  # real BigQuery: partition by day, cluster by the key
@@ -223,9 +260,10 @@ def core_resources(settings: Settings, c: _Clients) -> list[Resource]:
 
         return Resource(
             "table", table_id,
-            exists=lambda: _found(lambda: c.bigquery.get_table(table_id)),
+            exists=lambda: missing() is not None,
             create=create,
             delete=lambda: c.bigquery.delete_table(table_id, not_found_ok=True),
+            outdated=lambda: bool(missing()), update=add,
         )
 
     def create_dataset() -> None:
@@ -257,7 +295,7 @@ def core_resources(settings: Settings, c: _Clients) -> list[Resource]:
         topic(s.dead_letter_topic_path),
         subscription(s.dead_letter_subscription_path, {"topic": s.dead_letter_topic_path}),
         subscription(s.subscription_path, subscription_request(
-            s, pubsub_emulator=bool(os.environ.get("PUBSUB_EMULATOR_HOST")))),
+            s, pubsub_emulator=bool(s.pubsub_emulator_host))),
         Resource(
             "dataset", dataset_id,
             exists=lambda: _found(lambda: c.bigquery.get_dataset(dataset_id)),
@@ -268,6 +306,9 @@ def core_resources(settings: Settings, c: _Clients) -> list[Resource]:
         *(table(table_id, layout) for table_id, layout in table_layouts(s).items()),
         views(),
     ]
+
+
+_SQL_TYPES = {"INTEGER": "INT64", "FLOAT": "FLOAT64", "BOOLEAN": "BOOL"}  # legacy → GoogleSQL
 
 
 def _iam_not_ready(exc: BaseException) -> bool:
@@ -354,7 +395,7 @@ def resources(settings: Settings, c: _Clients | None = None, *,
               emulator: bool | None = None) -> list[Resource]:
     """Every resource bucketlens needs, in creation order (destroy walks it backwards)."""
     c = c or _Clients(settings)
-    no_gcs_api = on_emulator() if emulator is None else emulator
+    no_gcs_api = on_emulator(settings) if emulator is None else emulator
     no_iam = emulated(settings) if emulator is None else emulator
     return [
         *core_resources(settings, c),
@@ -379,7 +420,8 @@ def egress_resource(settings: Settings, env: Mapping[str, str] = os.environ) -> 
 
 def plan_resources(rs: Sequence[Resource]) -> list[Action]:
     return [Action("skip", r.kind, r.name, r.skip) if r.skip
-            else Action("exists" if r.exists() else "create", r.kind, r.name) for r in rs]
+            else Action(("update" if r.outdated() else "exists") if r.exists() else "create",
+                        r.kind, r.name) for r in rs]
 
 
 def apply_resources(rs: Sequence[Resource]) -> list[Action]:
@@ -388,7 +430,11 @@ def apply_resources(rs: Sequence[Resource]) -> list[Action]:
         if r.skip:
             actions.append(Action("skip", r.kind, r.name, r.skip))
         elif r.exists():
-            actions.append(Action("exists", r.kind, r.name))
+            if r.outdated():
+                r.update()
+                actions.append(Action("update", r.kind, r.name))
+            else:
+                actions.append(Action("exists", r.kind, r.name))
         else:
             r.create()
             actions.append(Action("create", r.kind, r.name))

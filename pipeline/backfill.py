@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.config import Settings
 from pipeline.notifications import FINALIZE, Notification, ObjectKey, wanted
 from pipeline.sink import own_prefixes
-from pipeline.stream import classify_and_write
+from pipeline.stream import ModelChoice, classify_and_write
 
 if TYPE_CHECKING:
     from google.cloud import storage
@@ -122,6 +122,7 @@ def backfill(settings: Settings, spark: SparkSession | None = None, *, prefix: s
     prefix = prefix or settings.prefix
     own = own_prefixes(settings)
     summary = BackfillSummary()
+    models: ModelChoice | None = None
     started = time.monotonic()
     listing = (b for b in client.list_blobs(settings.bucket, prefix=prefix or None,
                                             page_size=min(batch, 1000))
@@ -147,7 +148,9 @@ def backfill(settings: Settings, spark: SparkSession | None = None, *, prefix: s
                     from pipeline.spark import session
 
                     spark = session(settings.spark_master, log_file=settings.spark_log)
-                written = classify_and_write(spark, todo, settings, sink, batch_id=-index)
+                models = models or ModelChoice(settings)
+                pinned, model = models.for_batch()  # a location: its current version, per chunk
+                written = classify_and_write(spark, todo, pinned, sink, -index, model)
                 summary.classified += written.classified
                 summary.inserted += written.inserted
                 summary.errors += written.errors
@@ -192,7 +195,7 @@ def _progress(title: str, *, enabled: bool) -> Iterator[Callable[[BackfillSummar
 
 def run_backfill(args: argparse.Namespace, spark: SparkSession | None = None) -> int:
     """Print the summary as the last stdout line; 0 = every object classified, 1 = error rows."""
-    settings = Settings.from_env(bucket=args.bucket,
+    settings = Settings.from_env(bucket=args.bucket, embeddings=getattr(args, "embeddings", None),
                                  spark_log="" if getattr(args, "verbose", False) else None)
     if not args.dry_run:
         from pipeline import classify

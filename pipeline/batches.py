@@ -25,17 +25,5 @@ class BatchReport:
     seconds: float = 0.0
     statuses: dict[str, int] = field(default_factory=dict)
     workers: dict[int, int] = field(default_factory=dict)  # worker pid → model loads there
-
-
-
-
-@dataclass
-class Written:
-    """What classifying and writing one set of notifications did."""
-
-    classified: int = 0
-    inserted: int = 0
-    errors: int = 0
-    statuses: dict[str, int] = field(default_factory=dict)
-    workers: dict[int, int] = field(default_factory=dict)  # worker pid → model loads there
-    rows: list[dict] = field(default_factory=list)
+    model_version: str = ""  # the one version every row of the batch was classified with
+    rows: list[dict] = field(default_factory=list, repr=False)  # the predictions rows written

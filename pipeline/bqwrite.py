@@ -75,6 +75,8 @@ def _value(field: Mapping[str, Any], value: Any) -> Any:
     if value is None:
         return [] if field.get("mode", "").upper() == "REPEATED" else None
     if field.get("mode", "").upper() == "REPEATED":
+        if field["type"].upper() not in ("RECORD", "STRUCT", "TIMESTAMP"):
+            return list(value)  # pyarrow takes these as they are: one call, not one per element
         return [_value({**field, "mode": "NULLABLE"}, v) for v in value]
     kind = field["type"].upper()
     if kind in ("RECORD", "STRUCT"):

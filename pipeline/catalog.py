@@ -23,6 +23,12 @@ if TYPE_CHECKING:
     from google.cloud import bigquery
 
 PACKAGE = "schemas"
+EMBEDDINGS_TABLE = "embeddings"  # next to the predictions table, in the same dataset
+EMBEDDING_VIEWS = "similar_"  # schemas/views/similar_*.sql read the embeddings table
+# near_duplicates lists pairs closer than this cosine distance. Measured with efficientnet_lite0
+# on the sample photos: a copy resized to 50 % and re-encoded at JPEG quality 70 is 0.08 from
+# its original, to 35 % at quality 50 0.17; distinct photos are 0.65 or more apart.
+NEAR_DUPLICATE_DISTANCE = 0.15
 
 
 def files() -> Traversable:
@@ -72,6 +78,12 @@ class TableLayout:
     cluster_by: tuple[str, ...] = ()  # the key's columns: block pruning inside a partition
 
 
+def embeddings_table_id(settings: Settings) -> str:
+    """``<project>.<dataset>.embeddings``: one row per (bucket, name, generation, model version)
+    when the job runs with ``--embeddings`` (README "Similar images")."""
+    return f"{settings.project}.{settings.dataset}.{EMBEDDINGS_TABLE}"
+
+
 def table_layouts(settings: Settings) -> dict[str, TableLayout]:
     """Table id → layout, for every table the job writes."""
     return {
@@ -81,4 +93,7 @@ def table_layouts(settings: Settings) -> dict[str, TableLayout]:
                                        ("bucket", "name", "generation")),
         settings.dead_letter_table_id: TableLayout("dead_letters", "recorded_at"),
         settings.events_table_id: TableLayout("object_events", "recorded_at", ("bucket", "name")),
+        # partitioned and clustered like predictions: its lookups name the same days and keys
+        embeddings_table_id(settings): TableLayout("embeddings", "object_created",
+                                                   ("bucket", "name", "generation", "model_version")),
     }

@@ -9,12 +9,13 @@ one broken upload must not fail (and endlessly replay) a whole micro-batch.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
 import sys
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
@@ -22,8 +23,9 @@ from typing import Any, Literal, Protocol, TypeVar
 import torch
 import torchvision
 
-from pipeline import images
+from pipeline import bundles, images
 from pipeline.config import Settings
+from pipeline.labels import IMAGENET, OWN_LABELS, ModelInfo
 from pipeline.names import describe
 from pipeline.status import Status
 
@@ -44,6 +46,7 @@ _ALTERNATIVES = (
 )
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 class ModelUnavailableError(RuntimeError):
@@ -57,6 +60,7 @@ class Prediction:
     status: str
     reason: str
     topk: tuple[tuple[int, str, float], ...]
+    embedding: tuple[float, ...] = ()  # L2-normalised penultimate features, when asked for
 
 
 class ModelHandler(Protocol):
@@ -272,40 +276,121 @@ def _spark_task_cpus() -> int | None:
 # --------------------------------------------------------------------------- the handler
 
 _STATE_LOCK = threading.Lock()  # guards _HANDLERS
+_BASE_LOCK = threading.Lock()  # guards _BASES
 _COUNT_LOCK = threading.Lock()  # guards _LOADS
 _HANDLERS: dict[tuple[Any, ...], TorchModelHandler] = {}
+_BASES: dict[tuple[Any, ...], Base] = {}
 _LOADS = 0
+
+@dataclass(frozen=True)
+class Base:
+    """A base model split before its last Linear layer: ``backbone`` gives the penultimate
+    features (the embedding), ``head`` maps them to the base's own classes."""
+
+    backbone: torch.nn.Module
+    head: torch.nn.Linear | None
+
+
+class Classifier(torch.nn.Module):
+    """``head(backbone(x))``: the base's own output for a model, a trained head's for a bundle."""
+
+    def __init__(self, backbone: torch.nn.Module, head: torch.nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def split_head(model: torch.nn.Module) -> Base:
+    """Replace the last ``nn.Linear`` (in definition order: the classifier of every torchvision
+    and EfficientNet model) with ``Identity``; a model without one keeps its output as is."""
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            last = name
+    if last is None:
+        return Base(model, None)
+    parent_name, _, attr = last.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    head = getattr(parent, attr)
+    setattr(parent, attr, torch.nn.Identity())
+    return Base(model, head)
+
+
+def shared_base(name: str, source: WeightsSource, settings: Settings, device: torch.device) -> Base:
+    """The base model, built once per Python worker whichever heads use it, so swapping a
+    bundle's version loads a head of a few kB, not the network."""
+    global _LOADS
+    key = (name, source, device.type)
+    with _BASE_LOCK:
+        base = _BASES.get(key)
+        if base is None:
+            model = build_model(name, source, settings)
+            model = model.eval().to(device, memory_format=torch.channels_last)
+            base = _BASES[key] = split_head(model)
+            with _COUNT_LOCK:
+                _LOADS += 1
+        return base
+
+
+def weights_version(name: str, source: WeightsSource) -> str:
+    """What a row records as the version of a model that is not a bundle: the weights."""
+    if source.kind in ("file", "gcs"):
+        return source.value
+    if name == EFFICIENTNET_LITE0:
+        return "bundled"
+    return _weights_enum(name, source).name
 
 
 class TorchModelHandler:
-    """:class:`ModelHandler` for torchvision classifiers and the bundled EfficientNet-Lite0."""
+    """:class:`ModelHandler` for torchvision classifiers, the bundled EfficientNet-Lite0, and
+    bundles (``settings.model`` a bundle or location path: a trained head on one of those)."""
 
     def __init__(self, settings: Settings, decoder: str = images.DEFAULT_DECODER) -> None:
         if settings.batch_size < 1 or settings.top_k < 1:
             raise ValueError("batch_size and top_k must be >= 1")
-        self.name = settings.model
         self.settings = settings
         self.decoder = decoder
-        self.source = parse_weights(settings.weights)
-        self.spec = model_spec(self.name, self.source)  # fails fast on an unknown name
+        self.bundle: bundles.Bundle | None = None
+        if bundles.is_reference(settings.model):
+            self.bundle = bundles.load(bundles.resolve(settings.model, settings).uri, settings)
+            self.base_name, self.source = self.bundle.base_model, parse_weights(self.bundle.base_weights)
+            model_spec(self.base_name, self.source)  # fails fast on an unknown base
+            self.spec = ModelSpec(self.bundle.name, self.bundle.labels, self.bundle.preprocess)
+            self.version, self.label_set = self.bundle.version, OWN_LABELS
+        else:
+            self.base_name, self.source = settings.model, parse_weights(settings.weights)
+            self.spec = model_spec(self.base_name, self.source)  # fails fast on an unknown name
+            self.version, self.label_set = weights_version(self.base_name, self.source), IMAGENET
+        self.name = self.spec.name
+        self.info = ModelInfo(self.name, self.version, self.label_set, self.spec.labels)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self._model: torch.nn.Module | None = None
+        self._model: Classifier | None = None
         self._lock = threading.Lock()
 
-    def load_model(self) -> torch.nn.Module:
-        """Build the model for inference: eval mode, on the device, ``channels_last``."""
-        global _LOADS
-        explicit = getattr(self.settings, "torch_threads", 0)
-        env = {**os.environ, THREADS_ENV: str(explicit)} if explicit else os.environ
-        torch.set_num_threads(torch_threads(env, os.cpu_count(), _spark_task_cpus()))
-        model = build_model(self.name, self.source, self.settings)
-        model = model.eval().to(self.device, memory_format=torch.channels_last)
-        with _COUNT_LOCK:
-            _LOADS += 1
-        return model
+    def load_model(self) -> Classifier:
+        """The base (shared per worker: eval mode, on the device, ``channels_last``) and a head."""
+        spark_markers = {k: os.environ[k] for k in _SPARK_WORKER_ENV if k in os.environ}
+        explicit = {THREADS_ENV: str(self.settings.torch_threads)} if self.settings.torch_threads else {}
+        torch.set_num_threads(torch_threads({**spark_markers, **explicit}, os.cpu_count(),
+                                            _spark_task_cpus()))
+        base = shared_base(self.base_name, self.source, self.settings, self.device)
+        if self.bundle is None:
+            return Classifier(base.backbone, base.head or torch.nn.Identity())
+        if base.head is None or base.head.in_features != self.bundle.weight.shape[1]:
+            size = base.head.in_features if base.head is not None else "no"
+            raise bundles.BundleError(
+                f"{self.bundle.uri}: its head takes {self.bundle.weight.shape[1]} features but "
+                f"base model {self.base_name} gives {size}.")
+        head = torch.nn.Linear(*reversed(self.bundle.weight.shape))
+        with torch.no_grad():
+            head.weight.copy_(self.bundle.weight)
+            head.bias.copy_(self.bundle.bias)
+        return Classifier(base.backbone, head.eval().to(self.device))
 
     @property
-    def model(self) -> torch.nn.Module:
+    def model(self) -> Classifier:
         """The loaded model, built on first use (and only once) in this process."""
         with self._lock:
             if self._model is None:
@@ -322,14 +407,28 @@ class TorchModelHandler:
             decoder=self.decoder,
         )
 
-    def predict(self, inputs: Sequence[torch.Tensor]) -> list[Prediction]:
-        """One forward pass over preprocessed inputs."""
+    def _forward(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass: (penultimate features, class probabilities), both on the CPU."""
         model = self.model
         batch = torch.stack(list(inputs)).to(self.device, memory_format=torch.channels_last)
         with torch.inference_mode():
-            probs = model(batch).float().softmax(dim=1).cpu()
+            features = model.backbone(batch)
+            probs = model.head(features).float().softmax(dim=1)
+        return features.float().cpu(), probs.cpu()
+
+    def predict(self, inputs: Sequence[torch.Tensor]) -> list[Prediction]:
+        """One forward pass over preprocessed inputs; embeddings too when the settings ask."""
+        features, probs = self._forward(inputs)
         s = self.settings
-        return to_predictions(probs, self.spec.labels, s.top_k, s.min_confidence)
+        predictions = to_predictions(probs, self.spec.labels, s.top_k, s.min_confidence)
+        if not s.embeddings:
+            return predictions
+        unit = torch.nn.functional.normalize(features, dim=1).tolist()
+        return [dataclasses.replace(p, embedding=tuple(e)) for p, e in zip(predictions, unit, strict=True)]
+
+    def features(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The penultimate features (what a head is trained on), one row per input."""
+        return list(self._forward(inputs)[0])
 
     def _try_preprocess(self, data: bytes) -> torch.Tensor | Prediction:
         try:
@@ -341,13 +440,23 @@ class TorchModelHandler:
 
     def run_inference(self, batch: Sequence[bytes]) -> list[Prediction]:
         """One prediction per input, in order; decodes lazily so memory stays one batch."""
-        results: list[Prediction | None] = [None] * len(batch)
+        return self.map_batches(batch, self.predict)
+
+    def embed(self, batch: Sequence[bytes]) -> list[torch.Tensor | Prediction]:
+        """Per input its features, or the error :class:`Prediction` that says why there are none."""
+        return self.map_batches(batch, self.features)
+
+    def map_batches(self, batch: Sequence[bytes], compute: Callable[[Sequence[torch.Tensor]], list[R]]
+                    ) -> list[R | Prediction]:
+        """``compute`` over the decodable inputs, ``batch_size`` at a time; the others get the
+        error :class:`Prediction` that says why."""
+        results: list[R | Prediction | None] = [None] * len(batch)
         pending: list[tuple[int, torch.Tensor]] = []
 
         def flush() -> None:
             positions, inputs = zip(*pending, strict=True)
-            for position, prediction in zip(positions, self.predict(inputs), strict=True):
-                results[position] = prediction
+            for position, result in zip(positions, compute(inputs), strict=True):
+                results[position] = result
             pending.clear()
 
         for position, data in enumerate(batch):
@@ -361,11 +470,13 @@ class TorchModelHandler:
         if pending:
             flush()
         done = [r for r in results if r is not None]
-        assert len(done) == len(batch), "every input gets exactly one prediction"
+        assert len(done) == len(batch), "every input gets exactly one result"
         return done
 
 
 def _handler_key(settings: Settings) -> tuple[Any, ...]:
+    # A bundle's settings.model is its version's URI (content-addressed), never a location:
+    # the driver resolves locations (bundles.Watcher) before executors see the settings.
     return (
         settings.model,
         settings.weights,
@@ -374,7 +485,8 @@ def _handler_key(settings: Settings) -> tuple[Any, ...]:
         settings.min_confidence,
         settings.max_bytes,
         settings.max_pixels,
-        getattr(settings, "torch_threads", 0),
+        settings.torch_threads,
+        settings.embeddings,
     )
 
 
@@ -395,9 +507,11 @@ def get_handler(settings: Settings) -> ModelHandler:
 
 
 def forget_handlers() -> None:
-    """Drop every cached handler, so the next ``get_handler`` loads afresh (changed weights, tests)."""
-    with _STATE_LOCK:
+    """Drop every cached handler and base, so the next ``get_handler`` loads afresh (changed
+    weights, tests)."""
+    with _STATE_LOCK, _BASE_LOCK:
         _HANDLERS.clear()
+        _BASES.clear()
 
 
 def model_load_count() -> int:
@@ -411,12 +525,13 @@ def _forget_parent_state() -> None:
     The parent's handlers are kept referenced, not freed: releasing a CUDA model in a forked
     child would touch a CUDA context the child does not own.
     """
-    global _LOADS, _STATE_LOCK, _COUNT_LOCK, _HANDLERS
-    _INHERITED.append(_HANDLERS)
-    _STATE_LOCK, _COUNT_LOCK, _HANDLERS, _LOADS = threading.Lock(), threading.Lock(), {}, 0
+    global _LOADS, _STATE_LOCK, _BASE_LOCK, _COUNT_LOCK, _HANDLERS, _BASES
+    _INHERITED.append((_HANDLERS, _BASES))
+    _STATE_LOCK, _BASE_LOCK, _COUNT_LOCK = threading.Lock(), threading.Lock(), threading.Lock()
+    _HANDLERS, _BASES, _LOADS = {}, {}, 0
 
 
-_INHERITED: list[dict[tuple[Any, ...], TorchModelHandler]] = []
+_INHERITED: list[tuple[dict, dict]] = []
 
 
 os.register_at_fork(after_in_child=_forget_parent_state)

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import date, datetime
 from typing import get_type_hints
 
@@ -116,7 +117,10 @@ RUN_SETTINGS: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "subscription": ("Pub/Sub subscription", None),
     "table": ("BigQuery table in the dataset", None),
     "checkpoint": ("Spark checkpoint directory", None),
-    "model": ("torchvision model name or efficientnet_lite0", None),
+    "model": ("torchvision model name, efficientnet_lite0, or a bundle / model location "
+              "(path or gs:// URI)", None),
+    "model_refresh_seconds": ("how often to look for a newly promoted version of a model "
+                              "location", None),
     "weights": ("weights file or gs:// URI", None),
     "trigger_seconds": ("micro-batch interval", None),
     "max_messages_per_batch": ("admission control per batch", None),
@@ -128,6 +132,8 @@ RUN_SETTINGS: dict[str, tuple[str, tuple[str, ...] | None]] = {
              ("bigquery", "jsonl", "console")),
     "sink_mode": ("BigQuery write path", ("append", "merge")),
     "metrics_port": ("serve Prometheus metrics on 127.0.0.1:PORT/metrics", None),
+    "embeddings": ("also store each image's embedding, from the same forward pass, for "
+                   "`similar` and the report's map", None),
 }
 FLAG_ALIASES = {"spark_master": ("--master",)}
 
@@ -138,6 +144,10 @@ def add_settings_flags(parser: argparse.ArgumentParser,
     hints = get_type_hints(Settings)
     for name, (help_, choices) in fields.items():
         kind = hints[name]
+        if kind is bool:  # a switch: given = True, absent = the variable
+            parser.add_argument(f"--{name.replace('_', '-')}", dest=name, action="store_const",
+                                const=True, help=f"{help_} ({ENV_PREFIX}{name.upper()}=1)")
+            continue
         parser.add_argument(f"--{name.replace('_', '-')}", *FLAG_ALIASES.get(name, ()), dest=name,
                             type=kind if kind in (int, float) else None, choices=choices,
                             help=f"{help_} ({ENV_PREFIX}{name.upper()})")
@@ -149,7 +159,8 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
 
 def add_classify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or directories")
-    p.add_argument("--model", help="torchvision model or efficientnet_lite0")
+    p.add_argument("--model", help="torchvision model, efficientnet_lite0, or a bundle / model "
+                                   "location (path or gs:// URI)")
     p.add_argument("--weights",
                    help="torchvision weights name (IMAGENET1K_V1), state-dict PATH, or gs://...")
     p.add_argument("--batch-size", type=int, help="images per forward pass")
@@ -169,6 +180,9 @@ def add_backfill_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     p.add_argument("--dry-run", action="store_true",
                    help="list and check BigQuery only: classify and write nothing")
+    p.add_argument("--embeddings", action="store_const", const=True,
+                   help="also store each image's embedding (BUCKETLENS_EMBEDDINGS=1); objects "
+                        "classified without one are classified again to add it")
 
 
 def add_report_arguments(p: argparse.ArgumentParser) -> None:
@@ -179,11 +193,86 @@ def add_report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-rows", type=int, default=30, help="rows per terminal table (report.md has all)")
     p.add_argument("--create-views", action="store_true",
                    help="(re)create the views first (CREATE OR REPLACE: safe to repeat)")
+    p.add_argument("--map-sample", type=positive_int, default=1000, metavar="N",
+                   help="embeddings in the embedding map's PCA at most (default %(default)s)")
+
+
+def add_similar_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("uri", metavar="gs://BUCKET/NAME", help="the object whose neighbours to find")
+    p.add_argument("--k", type=positive_int, default=10, help="neighbours (default %(default)s)")
+    p.add_argument("--json", action="store_true",
+                   help='one {"bucket", "name", "generation", "distance", "label"} per line, '
+                        "nearest first")
+    p.add_argument("--model-version", metavar="VERSION",
+                   help="compare with this model version's embeddings (default: the version of "
+                        "the object's own embedding)")
+    p.add_argument("--sql", choices=("auto", "vector_search", "portable"), default="auto",
+                   help="VECTOR_SEARCH (real BigQuery) or portable COSINE_DISTANCE SQL (any); "
+                        "auto: portable on an emulator (BUCKETLENS_BQ_ENDPOINT), else "
+                        "VECTOR_SEARCH")
+    p.add_argument("--dataset", help="BigQuery dataset (BUCKETLENS_DATASET)")
 
 
 def add_compact_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--since", type=date.fromisoformat, metavar="DATE",
                    help="first UTC day (partition) to compact (default: 7 days ago)")
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", metavar="DIR|gs://BUCKET/PREFIX",
+                   help="class-folder dataset: <dataset>/<class>/<image>")
+    p.add_argument("--out", required=True, metavar="DIR|gs://BUCKET/PREFIX",
+                   help="model location: the bundle is written to OUT/<version>/ and OUT/CURRENT "
+                        "names it if OUT has no current version yet")
+    p.add_argument("--base", metavar="MODEL",
+                   help="base model whose penultimate features are used (BUCKETLENS_MODEL)")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="share of each class held out for validation (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="split and training seed (default 0)")
+    p.add_argument("--name", help="the bundle's name in rows and reports (default: OUT's last part)")
+
+
+def add_models_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["list", "promote"],
+                   help="list: the versions in LOCATION; promote: make VERSION the current one")
+    p.add_argument("location", metavar="LOCATION", help="model location (DIR or gs://BUCKET/PREFIX)")
+    p.add_argument("version", nargs="?", metavar="VERSION", help="the version to promote")
+    p.add_argument("--json", action="store_true", help="list as one JSON object per line")
+
+
+def run_models(args: argparse.Namespace) -> int:
+    """``models list|promote``: the versions of a model location and its CURRENT pointer."""
+    from pipeline import bundles
+
+    settings = Settings.from_env()
+    if args.action == "promote":
+        if not args.version:
+            raise UserError("promote needs the VERSION to make current (see `models list`).")
+        bundle = bundles.promote(args.location, args.version, settings)
+        print(f"{args.location}: current version is now {bundle.version} ({bundle.name}, "
+              f"{len(bundle.labels)} labels); running streams switch within "
+              f"{settings.model_refresh_seconds:g} s", file=sys.stderr)
+        return 0
+    versions = bundles.list_versions(args.location, settings)
+    if not versions:
+        raise UserError(f"{args.location} holds no model versions.")
+    current = bundles.current_version(args.location, settings)
+    for version in versions:
+        try:
+            m = bundles.load(bundles.join(args.location, version), settings).manifest
+            row = {"version": version, "current": version == current, "name": m["name"],
+                   "created": m.get("created"), "labels": len(m["labels"]),
+                   "val_top1": m.get("validation", {}).get("top1"), "error": None}
+        except bundles.BundleError as exc:
+            row = {"version": version, "current": version == current, "error": str(exc)}
+        if args.json:
+            print(json.dumps(row))
+        else:
+            mark = "*" if row["current"] else " "
+            detail = row["error"] or (f"{row['name']}  {row['labels']} labels  created "
+                                      f"{row['created']}  val top-1 {row['val_top1']}")
+            print(f"{mark} {version}  {detail}")
+    return 0
 
 
 # name, help, description, arguments, implementation: one row per job command.
@@ -201,6 +290,18 @@ JOB_COMMANDS: tuple[tuple[str, str, str, Callable[[argparse.ArgumentParser], Non
     ("report", "tables and plots from the BigQuery analytics views",
      "Query the analytics views, print them, and write PNG plots and report.md.",
      add_report_arguments, "pipeline.report:run_report"),
+    ("train", "train a head for your own classes into a model bundle",
+     "Extract base-model features of a class-folder dataset with Spark, fit a linear head, and "
+     "write a versioned model bundle that --model accepts. Last stdout line: one JSON summary.",
+     add_train_arguments, "pipeline.train:run_train"),
+    ("models", "list a model location's versions, or promote one",
+     "A model location holds bundle versions and CURRENT, the one in use; a stream given the "
+     "location switches to a promoted version between micro-batches.",
+     add_models_arguments, "pipeline.cli:run_models"),
+    ("similar", "the objects whose images look most like one object's",
+     "The k nearest objects (newest generations) by cosine distance between embeddings, "
+     "excluding the object itself, with their labels; needs rows written with --embeddings.",
+     add_similar_arguments, "pipeline.similar:run_similar"),
     ("compact", "remove duplicate rows left by racing writers",
      "Keep one row per key in the predictions, dead-letter and event tables, reading only the "
      "partitions since DATE (one MERGE per table that has duplicates). Safe to run at any time, "
@@ -209,15 +310,20 @@ JOB_COMMANDS: tuple[tuple[str, str, str, Callable[[argparse.ArgumentParser], Non
 )
 
 
-def add_job_commands(sub: argparse._SubParsersAction) -> None:
-    """The commands the job itself needs (what a cluster runs): run, classify, backfill, report.
+def add_job_commands(sub: argparse._SubParsersAction,
+                     extend: Mapping[str, Callable[[argparse.ArgumentParser], None]] | None = None
+                     ) -> None:
+    """The commands the job itself needs (what a cluster runs): run, classify, backfill, ….
 
-    The application CLI (``deploy.cli``) adds the local stack, the demo and the producer.
+    The application CLI (``deploy.cli``) adds the local stack, the demo and the producer, and
+    may ``extend`` a job command's parser (flags, or a ``func`` wrapping the job's own).
     """
     for name, help_, description, add_arguments, target in JOB_COMMANDS:
         parser = sub.add_parser(name, help=help_, description=description)
         add_arguments(parser)
         parser.set_defaults(func=runner(target))
+        if extend and name in extend:
+            extend[name](parser)
 
 
 def add_lazy_command(sub: argparse._SubParsersAction, name: str, module: str, adder: str,
@@ -260,9 +366,10 @@ def dispatch(args: argparse.Namespace, user_errors: tuple[type[BaseException], .
         print(f"bucketlens: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
+        from pipeline.bundles import BundleError
         from pipeline.classify import ModelUnavailableError
 
-        if isinstance(exc, ModelUnavailableError):
+        if isinstance(exc, ModelUnavailableError | BundleError):
             print(f"bucketlens: {exc}", file=sys.stderr)
             return 2
         raise

@@ -1,16 +1,16 @@
 """Google client factories: the one place that knows about emulators and endpoints.
 
-The storage and Pub/Sub clients honour ``STORAGE_EMULATOR_HOST`` / ``PUBSUB_EMULATOR_HOST``
-themselves; BigQuery has no such variable, so ``Settings.bq_endpoint`` selects an emulator
-(REST) and ``Settings.bq_storage_endpoint`` its Storage Write API (gRPC).
+Every emulator comes from ``Settings``: ``storage_emulator_host`` and ``pubsub_emulator_host``
+(``Settings.from_env`` also reads Google's own ``STORAGE_EMULATOR_HOST`` /
+``PUBSUB_EMULATOR_HOST``), ``bq_endpoint`` (REST) and ``bq_storage_endpoint`` (the Storage
+Write API, gRPC). A host set there wins over the process environment, which nothing here reads.
 Imports are local so that pure modules importing this one stay cheap.
 """
 
 from __future__ import annotations
 
 import functools
-import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import Settings
 
@@ -27,20 +27,24 @@ def _anonymous():
 
 @functools.lru_cache(maxsize=8)
 def _shared_storage(project: str, emulator: str) -> storage.Client:
-    return storage_client(Settings(project=project))
+    return storage_client(Settings(project=project, storage_emulator_host=emulator))
 
 
 def shared_storage_client(settings: Settings) -> storage.Client:
     """One client per process (per Spark worker, like the model): building one may look up
     credentials on the metadata server, which must not happen per task."""
-    return _shared_storage(settings.project, os.environ.get("STORAGE_EMULATOR_HOST", ""))
+    return _shared_storage(settings.project, settings.storage_emulator_host)
 
 
 def storage_client(settings: Settings) -> storage.Client:
+    """With ``storage_emulator_host``: that endpoint and anonymous credentials (the emulator
+    set-up google-cloud-storage documents); else Cloud Storage with the environment's
+    credentials."""
     from google.cloud import storage
 
-    if os.environ.get("STORAGE_EMULATOR_HOST"):
-        return storage.Client(project=settings.project, credentials=_anonymous())
+    if settings.storage_emulator_host:
+        return storage.Client(project=settings.project, credentials=_anonymous(),
+                              client_options={"api_endpoint": settings.storage_emulator_host})
     return storage.Client(project=settings.project)
 
 
@@ -76,13 +80,35 @@ def bigquery_write_client(settings: Settings) -> BigQueryWriteClient:
     return BigQueryWriteClient()
 
 
-def subscriber_client() -> pubsub_v1.SubscriberClient:
+def _pubsub_emulator(settings: Settings | None, transport_class: type) -> dict[str, Any]:
+    """The client arguments that reach ``settings.pubsub_emulator_host``; none for Pub/Sub.
+
+    The emulator speaks plaintext gRPC without credentials: python-pubsub's own emulator
+    support (keyed on ``PUBSUB_EMULATOR_HOST``) hands the transport an insecure channel to it,
+    and so does this, so the emulator that ``settings`` names is used whatever the process
+    environment says.
+    """
+    host = settings.pubsub_emulator_host if settings is not None else ""
+    if not host:
+        return {}
+    import grpc
+
+    return {"transport": transport_class(host=host, channel=grpc.insecure_channel(host))}
+
+
+def subscriber_client(settings: Settings | None = None) -> pubsub_v1.SubscriberClient:
+    """Pub/Sub's subscriber API, or the emulator ``settings.pubsub_emulator_host`` names.
+    Without settings the library's own defaults apply."""
     from google.cloud import pubsub_v1
+    from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 
-    return pubsub_v1.SubscriberClient()
+    return pubsub_v1.SubscriberClient(**_pubsub_emulator(settings, SubscriberGrpcTransport))
 
 
-def publisher_client() -> pubsub_v1.PublisherClient:
+def publisher_client(settings: Settings | None = None) -> pubsub_v1.PublisherClient:
+    """Pub/Sub's publisher API, or the emulator ``settings.pubsub_emulator_host`` names.
+    Without settings the library's own defaults apply."""
     from google.cloud import pubsub_v1
+    from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
 
-    return pubsub_v1.PublisherClient()
+    return pubsub_v1.PublisherClient(**_pubsub_emulator(settings, PublisherGrpcTransport))

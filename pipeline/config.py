@@ -14,6 +14,10 @@ from dataclasses import dataclass, fields
 from typing import Any, get_type_hints
 
 ENV_PREFIX = "BUCKETLENS_"
+# Settings fields that also come from the variable Google's own clients and gcloud use, so a
+# shell set up for the emulators (`gcloud beta emulators ... env-init`) needs nothing more.
+EMULATOR_VARS = {"pubsub_emulator_host": "PUBSUB_EMULATOR_HOST",
+                 "storage_emulator_host": "STORAGE_EMULATOR_HOST"}
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,10 @@ class Settings:
     dead_letter_table: str = "dead_letters"
     events_table: str = "object_events"
     bq_endpoint: str = ""  # empty = the real BigQuery API
+    # host:port of the Pub/Sub and Cloud Storage emulators; empty = the real services. Besides
+    # BUCKETLENS_*, from_env reads the names Google's clients and tools use (EMULATOR_VARS).
+    pubsub_emulator_host: str = ""
+    storage_emulator_host: str = ""
     bq_storage_endpoint: str = ""  # host:port of an emulator's Storage Write API (gRPC, plaintext)
     # append: Storage Write API default stream after a partition-bounded key lookup (no jobs);
     # merge: staging table + load job + MERGE per batch (README "Delivery guarantees")
@@ -42,6 +50,10 @@ class Settings:
     service_account: str = "bucketlens-job"  # the job's identity (name or full email)
     model: str = "mobilenet_v2"
     weights: str = ""  # empty = the model's default weights; else a path or gs:// URI
+    # how often a running stream looks for a newly promoted version when `model` is a model
+    # location (README "Your own classes"); the check happens between micro-batches
+    model_refresh_seconds: float = 30.0
+    embeddings: bool = False  # also store each image's embedding (README "Similar images")
     batch_size: int = 16
     torch_threads: int = 0  # 0 = 1 inside a Spark worker, all cores elsewhere
     top_k: int = 5
@@ -74,7 +86,7 @@ class Settings:
         hints = get_type_hints(cls)
         values: dict[str, Any] = {}
         for f in fields(cls):
-            raw = env.get(ENV_PREFIX + f.name.upper())
+            raw = env.get(ENV_PREFIX + f.name.upper()) or env.get(EMULATOR_VARS.get(f.name, ""))
             if raw is not None and raw != "":
                 values[f.name] = _coerce(f.name, hints[f.name], raw)
         values.update({k: v for k, v in overrides.items() if v is not None})

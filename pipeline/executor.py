@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
+import numpy as np
 import pandas as pd
 
 from pipeline import classify, fetch
@@ -27,8 +28,11 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 WORK_SCHEMA = "bucket string, name string, generation long, size long"
+# embedding: the L2-normalised penultimate features of the same forward pass when the settings
+# ask for them (``Settings.embeddings``), else null; float32 halves what travels to the driver
 RESULT_SCHEMA = ("bucket string, name string, generation long, status string, reason string, "
-                 "topk string, worker_pid long, model_loads long")
+                 "topk string, worker_pid long, model_loads long, model_version string, "
+                 "embedding array<float>")
 CHUNK = 64  # objects fetched and classified together inside one partition
 
 
@@ -81,15 +85,19 @@ def classify_partitions(settings: Settings) -> PartitionFn:
 
 def _classified(keys: list[ObjectKey], fetched: list, handler) -> pd.DataFrame:
     results: dict[ObjectKey, tuple[str, str, str]] = {}
+    embeddings: dict[ObjectKey, np.ndarray] = {}
     good = [f for f in fetched if f.ok]
     for f in fetched:
         if not f.ok:
             results[f.key] = (f.status, f.reason, "[]")
     for f, p in zip(good, handler.run_inference([f.data for f in good]), strict=True):
         results[f.key] = (p.status, p.reason, json.dumps([list(t) for t in p.topk]))
+        if p.embedding:
+            embeddings[f.key] = np.asarray(p.embedding, dtype=np.float32)
     pid, loads = os.getpid(), classify.model_load_count()
     return pd.DataFrame(
-        [(k.bucket, k.name, k.generation, *results[k], pid, loads) for k in keys],
+        [(k.bucket, k.name, k.generation, *results[k], pid, loads, handler.version,
+          embeddings.get(k)) for k in keys],
         columns=["bucket", "name", "generation", "status", "reason", "topk", "worker_pid",
-                 "model_loads"],
+                 "model_loads", "model_version", "embedding"],
     )

@@ -48,8 +48,17 @@ from tenacity import (
 )
 
 from pipeline import clients
-from pipeline.catalog import load_schema, schema_json, view_templates
+from pipeline.catalog import (
+    EMBEDDING_VIEWS,
+    EMBEDDINGS_TABLE,
+    NEAR_DUPLICATE_DISTANCE,
+    embeddings_table_id,
+    load_schema,
+    schema_json,
+    view_templates,
+)
 from pipeline.config import Settings
+from pipeline.labels import ModelInfo
 from pipeline.notifications import Notification, ObjectKey
 from pipeline.retry import QUOTA_WAIT, call_with_retries, is_bq_transient, is_rate_limited
 from pipeline.status import CLASSIFIED, sql_list
@@ -65,6 +74,7 @@ log = logging.getLogger(__name__)
 PREDICTION_KEY = ("bucket", "name", "generation")
 DEAD_LETTER_KEY = ("message_id", "reason")
 EVENT_KEY = ("bucket", "name", "generation", "event_type", "metageneration")
+EMBEDDING_KEY = ("bucket", "name", "generation", "model_version")
 STAGING_TTL = timedelta(hours=1)  # a crashed batch's staging table cleans itself up
 RESULTS_PREFIX = "_bucketlens"  # JsonLinesSink's default folder inside the watched bucket
 # How far back a copy of a dead letter or event may have been written: Pub/Sub redelivers an
@@ -73,6 +83,9 @@ RESULTS_PREFIX = "_bucketlens"  # JsonLinesSink's default folder inside the watc
 # with the subscription's message_retention_duration.
 REDELIVERY_WINDOW = timedelta(days=8)
 SINK_MODES = ("append", "merge")
+# An AppendRows request carries at most 10 MB (https://cloud.google.com/bigquery/quotas#write-api-limits);
+# a 1280-d embedding row is ~10 kB, so a batch's embeddings go in parts of at most this many bytes.
+APPEND_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -88,6 +101,10 @@ class TableSpec:
 PREDICTIONS = TableSpec("predictions", PREDICTION_KEY, "processed_at", "object_created")
 DEAD_LETTERS = TableSpec("dead_letters", DEAD_LETTER_KEY, "recorded_at", "recorded_at")
 EVENTS = TableSpec("object_events", EVENT_KEY, "recorded_at", "recorded_at")
+EMBEDDINGS = TableSpec("embeddings", EMBEDDING_KEY, "processed_at", "object_created")
+# an object generation's embedding under any model version: what makes a key done when the
+# job runs with embeddings (BigQuerySink.existing_keys)
+EMBEDDED = TableSpec("embeddings", PREDICTION_KEY, "processed_at", "object_created")
 
 
 # --- rows (pure) ------------------------------------------------------------------------------
@@ -99,12 +116,16 @@ def _ts(value: datetime | None) -> str | None:
     return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC).isoformat()
 
 
-def build_row(n: Notification, *, status: str, reason: str = "", model: str | None = None,
-              topk: Sequence[tuple[int, str, float]] = (), batch_id: int | None = None,
-              processed_at: datetime | None = None) -> dict:
-    """One ``predictions`` row, JSON-ready; ``topk`` is (class_id, label, prob), best first."""
+def build_row(n: Notification, *, status: str, reason: str = "",
+              model: ModelInfo | str | None = None, topk: Sequence[tuple[int, str, float]] = (),
+              batch_id: int | None = None, processed_at: datetime | None = None) -> dict:
+    """One ``predictions`` row, JSON-ready; ``topk`` is (class_id, label, prob), best first.
+
+    With a :class:`ModelInfo` the row records the model's version and label set, and which of
+    the model's own labels the true label names (what the accuracy views score directly)."""
     top = [{"class_id": int(c), "label": str(label), "prob": float(p)} for c, label, p in topk]
     first = top[0] if top else {}
+    info = model if isinstance(model, ModelInfo) else None
     return {
         "bucket": n.key.bucket,
         "name": n.key.name,
@@ -112,7 +133,10 @@ def build_row(n: Notification, *, status: str, reason: str = "", model: str | No
         "status": status,
         "reason": reason or None,
         "true_label": n.true_label,
-        "model": model,
+        "model": info.name if info else model,
+        "model_version": info.version if info else None,
+        "label_set": info.label_set if info else None,
+        "true_model_label": info.own_label(n.true_label) if info else None,
         "top1_class_id": first.get("class_id"),
         "top1_label": first.get("label"),
         "top1_prob": first.get("prob"),
@@ -127,6 +151,20 @@ def build_row(n: Notification, *, status: str, reason: str = "", model: str | No
         # the partition every copy of this key agrees on: GCS's timeCreated; a notification
         # without a JSON payload has only eventTime (for OBJECT_FINALIZE the same instant)
         "object_created": _ts(n.created or n.event_time or processed_at or datetime.now(UTC)),
+    }
+
+
+def embedding_record(prediction: Mapping[str, Any], embedding: Sequence[float],
+                     model: ModelInfo) -> dict:
+    """One ``embeddings`` row, JSON-ready, for the ``predictions`` row built from the same
+    forward pass: same key, partition day, batch and time, plus the model version."""
+    vector = list(map(float, embedding))
+    return {
+        "bucket": prediction["bucket"], "name": prediction["name"],
+        "generation": prediction["generation"], "model_version": model.version,
+        "model": model.name, "dimensions": len(vector), "embedding": vector,
+        "object_created": prediction["object_created"], "processed_at": prediction["processed_at"],
+        "message_id": prediction["message_id"], "batch_id": prediction["batch_id"],
     }
 
 
@@ -294,6 +332,25 @@ def row_bound(spec: TableSpec, rows: Sequence[Mapping[str, Any]]) -> str:
         r.get(spec.partition_by) for r in rows))
 
 
+def _row_bytes(row: Mapping[str, Any]) -> int:
+    """A generous estimate of a row's encoded size: 8 bytes per array element (pure)."""
+    return 512 + 8 * sum(len(v) for v in row.values() if isinstance(v, list | tuple))
+
+
+def byte_parts(rows: Sequence[dict], limit: int = APPEND_BYTES) -> list[list[dict]]:
+    """Consecutive parts of ``rows`` of at most ``limit`` estimated bytes each (pure)."""
+    parts: list[list[dict]] = []
+    size = 0
+    for r in rows:
+        n = _row_bytes(r)
+        if not parts or size + n > limit:
+            parts.append([])
+            size = 0
+        parts[-1].append(r)
+        size += n
+    return parts
+
+
 def first_per_key(rows: Sequence[dict], spec: TableSpec) -> list[dict]:
     """One row per key, the smallest ``order_by`` (what the MERGE's QUALIFY keeps) (pure)."""
     best: dict[tuple, dict] = {}
@@ -309,7 +366,8 @@ def render_view(template: str, settings: Settings) -> str:
     as classified (``pipeline.status``), so the SQL never spells them itself."""
     return template.format(project=settings.project, dataset=settings.dataset,
                            table=settings.table, dead_letter_table=settings.dead_letter_table,
-                           classified=sql_list(CLASSIFIED))
+                           classified=sql_list(CLASSIFIED), embeddings=EMBEDDINGS_TABLE,
+                           near_duplicate_distance=repr(NEAR_DUPLICATE_DISTANCE))
 
 
 def view_id(sql: str) -> str:
@@ -366,6 +424,10 @@ class Sink(Protocol):
 
     def write_events(self, records: Sequence[dict], batch_id: int) -> int:
         """Idempotent on (bucket, name, generation, event_type); returns records inserted."""
+        ...
+
+    def write_embeddings(self, records: Sequence[dict], batch_id: int) -> int:
+        """Idempotent on (bucket, name, generation, model_version); returns records inserted."""
         ...
 
 
@@ -438,7 +500,24 @@ class BigQuerySink(Sink):
         found = _bq(lambda: self._existing(self.settings.table_id, PREDICTIONS,
                                            [(k.bucket, k.name, k.generation) for k, _ in items],
                                            bound), self.settings.bq_quota_patience_seconds)
+        if self.settings.embeddings and found:
+            found -= self._lacking_embeddings(found, bound)
         return {ObjectKey(*k) for k in found}
+
+    def _lacking_embeddings(self, keys: set[tuple], bound: str) -> set[tuple]:
+        """Of ``keys`` (in predictions), those classified without an embedding: with embeddings
+        on they are classified again, which adds the embedding and leaves the prediction row
+        as it is (a run or backfill with ``--embeddings`` over objects classified without)."""
+        patience = self.settings.bq_quota_patience_seconds
+        status = f"T.status IN ({sql_list(CLASSIFIED)})"
+        classified = _bq(lambda: self._existing(
+            self.settings.table_id, PREDICTIONS, keys,
+            f"{bound} AND {status}" if bound else status), patience)
+        if not classified:
+            return set()
+        embedded = _bq(lambda: self._existing(embeddings_table_id(self.settings), EMBEDDED,
+                                              classified, bound), patience)
+        return classified - embedded
 
     def write(self, rows: Sequence[dict], batch_id: int) -> int:
         return self._write(rows, self.settings.table_id, PREDICTIONS, batch_id)
@@ -448,6 +527,9 @@ class BigQuerySink(Sink):
 
     def write_events(self, records: Sequence[dict], batch_id: int) -> int:
         return self._write(records, self.settings.events_table_id, EVENTS, batch_id)
+
+    def write_embeddings(self, records: Sequence[dict], batch_id: int) -> int:
+        return self._write(records, embeddings_table_id(self.settings), EMBEDDINGS, batch_id)
 
     def _write(self, rows: Sequence[dict], table_id: str, spec: TableSpec, batch_id: int) -> int:
         if not rows:
@@ -469,10 +551,10 @@ class BigQuerySink(Sink):
         def attempt() -> int:
             have = self._existing(table_id, spec, keys, bound)
             fresh = [r for r, k in zip(rows, keys, strict=True) if k not in have]
-            if fresh:
+            for part in byte_parts(fresh):  # one part, unless the rows carry embeddings
                 self.calls["append"] += 1
-                tried.update(tuple(r[c] for c in spec.key) for r in fresh)
-                self.writer.append(table_id, fresh, fields)
+                tried.update(tuple(r[c] for c in spec.key) for r in part)
+                self.writer.append(table_id, part, fields)
             return len(fresh) + len(have & tried)  # ours, committed by an attempt that "failed"
 
         return _bq(attempt, self.settings.bq_quota_patience_seconds)
@@ -566,6 +648,9 @@ class JsonLinesSink(Sink):
     def write_events(self, records: Sequence[dict], batch_id: int) -> int:
         return self._put(records, self.object_name(batch_id, "object_events"))
 
+    def write_embeddings(self, records: Sequence[dict], batch_id: int) -> int:
+        return self._put(records, self.object_name(batch_id, "embeddings"))
+
     def _put(self, rows: Sequence[dict], name: str) -> int:
         if not rows:
             return 0
@@ -594,6 +679,9 @@ class ConsoleSink(Sink):
     def write_events(self, records: Sequence[dict], batch_id: int) -> int:
         return self._print(records, batch_id, "event")
 
+    def write_embeddings(self, records: Sequence[dict], batch_id: int) -> int:
+        return self._print(records, batch_id, "embedding")
+
     def _print(self, rows: Sequence[dict], batch_id: int, kind: str) -> int:
         stream = self.stream or sys.stdout
         for r in rows:
@@ -618,11 +706,24 @@ def make_sink(kind: str, settings: Settings) -> Sink:
 
 
 def create_views(settings: Settings, client: bigquery.Client | None = None) -> list[str]:
-    """Render and run every ``schemas/views/*.sql`` (CREATE OR REPLACE: safe to repeat)."""
+    """Render and run every ``schemas/views/*.sql`` (CREATE OR REPLACE: safe to repeat).
+
+    A dataset provisioned before the embeddings table existed gets every other view: the
+    ``similar_*`` views are left out, with a warning, until ``python -m deploy apply`` adds it.
+    """
+    from google.api_core.exceptions import NotFound
+
     client = client or clients.bigquery_client(settings)
     created = []
-    for _, template in view_templates():
+    for name, template in view_templates():
         sql = render_view(template, settings)
-        run_query(client, sql)
+        try:
+            run_query(client, sql)
+        except NotFound as exc:
+            if not name.startswith(EMBEDDING_VIEWS):
+                raise
+            log.warning("view %s not created: %s (`python -m deploy apply` creates the "
+                        "embeddings table)", view_id(sql), getattr(exc, "message", exc))
+            continue
         created.append(view_id(sql))
     return created

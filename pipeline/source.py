@@ -11,6 +11,11 @@
                 .load())
     query = messages.writeStream.foreachBatch(handle).option("checkpointLocation", "/ckpt").start()
 
+``subscription`` is a full path, or a name with ``.option("project", ...)``; with
+``.option("emulatorHost", "host:port")`` the reader's own client talks to the Pub/Sub emulator
+(nothing else in the process changes). Configuration comes from options only, never from the
+environment.
+
 Works on pyspark 4.0, 4.1 and >= 4.2 (Dataproc image 3.0 runs Spark 4.0.0 or 4.1.x). On
 4.2+ Spark passes ``latestOffset`` its start offset and a read limit (SPARK-55304); on 4.0/4.1
 ``latestOffset()`` takes no arguments and the reader applies ``maxMessagesPerBatch`` itself.
@@ -42,7 +47,6 @@ without acking anything, so nothing is lost, and ``bucketlens run`` never builds
 from __future__ import annotations
 
 import logging
-import os
 import random
 import threading
 import time
@@ -101,9 +105,10 @@ class PubSubOptions:
         if not sub:
             raise ValueError('the pubsub source needs .option("subscription", ...)')
         if not sub.startswith("projects/"):
-            project = opts.get("project") or os.environ.get("BUCKETLENS_PROJECT")
+            project = opts.get("project", "")
             if not project:
-                raise ValueError(f"subscription {sub!r} is not a full path and no project is set")
+                raise ValueError(f"subscription {sub!r} is not a full path: pass "
+                                 '"projects/PROJECT/subscriptions/NAME" or .option("project", ...)')
             sub = f"projects/{project}/subscriptions/{sub}"
         o = cls(
             subscription=sub,
@@ -338,11 +343,11 @@ class _Runtime:
 
     def __init__(self, opts: PubSubOptions) -> None:
         from pipeline.clients import subscriber_client
+        from pipeline.config import Settings
 
-        if opts.emulator_host:
-            os.environ["PUBSUB_EMULATOR_HOST"] = opts.emulator_host
         self.opts = opts
-        self.client = subscriber_client()
+        # The option names the emulator for this reader alone: nothing global changes.
+        self.client = subscriber_client(Settings(pubsub_emulator_host=opts.emulator_host))
         # Offsets name the run that numbered them: a restarted reader cannot know which
         # messages an older run's offsets meant (Spark < 4.2 does not even say where it resumes).
         self.run = uuid.uuid4().hex[:12]

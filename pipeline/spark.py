@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pyspark.sql import SparkSession
@@ -39,13 +41,12 @@ def quiet_conf(log_file: str) -> dict[str, str]:
 
 
 def session(master: str = "local[2]", app: str = "bucketlens", conf: dict | None = None,
-            log_file: str = "") -> SparkSession:
+            log_file: str = "", log_level: str = "WARN") -> SparkSession:
     """The session; with ``log_file`` Spark's own output goes there instead of the console."""
-    submitted = bool(os.environ.get("PYSPARK_GATEWAY_PORT"))  # the JVM runs already
+    # Set by spark-submit in the Python driver it starts: the JVM runs already.
+    submitted = bool(os.environ.get("PYSPARK_GATEWAY_PORT"))
     if log_file and not submitted:
         conf = {**quiet_conf(log_file), **(conf or {})}
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     builder = SparkSession.builder.appName(app)
     # Under spark-submit (Dataproc jobs, the rehearsal) the master is already chosen, and
     # PYSPARK_GATEWAY_PORT names the JVM it started; an empty master defers to the platform
@@ -60,16 +61,59 @@ def session(master: str = "local[2]", app: str = "bucketlens", conf: dict | None
         .config("spark.python.worker.reuse", "true")
         .config("spark.sql.streaming.stopTimeout", "30s")
     )
-    if os.environ.get("SPARK_LOCAL_IP"):
-        builder = builder.config("spark.driver.host", os.environ["SPARK_LOCAL_IP"]) \
-            .config("spark.driver.bindAddress", os.environ["SPARK_LOCAL_IP"])
+    # SPARK_LOCAL_IP is Spark's own variable (spark-env.sh, "Environment Variables" in Spark's
+    # configuration docs): Spark binds to it by itself. The driver's advertised host and bind
+    # address follow it too, so that on the local stack all traffic stays on loopback.
+    local_ip = os.environ.get("SPARK_LOCAL_IP")
+    if local_ip:
+        builder = builder.config("spark.driver.host", local_ip) \
+            .config("spark.driver.bindAddress", local_ip)
     for k, v in (conf or {}).items():
         builder = builder.config(k, v)
-    spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel(os.environ.get("BUCKETLENS_SPARK_LOG_LEVEL", "WARN"))
+    with _jvm_stderr(log_file if log_file and not submitted else ""):
+        spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(log_level)
+    _python_workers(spark)
     _quiet_trigger_warnings(spark)
     spark.dataSource.register(PubSubDataSource)
     return spark
+
+
+@contextmanager
+def _jvm_stderr(log_file: str) -> Iterator[None]:
+    """Point file descriptor 2 at ``log_file`` while pyspark launches the JVM, which inherits it:
+    the JVM's own console chatter (the incubator-module warning, the default-log-level notice,
+    and later whatever its Python workers print) then lands in the log, not in the command's
+    output. This process's stderr is restored at once."""
+    from pyspark import SparkContext
+
+    if not log_file or SparkContext._gateway is not None:  # the JVM runs already
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(log_file, "ab") as log:
+        os.dup2(log.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _python_workers(spark: SparkSession) -> None:
+    """Python workers run ``spark.pyspark.python``, else ``$PYSPARK_PYTHON`` (Spark's
+    documented order), else this interpreter, the one with torch and bucketlens installed.
+
+    When the driver is this Python process, Spark takes the workers' interpreter from
+    ``$PYSPARK_PYTHON`` alone (measured on pyspark 4.3: with only ``spark.pyspark.python``
+    set, local workers started ``python3``); the context keeps it as ``pythonExec``, which every
+    UDF, ``mapInPandas`` and data source registered afterwards carries to the executors. Setting
+    it here chooses the interpreter without changing the process environment.
+    """
+    sc = spark.sparkContext
+    sc.pythonExec = (sc.getConf().get("spark.pyspark.python")
+                     or os.environ.get("PYSPARK_PYTHON") or sys.executable)
 
 
 def _quiet_trigger_warnings(spark: SparkSession) -> None:

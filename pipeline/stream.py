@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from pipeline.batches import BatchReport, Written
+from pipeline import bundles, classify
+from pipeline.batches import BatchReport
 from pipeline.config import Settings
 from pipeline.executor import RESULT_SCHEMA, WORK_SCHEMA, classify_partitions
+from pipeline.labels import ModelInfo
 from pipeline.names import describe, printable
 from pipeline.notifications import Notification, ObjectKey, PoisonMessage, dedupe, parse, wanted
 from pipeline.status import CLASSIFIED
@@ -72,17 +73,50 @@ def triage(rows: Sequence[tuple], settings: Settings) -> Triage:
     return Triage(todo, dead, events, ignored, len(parsed) - len(todo))
 
 
+class ModelChoice:
+    """Which model each micro-batch uses: the configured one, or — when ``settings.model`` is a
+    model location — its current version, looked up at most every ``model_refresh_seconds``
+    between batches (``bundles.Watcher``). Executors always get a pinned version, so one batch
+    never mixes versions and a worker's cache key (the version's URI) never goes stale."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.watcher: bundles.Watcher | None = None
+        if bundles.is_reference(settings.model):
+            ref = bundles.resolve(settings.model, settings)
+            if ref.location is None:
+                self.settings = settings.replace(model=ref.uri)
+            else:
+                self.watcher = bundles.Watcher(ref.location, settings,
+                                               settings.model_refresh_seconds, check=self._load)
+        self.for_batch()  # the model (or the location's current version) loads now, or fails
+
+    def _load(self, uri: str) -> ModelInfo:
+        return classify.get_handler(self.settings.replace(model=uri)).info
+
+    def for_batch(self) -> tuple[Settings, ModelInfo]:
+        """The settings the executors get for the next batch (model pinned), and its model."""
+        settings = (self.settings if self.watcher is None
+                    else self.settings.replace(model=self.watcher.current()))
+        return settings, classify.get_handler(settings).info
+
+
 def classify_and_write(spark, todo: Sequence[Notification], settings: Settings, sink,
-                       batch_id: int) -> Written:
+                       batch_id: int, model: ModelInfo | None = None,
+                       report: BatchReport | None = None) -> BatchReport:
     """Fetch → classify on the executors (``mapInPandas``), then one idempotent sink write.
 
     Shared by the stream's micro-batches and the backfill, so both write the same rows.
+    ``settings.model`` must be pinned (a name or a bundle version, not a location). With
+    ``settings.embeddings`` each classified row's embedding (same forward pass) goes to the
+    embeddings table first, so a prediction row written implies its embedding was.
     """
-    from pipeline.sink import build_row
+    from pipeline.sink import build_row, embedding_record
 
-    done = Written()
+    done = report if report is not None else BatchReport(batch_id)  # filled in here
     if not todo:
         return done
+    model = model or classify.get_handler(settings).info
     cores = settings.num_partitions or spark.sparkContext.defaultParallelism
     # parallelize, not createDataFrame(...).repartition(n): the same split without a shuffle
     rows = spark.sparkContext.parallelize(
@@ -91,17 +125,28 @@ def classify_and_write(spark, todo: Sequence[Notification], settings: Settings, 
     results = (spark.createDataFrame(rows, WORK_SCHEMA)
                .mapInPandas(classify_partitions(settings), RESULT_SCHEMA)
                .collect())
+    versions = {r.model_version for r in results}
+    if versions != {model.version}:  # a worker with another version: fail, so it is redone
+        raise RuntimeError(f"batch {batch_id}: executors used model versions {sorted(versions)}, "
+                           f"the driver chose {model.version}")
     by_key = {ObjectKey(r.bucket, r.name, r.generation): r for r in results}
     now = datetime.now(UTC)
+    embeddings = []
     for n in todo:
         r = by_key[n.key]
-        done.rows.append(build_row(n, status=r.status, reason=r.reason or "", model=settings.model,
-                                   topk=[tuple(x) for x in json.loads(r.topk)],
-                                   batch_id=batch_id, processed_at=now))
+        row = build_row(n, status=r.status, reason=r.reason or "", model=model,
+                        topk=[tuple(x) for x in json.loads(r.topk)],
+                        batch_id=batch_id, processed_at=now)
+        done.rows.append(row)
+        if settings.embeddings and r.embedding:
+            embeddings.append(embedding_record(row, r.embedding, model))
         done.statuses[r.status] = done.statuses.get(r.status, 0) + 1
         done.workers[int(r.worker_pid)] = int(r.model_loads)
     done.classified = len(done.rows)
     done.errors = sum(v for s, v in done.statuses.items() if s not in CLASSIFIED)
+    if embeddings:
+        added = sink.write_embeddings(embeddings, batch_id)
+        log.info("batch %d: %d embeddings, %d inserted", batch_id, len(embeddings), added)
     done.inserted = sink.write(done.rows, batch_id)
     return done
 
@@ -114,6 +159,7 @@ class BatchProcessor:
         from pipeline.sink import make_sink
 
         self.settings = settings
+        self.models = ModelChoice(settings)
         self.sink = sink if sink is not None else make_sink(settings.sink, settings)
         self.on_batch = on_batch  # e.g. metrics.MetricsRecorder.record
         self.reports: list[BatchReport] = []
@@ -146,15 +192,15 @@ class BatchProcessor:
             done = self.sink.existing_keys(todo)  # notifications: their day bounds the lookup
             report.already_done = len(done)
             todo = [n for n in todo if n.key not in done]
-        written = classify_and_write(batch_df.sparkSession, todo, self.settings, self.sink,
-                                     batch_id)
-        report.classified, report.inserted, report.errors = (
-            written.classified, written.inserted, written.errors)
-        report.statuses, report.workers = written.statuses, written.workers
+        settings, model = self.models.for_batch()
+        classify_and_write(batch_df.sparkSession, todo, settings, self.sink, batch_id, model,
+                           report)
+        report.model_version = model.version
         report.seconds = time.monotonic() - started
         self.reports.append(report)
         if self.on_batch is not None:
-            self.on_batch(report, written.rows)
+            self.on_batch(report, report.rows)
+        report.rows = []  # handed on; the reports a long stream keeps hold only counts
         log.info("batch %d: %d messages, %d classified, %d inserted, %d errors, %d poison, "
                  "%d ignored, %d already done, %.2fs", batch_id, report.messages,
                  report.classified, report.inserted, report.errors, report.poison,
@@ -173,8 +219,8 @@ def messages(spark, settings: Settings):
               .option("maxMessagesPerBatch", settings.max_messages_per_batch)
               .option("numPartitions", max(1, settings.num_partitions or 2))
               .option("ackDeadlineSeconds", settings.ack_deadline_seconds))
-    if os.environ.get("PUBSUB_EMULATOR_HOST"):
-        reader = reader.option("emulatorHost", os.environ["PUBSUB_EMULATOR_HOST"])
+    if settings.pubsub_emulator_host:
+        reader = reader.option("emulatorHost", settings.pubsub_emulator_host)
     return reader.load()
 
 

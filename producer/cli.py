@@ -39,8 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="class-folder directory DIR/<class>/<image>")
     source.add_argument("--download", choices=["flowers"],
                         help="download (once, then cached) the TF flower_photos set")
-    source.add_argument("--sample", action="store_true",
-                        help="the bundled real photos (works offline)")
+    source.add_argument("--sample", nargs="?", const="photos", choices=["photos", "digits"],
+                        help="a set that ships with the installed packages (works offline): "
+                             "photos (default: 10 real photos) or digits (scikit-learn's 1,797 "
+                             "handwritten digit scans as PNGs, 10 classes)")
     parser.add_argument("--bucket", help="target bucket (default: BUCKETLENS_BUCKET)")
     parser.add_argument("--prefix", help="object name prefix (default: BUCKETLENS_PREFIX)")
     parser.add_argument("--rate", type=_positive(float), default=5.0,
@@ -93,6 +95,8 @@ def _dataset_root(args: argparse.Namespace, say: Callable[[str], None]) -> Path:
         return args.dataset
     if args.download == "flowers":
         return datasets.download_flowers(log=say)
+    if args.sample == "digits":
+        return datasets.digits_dataset()
     return datasets.sample_dataset()
 
 

@@ -11,18 +11,17 @@ from __future__ import annotations
 import hashlib
 import http.client
 import importlib.util
-import mimetypes
 import os
 import tarfile
 import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.names import describe, printable
+from pipeline.classfolders import DatasetError, Item, discover, is_image  # noqa: F401 (re-exported)
+from pipeline.names import describe
 
 FLOWERS_URL = (
     "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
@@ -44,62 +43,6 @@ MAX_MEMBERS = 20_000
 MAX_EXTRACTED_BYTES = 2 * 1024 * 1024 * 1024
 MAX_EXPANSION = 4  # extracted bytes per archive byte: a tar bomb expands ~1000:1
 MIN_EXTRACTED_BYTES = 64 * 1024 * 1024  # small archives of tiny files may expand more
-
-
-class DatasetError(RuntimeError):
-    """A dataset problem the user can fix; the message is one sentence that says how."""
-
-
-@dataclass(frozen=True)
-class Item:
-    """One image to replay: its true label (the class folder) and where it lies."""
-
-    class_name: str
-    path: Path
-    relative: str = ""  # path below the class folder, '/'-separated; defaults to the file name
-
-    def __post_init__(self) -> None:
-        if not self.relative:
-            object.__setattr__(self, "relative", self.path.name)
-
-
-def is_image(path: Path) -> bool:
-    """Image files by extension (any ``image/*`` type), so new formats need no code change."""
-    kind, _ = mimetypes.guess_type(path.name)
-    return kind is not None and kind.startswith("image/")
-
-
-def _hidden(parts: Iterable[str]) -> bool:
-    return any(p.startswith(".") for p in parts)
-
-
-def discover(root: Path | str) -> list[Item]:
-    """Every image under ``root/<class>/``, sorted so that a seed alone fixes the replay order.
-
-    Hidden files and folders and non-images (a LICENSE.txt, a .DS_Store) are skipped; files
-    directly in ``root`` have no class and are skipped too.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"Dataset directory {root} does not exist.")
-    items = []
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not _hidden([p.name])):
-        for path in sorted(class_dir.rglob("*")):
-            rel = path.relative_to(class_dir)
-            if (path.is_file() and not _hidden(rel.parts) and is_image(path)
-                    and _nameable(f"{class_dir.name}/{rel.as_posix()}")):
-                items.append(Item(class_dir.name, path, rel.as_posix()))
-    return items
-
-
-def _nameable(name: str) -> bool:
-    """Whether ``name`` can become an object name that logs and terminals show as it is.
-
-    GCS refuses carriage returns and line feeds in object names
-    (https://cloud.google.com/storage/docs/objects#naming); other control and format
-    characters (escape sequences, bidi overrides) would garble every log line naming the file.
-    """
-    return printable(name, limit=len(name)) == name
 
 
 def cache_dir() -> Path:
@@ -297,4 +240,38 @@ def sample_dataset(dest: Path | None = None) -> Path:
             "No sample photos are available: install bucketlens with the `samples` extra "
             "(scikit-image, scikit-learn, matplotlib) or replay a directory with --dataset DIR."
         )
+    return dest
+
+
+# Pixels a side. Bicubic scaling gives the strokes the smooth edges of a photo; measured with
+# EfficientNet-Lite0 features and the trained head, top-1 is 0.93–0.95 over three splits,
+# against 0.89–0.91 for blocky pixel replication.
+DIGITS_SIZE = 64
+
+
+def digits_dataset(dest: Path | None = None) -> Path:
+    """scikit-learn's 1,797 real handwritten digit scans (8×8, 17 grey levels) as
+    ``<dest>/<digit>/digit_NNNN.png``, scaled to 64×64; idempotent, offline.
+
+    A labelled set that ships with an installed package, so training and accuracy can be
+    checked end to end without the network (the `samples` extra).
+    """
+    from PIL import Image
+
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:
+        raise DatasetError("The digits set needs scikit-learn: install bucketlens with the "
+                           "`samples` extra.") from exc
+    dest = dest or cache_dir() / f"digits-{DIGITS_SIZE}-bicubic"  # a rendering change: new set
+    digits = load_digits()
+    for index, (pixels, target) in enumerate(zip(digits.images, digits.target, strict=True)):
+        path = dest / str(int(target)) / f"digit_{index:04d}.png"
+        if path.is_file():
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grey = Image.fromarray((pixels * (255 / 16)).round().astype("uint8"))  # 2-D uint8: "L"
+        tmp = path.with_name(f".{path.name}.tmp")
+        grey.resize((DIGITS_SIZE, DIGITS_SIZE), Image.Resampling.BICUBIC).save(tmp, format="PNG")
+        tmp.replace(path)
     return dest

@@ -176,7 +176,8 @@ def test_conditional_binding_edits_touch_only_their_own_condition() -> None:
 def test_table_layouts_partition_and_cluster_on_columns_their_schemas_have() -> None:
     s = Settings()
     layouts = catalog.table_layouts(s)
-    assert {s.table_id, s.dead_letter_table_id, s.events_table_id} == set(layouts)
+    assert {s.table_id, s.dead_letter_table_id, s.events_table_id,
+            catalog.embeddings_table_id(s)} == set(layouts)
     for layout in layouts.values():
         types = {f.name: f.field_type for f in catalog.load_schema(layout.schema)}
         assert types.get(layout.partition_by) == "TIMESTAMP", layout
@@ -327,7 +328,7 @@ class FakePubSub:
 class FakeBigQuery:
     def __init__(self) -> None:
         self.datasets: dict[str, bigquery.Dataset] = {}
-        self.tables: set[str] = set()
+        self.tables: dict[str, bigquery.Table] = {}  # views too (no schema)
 
     def get_dataset(self, dataset_id: str) -> bigquery.Dataset:
         if dataset_id not in self.datasets:
@@ -343,24 +344,24 @@ class FakeBigQuery:
     def delete_dataset(self, dataset_id: str, delete_contents: bool = False,
                        not_found_ok: bool = False) -> None:
         self.datasets.pop(dataset_id, None)
-        self.tables = {t for t in self.tables if not t.startswith(dataset_id + ".")}
+        self.tables = {t: v for t, v in self.tables.items() if not t.startswith(dataset_id + ".")}
 
-    def get_table(self, table_id: str) -> str:
+    def get_table(self, table_id: str) -> bigquery.Table:
         if table_id not in self.tables:
             raise NotFound(table_id)
-        return table_id
+        return self.tables[table_id]
 
     def create_table(self, table: bigquery.Table) -> None:
-        self.tables.add(f"{table.project}.{table.dataset_id}.{table.table_id}")
+        self.tables[f"{table.project}.{table.dataset_id}.{table.table_id}"] = table
 
     def delete_table(self, table_id: str, not_found_ok: bool = False) -> None:
-        self.tables.discard(table_id)
+        self.tables.pop(table_id, None)
 
     def query(self, sql: str, **kw: object) -> SimpleNamespace:
         if sql.startswith("DROP VIEW IF EXISTS"):
-            self.tables.discard(sql.split("`")[1])
+            self.tables.pop(sql.split("`")[1], None)
         else:
-            self.tables.add(sink.view_id(sql))
+            self.tables[sink.view_id(sql)] = bigquery.Table(sink.view_id(sql))
         return SimpleNamespace(result=lambda **kw: [])
 
 
@@ -433,7 +434,7 @@ def test_real_gcp_path_plans_applies_once_and_destroys_everything(fake_gcp) -> N
     assert {"OBJECT_FINALIZE", "OBJECT_DELETE"} <= set(n.event_types)  # classified / recorded
     sub_filter = fake_gcp.subscriber.subscriptions[s.subscription_path]["filter"]
     assert all(f'attributes.eventType = "{t}"' in sub_filter for t in n.event_types)
-    assert {s.table_id, s.dead_letter_table_id, s.events_table_id} <= fake_gcp.bigquery.tables
+    assert {s.table_id, s.dead_letter_table_id, s.events_table_id} <= fake_gcp.bigquery.tables.keys()
     assert iam.members_of(bucket.bindings, "roles/storage.objectViewer") == {JOB_MEMBER}
     pols = fake_gcp.publisher.policies
     assert _members(pols[s.topic_path], "roles/pubsub.publisher") == {f"serviceAccount:{GCS_AGENT_EMAIL}"}
@@ -446,7 +447,7 @@ def test_real_gcp_path_plans_applies_once_and_destroys_everything(fake_gcp) -> N
         [("roles/bigquery.dataEditor", JOB_MEMBER.split(":")[1])]
     assert fake_gcp.iam.members(f"projects/{PROJECT}/roles/bucketlensDataprocWorker") == {JOB_MEMBER}
     assert fake_gcp.iam.members("roles/dataproc.worker") == set()
-    assert set(provision.view_ids(s)) <= fake_gcp.bigquery.tables
+    assert set(provision.view_ids(s)) <= fake_gcp.bigquery.tables.keys()
     assert [b["role"] for b in bucket.bindings] == ["roles/storage.objectViewer"]  # BigQuery sink
 
     destroyed = _managed(provision.destroy(s, **kw))

@@ -142,8 +142,8 @@ def test_ten_percent_503s_on_gcs_and_bigquery_lose_and_duplicate_nothing(stack, 
 
     gcs = start_proxy(stack.storage_host, sometimes(0.10, seed=1, only=objects_and_jobs))
     bq = start_proxy(stack.bq_endpoint, sometimes(0.10, seed=2, only=objects_and_jobs))
-    pipe = Pipeline(isolated.replace(bq_endpoint=bq.url), tmp_path / "run.log",
-                    STORAGE_EMULATOR_HOST=gcs.url)
+    pipe = Pipeline(isolated.replace(bq_endpoint=bq.url, storage_emulator_host=gcs.url),
+                    tmp_path / "run.log")
     try:
         summary = replay(discover(sample_dataset()), isolated, rate=20, limit=60, loop=True,
                          seed=4, progress=False)

@@ -24,14 +24,15 @@ def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def proxy_factory(monkeypatch: pytest.MonkeyPatch, stack) -> Iterator[Callable[..., FaultyProxy]]:
+def proxy_factory(isolated: Settings) -> Iterator[Callable[..., tuple[FaultyProxy, Settings]]]:
+    """Starts a fault-injecting proxy in front of fake-gcs-server; returns it and the test's
+    settings pointed through it (the settings carry the endpoint: nothing global changes)."""
     started: list[FaultyProxy] = []
 
-    def start(fault: Fault | None = None) -> FaultyProxy:
-        p = start_proxy(stack.storage_host, fault)
+    def start(fault: Fault | None = None) -> tuple[FaultyProxy, Settings]:
+        p = start_proxy(isolated.storage_emulator_host, fault)
         started.append(p)
-        monkeypatch.setenv("STORAGE_EMULATOR_HOST", p.url)
-        return p
+        return p, isolated.replace(storage_emulator_host=p.url)
 
     yield start
     for p in started:
@@ -188,8 +189,8 @@ def test_deleted_object_is_gone_without_retries(isolated: Settings, proxy_factor
                                                 fast_retries) -> None:
     key = upload(isolated, "x/deleted.jpg", b"soon gone")
     clients.storage_client(isolated).bucket(isolated.bucket).blob(key.name).delete()
-    proxy = proxy_factory()
-    [got] = fetch_all([key], isolated)
+    proxy, via = proxy_factory()
+    [got] = fetch_all([key], via)
     assert got.status == "gone" and got.data is None
     assert len(proxy.hits("deleted.jpg")) == 1, proxy.seen  # a 404 is final: one request
 
@@ -197,8 +198,8 @@ def test_deleted_object_is_gone_without_retries(isolated: Settings, proxy_factor
 @pytest.mark.integration
 def test_forbidden_is_not_retried(isolated: Settings, proxy_factory, fast_retries) -> None:
     key = upload(isolated, "x/secret.jpg", b"private")
-    proxy = proxy_factory(lambda method, path: 403 if "secret" in path else None)
-    [got] = fetch_all([key], isolated)
+    proxy, via = proxy_factory(lambda method, path: 403 if "secret" in path else None)
+    [got] = fetch_all([key], via)
     assert got.status == "forbidden" and got.data is None
     assert len(proxy.hits("secret.jpg")) == 1
 
@@ -207,8 +208,8 @@ def test_forbidden_is_not_retried(isolated: Settings, proxy_factory, fast_retrie
 def test_transient_503s_are_retried_until_ok(isolated: Settings, proxy_factory,
                                              fast_retries) -> None:
     keys = [upload(isolated, f"x/{i}.jpg", f"payload {i}".encode()) for i in range(6)]
-    proxy = proxy_factory(every_other(max_failures=50))
-    got = fetch_all(keys, isolated.replace(fetch_threads=3))
+    proxy, via = proxy_factory(every_other(max_failures=50))
+    got = fetch_all(keys, via.replace(fetch_threads=3))
     assert [(f.status, f.data) for f in got] == [("ok", f"payload {i}".encode())
                                                  for i in range(6)]
     # The client also reads the bucket's metadata once in the background; count object requests.
@@ -220,18 +221,17 @@ def test_transient_503s_are_retried_until_ok(isolated: Settings, proxy_factory,
 def test_retries_exhausted_is_fetch_error(isolated: Settings, proxy_factory,
                                           fast_retries) -> None:
     key = upload(isolated, "x/flaky.jpg", b"never served")
-    proxy = proxy_factory(lambda method, path: 503 if "flaky" in path else None)
-    [got] = fetch_all([key], isolated)
+    proxy, via = proxy_factory(lambda method, path: 503 if "flaky" in path else None)
+    [got] = fetch_all([key], via)
     assert got.status == "fetch_error" and "ServiceUnavailable" in got.reason
     assert len(proxy.hits("flaky.jpg")) == 3  # RETRY_STOP = 3 attempts
 
 
 @pytest.mark.integration
-def test_unreachable_storage_is_fetch_error(isolated: Settings, monkeypatch,
-                                            fast_retries) -> None:
+def test_unreachable_storage_is_fetch_error(isolated: Settings, fast_retries) -> None:
     key = upload(isolated, "x/a.jpg", b"data")
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")  # discard port: refused
-    [got] = fetch_all([key], isolated)
+    refused = isolated.replace(storage_emulator_host="http://127.0.0.1:9")  # discard port
+    [got] = fetch_all([key], refused)
     assert got.status == "fetch_error" and "ConnectionError" in got.reason
 
 
@@ -251,8 +251,8 @@ def test_over_max_bytes_is_too_large_without_download(isolated: Settings,
                                                       proxy_factory) -> None:
     big = upload(isolated, "x/big.jpg", b"x" * 2000)
     small = upload(isolated, "x/small.jpg", b"y" * 10)
-    proxy = proxy_factory()
-    settings = isolated.replace(max_bytes=1000)
+    proxy, via = proxy_factory()
+    settings = via.replace(max_bytes=1000)
     got = fetch_all([big, small], settings)
     assert [f.status for f in got] == ["too_large", "ok"]
     assert got[0].data is None and "2000 bytes" in got[0].reason
@@ -269,8 +269,8 @@ def test_zero_or_negative_size_from_a_notification_never_skips_the_guard(
         isolated: Settings, proxy_factory) -> None:
     big = upload(isolated, "x/big0.jpg", b"x" * 2000)
     liar = upload(isolated, "x/liar.jpg", b"y" * 3000)
-    proxy = proxy_factory()
-    settings = isolated.replace(max_bytes=1000)
+    proxy, via = proxy_factory()
+    settings = via.replace(max_bytes=1000)
     got = fetch_all([big, liar], settings, sizes={big: 0, liar: 5})
     assert [f.status for f in got] == ["too_large", "too_large"]
     assert "2000 bytes" in got[0].reason and "more than 1000" in got[1].reason

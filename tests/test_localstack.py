@@ -10,6 +10,7 @@ import pytest
 
 from deploy import localstack, provision
 from pipeline import clients
+from pipeline.catalog import table_layouts
 from pipeline.config import Settings
 
 
@@ -40,7 +41,7 @@ def test_provisioning_twice_changes_nothing(isolated: Settings) -> None:
     assert {a.verb for a in provision.plan(isolated)} == {"exists", "skip"}
     kinds = sorted(a.kind for a in second if a.verb == "exists")
     assert kinds == sorted(["bucket", "topic", "topic", "subscription", "subscription",
-                            "dataset", "table", "table", "table", "views"])
+                            "dataset", *["table"] * len(table_layouts(isolated)), "views"])
     assert {a.kind for a in second if a.verb == "skip"} == {"service-account", "iam", "notification"}
 
 
@@ -179,3 +180,23 @@ def test_down_then_up_starts_every_service_empty(tmp_path, monkeypatch) -> None:
         assert names == []
     finally:
         localstack.down(tmp_path / "run")
+
+
+def test_up_starts_again_on_new_ports_when_one_was_taken_meanwhile(tmp_path, monkeypatch) -> None:
+    """free_port() only says a port was free a moment ago; a parallel run may take it first."""
+    import socket
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    taken = held.getsockname()[1]
+    real, first = localstack.free_port, iter([taken])
+    monkeypatch.setattr(localstack, "free_port", lambda: next(first, None) or real())
+    run_dir = tmp_path / "stack"
+    try:
+        state = localstack.up(run_dir, Settings(), provision=False)
+        assert state.services["pubsub"].port != taken
+        assert all(info["alive"] for info in localstack.status(run_dir).values())
+    finally:
+        localstack.down(run_dir)
+        held.close()

@@ -426,39 +426,40 @@ def first_uploads(status: int, count: int) -> tuple[Fault, Counter]:
 
 
 @pytest.fixture
-def fault_proxy(request, monkeypatch) -> Iterator[Counter]:
+def fault_proxy(request, isolated: Settings) -> Iterator[tuple[Counter, Settings]]:
+    """The upload counter, and the test's settings pointed through the fault proxy."""
     status, count = request.param
     fault, uploads = first_uploads(status, count)
-    proxy = start_proxy(os.environ["STORAGE_EMULATOR_HOST"], fault)
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+    proxy = start_proxy(isolated.storage_emulator_host, fault)
     try:
-        yield uploads
+        yield uploads, isolated.replace(storage_emulator_host=proxy.url)
     finally:
         stop_proxy(proxy)
 
 
 @pytest.mark.parametrize("fault_proxy", [(503, 3)], indirect=True)
 def test_transient_503_is_retried(isolated: Settings, dataset, fault_proxy) -> None:
+    uploads, via = fault_proxy
     results: list[Result] = []
-    summary = replay(discover(dataset)[:4], isolated, rate=100, concurrency=1, backoff=0.05,
+    summary = replay(discover(dataset)[:4], via, rate=100, concurrency=1, backoff=0.05,
                      on_result=results.append)
     assert (summary.uploaded, summary.failed, summary.skipped) == (4, 0, 0)
     assert [r.attempts for r in results] == [4, 1, 1, 1]
-    assert fault_proxy["n"] == 4 + 3
+    assert uploads["n"] == 4 + 3
     assert len(_blobs(isolated)) == 4
 
 
 @pytest.mark.integration
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("fault_proxy", [(403, 1)], indirect=True)
-def test_permanent_error_is_counted_not_retried_not_fatal(
-        isolated: Settings, dataset, fault_proxy) -> None:
+def test_permanent_error_is_counted_not_retried_not_fatal(dataset, fault_proxy) -> None:
+    uploads, via = fault_proxy
     results: list[Result] = []
-    summary = replay(discover(dataset)[:4], isolated, rate=100, concurrency=1, backoff=0.05,
+    summary = replay(discover(dataset)[:4], via, rate=100, concurrency=1, backoff=0.05,
                      on_result=results.append)
     assert (summary.uploaded, summary.failed) == (3, 1)
     assert results[0].attempts == 1 and "Forbidden" in summary.errors[0][1]
-    assert fault_proxy["n"] == 4
+    assert uploads["n"] == 4
 
 
 def _produce(settings: Settings, dataset: Path, *flags: str) -> list[str]:

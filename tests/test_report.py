@@ -11,7 +11,7 @@ import pytest
 
 from pipeline import cli, clients, report
 from pipeline.config import Settings
-from tests.helpers.views import T0, load, quality_rows, select, timing_rows
+from tests.helpers.views import T0, load, model_rows, quality_rows, select, timing_rows
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -34,11 +34,32 @@ def test_latency_cdf_from_percentiles_skips_nulls() -> None:
     assert report.latency_cdf(rows) == ([1.0, 9.0], [0.0, 1.0])
 
 
-def test_accuracy_bars_leave_out_unmappable_labels() -> None:
-    rows = [{"true_label": "roses", "mapping": "no_imagenet_class", "top1_accuracy": None,
-             "top5_accuracy": None},
-            {"true_label": "daisy", "mapping": "mapped", "top1_accuracy": 0.5, "top5_accuracy": 1.0}]
-    assert report.accuracy_bars(rows) == (["daisy"], [0.5], [1.0])
+def acc_row(label: str, mapping: str, classified: int, top1: int | None,
+            top5: int | None) -> dict:
+    return {"true_label": label, "mapping": mapping, "classified": classified,
+            "top1_correct": top1, "top5_correct": top5}
+
+
+def test_accuracy_bars_draw_scored_labels_only() -> None:
+    rows = [acc_row("roses", "no_imagenet_class", 2, None, None),
+            acc_row("w", "not_a_model_label", 1, None, None),
+            acc_row("tulip", "own_label", 0, 0, 0),  # nothing classified: no accuracy
+            acc_row("daisy", "mapped", 2, 1, 2),
+            acc_row("acoustic_guitar", "own_label", 4, 3, 4),
+            acc_row("daisy", "own_label", 2, 2, 2)]  # scored by two kinds of model: one bar
+    assert report.accuracy_bars(rows) == (["acoustic_guitar", "daisy"], [0.75, 0.75], [1.0, 1.0])
+
+
+def test_version_steps_in_order_of_first_use() -> None:
+    rows = [{"model": "digits", "model_version": "0a1b2c3d4e5f", "first_processed_at": minute(5),
+             "top1_accuracy": 0.9},
+            {"model": "mobilenet_v2", "model_version": "gs://b/weights/v2-finetuned-2024.pt",
+             "first_processed_at": minute(0), "top1_accuracy": 0.5},
+            {"model": "wide", "model_version": "x", "first_processed_at": minute(1),
+             "top1_accuracy": None}]
+    assert report.version_steps(rows) == (
+        ["mobilenet_v2 v2-finetuned-20…", "digits 0a1b2c3d4e5f"], [0.5, 0.9])
+    assert report.version_label(None, None) == "? unversioned"
 
 
 def test_confusion_matrix_orders_by_frequency_and_folds_the_tail() -> None:
@@ -50,6 +71,45 @@ def test_confusion_matrix_orders_by_frequency_and_folds_the_tail() -> None:
                                              [[5, 2, 0, 0], [0, 0, 1, 1]])
     assert report.confusion_matrix(rows, max_columns=2) == (
         ["a", "b"], ["y", "z", report.OTHER], [[5, 2, 0], [0, 0, 2]])
+
+
+def test_confusion_matrix_puts_correct_predictions_on_the_diagonal() -> None:
+    """More true labels than MAX_CONFUSION_COLUMNS: every true label's own class keeps its
+    column, in row order, so each correct prediction is on the diagonal and the most frequent
+    mistakes still fit the cap before "(other)"."""
+    n = report.MAX_CONFUSION_COLUMNS + 5
+    rows = []
+    for i in range(n):
+        folder = f"class_{i:02d}"  # the model's label is "class 02" etc.
+        rows.append({"true_label": folder, "true_model_label": f"class {i:02d}",
+                     "predicted_label": f"class {i:02d}", "images": 1 + i % 3})
+        rows.append({"true_label": folder, "true_model_label": f"class {i:02d}",
+                     "predicted_label": "lynx" if i % 2 else f"class {(i + 1) % n:02d}",
+                     "images": 5})
+    # an old row (no true_model_label) whose folder equals a predicted label; one not named
+    rows.append({"true_label": "Daisy", "true_model_label": None, "predicted_label": "daisy",
+                 "images": 2})
+    rows.append({"true_label": "cat", "true_model_label": None, "predicted_label": "tabby",
+                 "images": 3})
+    true_labels, columns, matrix = report.confusion_matrix(rows)
+    assert true_labels == ["Daisy"] + [f"class_{i:02d}" for i in range(n)] + ["cat"]
+    assert columns == ["daisy"] + [f"class {i:02d}" for i in range(n)] + [report.OTHER]
+    for r in rows[:-1]:  # on the diagonal exactly when correct (cat has no class to be right in)
+        i = true_labels.index(r["true_label"])
+        j = columns.index(r["predicted_label"] if r["predicted_label"] in columns else report.OTHER)
+        assert (i == j) == (r["true_model_label"] == r["predicted_label"]
+                            or r["true_label"] == "Daisy")
+    assert [matrix[i][i] for i in range(n + 1)] == [2] + [1 + i % 3 for i in range(n)]
+    assert sum(map(sum, matrix)) == sum(r["images"] for r in rows)
+    assert matrix[-1] == [0] * (n + 1) + [3]  # cat → tabby: no own column, in "(other)"
+    assert sum(row[-1] for row in matrix) == 3 + 5 * (n // 2)  # lynx (odd i) and tabby
+
+    # room left under the cap: the most frequent mistakes get columns before "(other)"
+    few = [r for r in rows if r["true_label"] in ("class_01", "class_02", "cat")]
+    assert report.confusion_matrix(few, max_columns=4) == (
+        ["class_01", "class_02", "cat"], ["class 01", "class 02", "class 03", "lynx",
+                                          report.OTHER],  # 5 each, then tabby's 3 folded
+        [[2, 0, 0, 5, 0], [0, 3, 5, 0, 0], [0, 0, 0, 0, 3]])
 
 
 def test_tables_format_and_escape() -> None:
@@ -92,7 +152,7 @@ def check_command_writes_tables_and_page(settings: Settings, out: Path,
     printed = capsys.readouterr().out
     assert "Accuracy by true label" in printed and "no_imagenet_class" in printed
     page = (out / "report.md").read_text()
-    for name in ("throughput", "latency_cdf", "accuracy", "confusion"):
+    for name in ("throughput", "latency_cdf", "accuracy", "accuracy_by_version", "confusion"):
         assert f"({name}.png)" in page
         assert (out / f"{name}.png").stat().st_size > 0
     assert "| roses | no_imagenet_class | 2 | 2 | n/a | n/a | n/a | n/a |" in page
@@ -104,7 +164,8 @@ def check_plots_show_exactly_the_query_results(settings: Settings, out: Path) ->
     results = report.fetch(clients.bigquery_client(settings), settings)
     assert set(results) == {q.view for q in report.QUERIES}
     plots = {p.name: p for p in report.render_plots(results, out)}
-    assert set(plots) == {"throughput", "latency_cdf", "accuracy", "confusion"}
+    assert set(plots) == {"throughput", "latency_cdf", "accuracy", "accuracy_by_version",
+                          "confusion"}
     for p in plots.values():
         data = p.path.read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000, p.path
@@ -131,7 +192,48 @@ def check_plots_show_exactly_the_query_results(settings: Settings, out: Path) ->
     drawn = {(t, p): n for t, row in zip(conf["rows"], conf["matrix"], strict=True)
              for p, n in zip(conf["columns"], row, strict=True) if n}
     assert drawn == counts
-    assert conf["rows"] == ["cat", "daisy", "mystery", "roses"] and conf["columns"][0] == "daisy"
+    # daisy names a predicted label: first row and column, so its hits are on the diagonal
+    assert conf["rows"] == ["daisy", "cat", "mystery", "roses"] and conf["columns"][0] == "daisy"
+
+    steps = plots["accuracy_by_version"].plotted  # rows written without a ModelInfo
+    assert steps == {"versions": ["test unversioned"], "top1": [pytest.approx(0.6)]}
+
+
+@pytest.mark.integration
+def test_report_with_own_labels_and_model_versions(isolated: Settings, tmp_path: Path) -> None:
+    """Rows carrying a ModelInfo: own labels are drawn as scored, their hits on the confusion
+    diagonal, and one step per model version, exactly as accuracy_by_model_version says."""
+    load(isolated, model_rows(isolated))
+    results = report.fetch(clients.bigquery_client(isolated), isolated)
+    plots = {p.name: p.plotted for p in report.render_plots(results, tmp_path)}
+
+    versions = select(isolated, "accuracy_by_model_version", "first_processed_at")
+    assert results["accuracy_by_model_version"] == versions
+    scored = [r for r in versions if r["top1_accuracy"] is not None]  # wide scored nothing
+    assert plots["accuracy_by_version"] == {
+        "versions": [report.version_label(r["model"], r["model_version"]) for r in scored],
+        "top1": [r["top1_accuracy"] for r in scored]}
+    assert plots["accuracy_by_version"]["versions"] == [
+        "test unversioned", "efficientnet_lite0 bundled", "digits sha256-1111", "digits sha256-2222"]
+    assert plots["accuracy_by_version"]["top1"] == [1.0, 0.5, 0.5, 0.75]
+
+    acc = plots["accuracy"]
+    assert acc["labels"] == ["0", "1", "2", "3", "acoustic_guitar", "daisy"]
+    assert acc["top1"] == [1.0, 0.5, 1.0, 0.0, 0.5, 1.0]
+
+    conf = plots["confusion"]
+    counts = {(r["true_label"], r["predicted_label"]): r["images"]
+              for r in select(isolated, "confusion_counts")}
+    drawn = {(t, p): n for t, row in zip(conf["rows"], conf["matrix"], strict=True)
+             for p, n in zip(conf["columns"], row, strict=True) if n}
+    assert drawn == counts
+    assert conf["rows"][:6] == ["0", "1", "2", "3", "acoustic_guitar", "daisy"]
+    assert conf["columns"][:6] == ["0", "1", "2", "3", "acoustic guitar", "daisy"]
+    correct = sum(n for (t, p), n in counts.items()
+                  if p == {"acoustic_guitar": "acoustic guitar"}.get(t, t))
+    assert sum(conf["matrix"][i][i] for i in range(6)) == correct == 7
+    page = report.markdown_report(results, [], isolated, T0)
+    assert "## Accuracy by model version" in page and "| digits | sha256-2222 |" in page
 
 
 @pytest.mark.integration

@@ -12,6 +12,7 @@ from google.api_core import exceptions as api_exceptions
 
 from pipeline import clients, retry, sink
 from pipeline.config import Settings
+from pipeline.labels import ModelInfo
 from pipeline.notifications import Notification, ObjectKey, parse
 
 T0 = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
@@ -39,7 +40,8 @@ def test_build_row_fields_top1_and_timestamps() -> None:
     row = sink.build_row(n, status="ok", model="m", topk=topk, batch_id=3, processed_at=T0)
     assert row == {
         "bucket": "b", "name": "flowers/daisy/1.jpg", "generation": 42, "status": "ok",
-        "reason": None, "true_label": "daisy", "model": "m",
+        "reason": None, "true_label": "daisy", "model": "m", "model_version": None,
+        "label_set": None, "true_model_label": None,
         "top1_class_id": 985, "top1_label": "daisy", "top1_prob": 0.75,
         "top5": [{"class_id": 985, "label": "daisy", "prob": 0.75},
                  {"class_id": 309, "label": "bee", "prob": 0.125}],
@@ -51,6 +53,15 @@ def test_build_row_fields_top1_and_timestamps() -> None:
         "object_created": "2024-05-06T07:00:00+00:00",  # no timeCreated: the event time
     }
     json.dumps(row)  # JSON-ready as it stands
+
+
+def test_build_row_records_the_model_and_the_own_label_the_true_label_names() -> None:
+    info = ModelInfo("flowers", "3f9c2a1b7d4e", "own", ("Daisy", "acoustic guitar", "tulip"))
+    for name, own in [("f/daisy/1.jpg", "Daisy"), ("f/Acoustic__Guitar/2.jpg", "acoustic guitar"),
+                      ("f/rose/3.jpg", None), ("loose.jpg", None)]:
+        row = sink.build_row(note(name), status="ok", model=info)
+        assert (row["model"], row["model_version"], row["label_set"]) == ("flowers", "3f9c2a1b7d4e", "own")
+        assert row["true_model_label"] == own, name
 
 
 def test_build_row_without_prediction_has_reason_and_no_top1() -> None:

@@ -51,7 +51,7 @@ def _stream(spark, settings, handler, *, max_per_batch=50, ack_deadline=60):
             .option("subscription", settings.subscription_path)
             .option("maxMessagesPerBatch", max_per_batch)
             .option("ackDeadlineSeconds", ack_deadline)
-            .option("emulatorHost", os.environ["PUBSUB_EMULATOR_HOST"])
+            .option("emulatorHost", settings.pubsub_emulator_host)
             .load().writeStream.foreachBatch(handler)
             .option("checkpointLocation", settings.checkpoint)
             .trigger(processingTime="500 milliseconds").start())
@@ -146,7 +146,7 @@ def test_available_now_trigger_is_refused_and_acks_nothing(spark, isolated) -> N
     seen: list[str] = []
     q = (spark.readStream.format("pubsub")
          .option("subscription", isolated.subscription_path)
-         .option("emulatorHost", os.environ["PUBSUB_EMULATOR_HOST"])
+         .option("emulatorHost", isolated.pubsub_emulator_host)
          .load().writeStream
          .foreachBatch(lambda df, b: seen.extend(r.message_id for r in df.collect()))
          .option("checkpointLocation", isolated.checkpoint)

@@ -57,6 +57,7 @@ def test_a_quiet_session_logs_to_its_file_not_the_console(tmp_path) -> None:
     code = ("from pipeline.spark import session\n"
             f"s = session('local[1]', app='quiet', log_file={str(log)!r})\n"
             "print('rows', s.range(3).count())\n"
+            "import sys; print('ours', file=sys.stderr)\n"
             "s.stop()\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300, cwd=tmp_path, env={**__import__("os").environ,
@@ -65,3 +66,6 @@ def test_a_quiet_session_logs_to_its_file_not_the_console(tmp_path) -> None:
     assert out.stdout.strip().splitlines()[-1] == "rows 3"
     assert "Running Spark version" in log.read_text()
     assert "SparkContext" not in out.stderr and "log4j" not in out.stderr, out.stderr[-2000:]
+    # the JVM's launch chatter goes to the log too; what the command itself says still shows
+    assert out.stderr.strip() == "ours", out.stderr[-2000:]
+    assert "Setting default log level" in log.read_text()

@@ -14,18 +14,25 @@ import pytest
 from pipeline import catalog, report, sink
 from pipeline.config import Settings
 from tests.helpers.views import (
+    DIGITS_V1,
+    DIGITS_V2,
+    IMAGENET_MODEL,
     T0,
+    WIDE,
     load,
+    model_rows,
     quality_rows,
     select,
     timing_rows,
 )
 
 REPORT_VIEWS = {"class_mapping", "distinct_predictions", "latest_predictions",
-                "processing_latency", "accuracy_by_label",
+                "processing_latency", "scored_predictions", "accuracy_by_label",
+                "accuracy_by_model_version",
                 "accuracy_summary", "confusion_counts", "latency_distribution",
                 "latency_per_minute", "status_counts", "throughput_per_minute",
-                "top_predicted_classes"}
+                "top_predicted_classes", "distinct_embeddings", "latest_embeddings",
+                "near_duplicates"}
 
 
 # --- pure -------------------------------------------------------------------------------------
@@ -82,7 +89,7 @@ def test_view_files_run_after_the_views_they_read() -> None:
         sql = sink.render_view(template, s)
         created = sink.view_id(sql).split(".")[-1]
         body = sql.split(" AS\n", 1)[1]
-        reads = set(re.findall(r"`p\.d\.(\w+)`", body)) - {"t"}
+        reads = set(re.findall(r"`p\.d\.(\w+)`", body)) - {"t", catalog.EMBEDDINGS_TABLE}
         assert reads <= made, f"{name} reads {reads - made} before they exist"
         made.add(created)
     assert made == REPORT_VIEWS
@@ -136,6 +143,70 @@ def test_quality_views_known_answers(isolated: Settings) -> None:
     status = {r["status"]: (r["images"], r["share"]) for r in select(isolated, "status_counts")}
     assert status == {"ok": (9, pytest.approx(9 / 11)), "low_confidence": (1, pytest.approx(1 / 11)),
                       "corrupt": (1, pytest.approx(1 / 11))}  # every generation counts here
+
+
+@pytest.mark.integration
+def test_own_labels_are_scored_directly_and_per_model_version(isolated: Settings) -> None:
+    """Rows carrying a ModelInfo: a true label that is one of the model's labels is scored by
+    label (ImageNet models and bundles alike); class_mapping applies only to ImageNet rows."""
+    load(isolated, model_rows(isolated))
+
+    scored = {r["name"]: r for r in select(isolated, "scored_predictions")}
+    guitar = scored["guitars/acoustic_guitar/1.jpg"]
+    assert (guitar["true_label"], guitar["true_model_label"], guitar["top1_label"]) == (
+        "acoustic_guitar", "acoustic guitar", "acoustic guitar")
+    assert (guitar["mapping"], guitar["classified"], guitar["scored"], guitar["top1_hit"],
+            guitar["top5_hit"]) == ("own_label", 1, 1, 1, 1)
+    assert (guitar["model"], guitar["model_version"], guitar["label_set"]) == (
+        IMAGENET_MODEL.name, IMAGENET_MODEL.version, "imagenet-1k")
+    # a bundle's class 985 is its own 'w985', not ImageNet's daisy: not scored at all
+    wide = scored["flowers/daisy/11.jpg"]
+    assert (wide["top1_class_id"], wide["label_set"], wide["true_model_label"]) == (985, "own", None)
+    assert (wide["mapping"], wide["scored"], wide["top1_hit"], wide["top5_hit"]) == (
+        "not_a_model_label", 0, None, None)
+    old = scored["flowers/daisy/10.jpg"]  # no label_set: ImageNet, through class_mapping
+    assert (old["label_set"], old["mapping"], old["top1_hit"], old["top5_hit"]) == (
+        "imagenet-1k", "mapped", 1, 1)
+    assert (scored["digits/4/b.png"]["classified"], scored["digits/4/b.png"]["top1_hit"]) == (0, 0)
+
+    acc = {(r["true_label"], r["mapping"]): r for r in select(isolated, "accuracy_by_label")}
+    cols = ("images", "classified", "top1_correct", "top5_correct", "top1_accuracy",
+            "top5_accuracy")
+    assert {k: tuple(r[c] for c in cols) for k, r in acc.items()} == {
+        ("acoustic_guitar", "own_label"): (2, 2, 1, 2, 0.5, 1.0),
+        ("daisy", "mapped"): (1, 1, 1, 1, 1.0, 1.0),
+        ("daisy", "not_a_model_label"): (1, 1, None, None, None, None),
+        ("0", "own_label"): (2, 2, 2, 2, 1.0, 1.0),
+        ("1", "own_label"): (2, 2, 1, 2, 0.5, 1.0),
+        ("2", "own_label"): (2, 2, 2, 2, 1.0, 1.0),
+        ("3", "own_label"): (2, 2, 0, 1, 0.0, 0.5),
+        ("4", "own_label"): (1, 0, 0, 0, None, None),
+    }
+    (summary,) = select(isolated, "accuracy_summary")
+    assert summary == {"labelled_images": 13, "scored_images": 11, "unmappable_images": 1,
+                       "top1_correct": 7, "top5_correct": 10,
+                       "top1_accuracy": pytest.approx(7 / 11),
+                       "top5_accuracy": pytest.approx(10 / 11)}
+
+    versions = select(isolated, "accuracy_by_model_version", "first_processed_at")
+    cols = ("model", "model_version", "images", "scored", "top1_correct", "top1_accuracy",
+            "top5_accuracy")
+    assert [tuple(r[c] for c in cols) for r in versions] == [
+        ("test", None, 1, 1, 1, 1.0, 1.0),
+        (IMAGENET_MODEL.name, IMAGENET_MODEL.version, 2, 2, 1, 0.5, 1.0),
+        (WIDE.name, WIDE.version, 1, 0, 0, None, None),
+        (DIGITS_V1.name, DIGITS_V1.version, 4, 4, 2, 0.5, 0.75),
+        (DIGITS_V2.name, DIGITS_V2.version, 5, 4, 3, 0.75, 1.0),
+    ]
+    assert [(r["first_processed_at"], r["last_processed_at"]) for r in versions[-2:]] == [
+        (T0 + timedelta(seconds=10), T0 + timedelta(seconds=13)),
+        (T0 + timedelta(seconds=70), T0 + timedelta(seconds=74))]
+
+    confusion = {(r["true_label"], r["true_model_label"], r["predicted_label"]): r["images"]
+                 for r in select(isolated, "confusion_counts")}
+    assert confusion[("acoustic_guitar", "acoustic guitar", "acoustic guitar")] == 1
+    assert confusion[("acoustic_guitar", "acoustic guitar", "goldfish")] == 1
+    assert confusion[("daisy", None, "w985")] == 1 and confusion[("3", "3", "8")] == 1
 
 
 @pytest.mark.integration

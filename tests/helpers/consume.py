@@ -2,6 +2,7 @@
 
     python -m tests.helpers.consume SUBSCRIPTION CHECKPOINT OUT_FILE
 
+The Pub/Sub emulator comes from the environment, through ``Settings.from_env``.
 Each micro-batch appends its messages' ``idx`` attributes to OUT_FILE (fsync'd) before the
 batch returns, i.e. before Spark commits it and the source acknowledges the messages.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
+from pipeline.config import Settings
 from pipeline.spark import session
 
 
@@ -27,7 +29,7 @@ def main(subscription: str, checkpoint: str, out: str) -> None:
 
     q = (spark.readStream.format("pubsub").option("subscription", subscription)
          .option("maxMessagesPerBatch", 20).option("ackDeadlineSeconds", 10)
-         .option("emulatorHost", os.environ["PUBSUB_EMULATOR_HOST"])
+         .option("emulatorHost", Settings.from_env().pubsub_emulator_host)
          .load().writeStream.foreachBatch(handle).option("checkpointLocation", checkpoint)
          .trigger(processingTime="1 second").start())
     print("started", flush=True)
