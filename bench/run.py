@@ -16,7 +16,11 @@ c. baseline  the naive approach of earlier implementations: a scalar-iterator pa
 d. latency   uploads at a steady 2 images/s: GCS event time → processed_at (from the rows),
              and upload → row visible in BigQuery (by polling);
 e. memory    executor Python worker RSS (/proc/<pid>/status VmRSS) before and after
-             ``--rss-images`` more images through the stream's executor function.
+             ``--rss-images`` more images through the stream's executor function;
+f. sustained the highest steady upload rate kept up with for ``--sustain-seconds`` (p95
+             latency under 5 s, backlog bounded), found by a short search over producer
+             rates, for bucketlens and for a seed-style stream (``bench/seed_style.py``) on the
+             same source and sink; and a pre-uploaded backlog (``--drain-images``) drained.
 
 Plus a small-batch anatomy (what one Spark job costs) and the same classifiers on 12-megapixel
 camera JPEGs. bench/README.md defines every figure. Progress and tables go to stderr; the
@@ -48,18 +52,25 @@ from pathlib import Path
 from typing import Any
 
 import classify_bench  # bench/ is sys.path[0]: `python bench/run.py`
+import seed_style
+from pyspark import cloudpickle
 from rich.console import Console
 from rich.table import Table
+from seed_style import SeedStyleBatches, naive_classifier
 
 from pipeline.config import Settings
 
+# bench/ is not on the executors' path: ship seed_style's functions with the UDFs that use them
+cloudpickle.register_pickle_by_value(seed_style)
 console = Console(stderr=True)
 
-KEYS = ("ceiling_img_s", "pipeline_img_s", "baseline_img_s", "ratio_to_ceiling",
-        "ratio_to_baseline", "latency_p50_s", "latency_p95_s", "rss_growth_mb")
+KEYS = ("ceiling_img_s", "max_sustained_img_s", "seed_style_max_sustained_img_s",
+        "ratio_to_seed_style", "ratio_to_ceiling", "drain_img_s", "drain_ratio_to_ceiling",
+        "pipeline_img_s", "baseline_img_s", "ratio_to_baseline", "latency_p50_s",
+        "latency_p95_s", "cpu_s_per_image", "rss_growth_mb")
 TARGETS = {  # figure → (comparison, target): the performance goals; figures, not tests
+    "ratio_to_seed_style": (">=", 3.0),
     "ratio_to_ceiling": (">=", 0.8),
-    "ratio_to_baseline": (">=", 3.0),
     "latency_p50_s": ("<", 1.0),
     "latency_p95_s": ("<", 2.0),
     "rss_growth_mb": ("<", 50.0),
@@ -153,13 +164,18 @@ class CpuShare:
         return (time.monotonic(), tree_cpu_seconds(stats, self.emulators),
                 tree_cpu_seconds(stats, {me}), stats.get(me, (0, 0))[1] / os.sysconf("SC_CLK_TCK"))
 
-    def since(self, before: tuple[float, float, float, float]) -> dict[str, float]:
+    def seconds(self, before: tuple[float, float, float, float]) -> dict[str, float]:
+        """CPU seconds per group since ``before``, and the wall seconds (``wall``)."""
         after = self.snapshot()
-        capacity = (after[0] - before[0]) * self.cores
         emu, tree, own = (after[i] - before[i] for i in (1, 2, 3))
-        return {"emulators": round(emu / capacity, 3),  # they are our children too
-                "driver_and_producer": round(own / capacity, 3),
-                "spark_jvm_and_workers": round((tree - own - emu) / capacity, 3)}
+        return {"emulators": emu,  # they are our children too
+                "driver_and_producer": own,
+                "spark_jvm_and_workers": tree - own - emu, "wall": after[0] - before[0]}
+
+    def since(self, before: tuple[float, float, float, float]) -> dict[str, float]:
+        used = self.seconds(before)
+        capacity = used.pop("wall") * self.cores
+        return {k: round(v / capacity, 3) for k, v in used.items()}
 
 
 def task_slots(master: str) -> int:
@@ -358,34 +374,17 @@ class TimedSink:
         return self.inner.write_dead_letters(records, batch_id)
 
 
-class _TimedFrame:
-    """A micro-batch DataFrame whose ``collect`` (the source's read job) is timed."""
-
-    def __init__(self, df: Any, into: dict[int, float], batch_id: int) -> None:
-        self._df, self._into, self._batch_id = df, into, batch_id
-
-    def collect(self) -> list:
-        started = time.perf_counter()
-        rows = self._df.collect()
-        self._into[self._batch_id] = time.perf_counter() - started
-        return rows
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._df, name)
-
-
 class TimedBatches:
-    """The foreachBatch function: the pipeline's BatchProcessor, with the read job timed and
-    the wall time each batch returned (its MERGE has completed: its rows are visible)."""
+    """The foreachBatch function: the pipeline's BatchProcessor, with the wall time each batch
+    returned (its write has completed: its rows are visible)."""
 
     def __init__(self, processor: Any) -> None:
         self.processor = processor
-        self.collect_s: dict[int, float] = {}
         self.finished: dict[int, float] = {}  # batch id → wall clock
         self.inserted = 0  # rows inserted over all batches
 
     def __call__(self, batch_df: Any, batch_id: int) -> None:
-        report = self.processor.process(_TimedFrame(batch_df, self.collect_s, batch_id), batch_id)
+        report = self.processor.process(batch_df, batch_id)
         self.finished[batch_id] = time.time()
         self.inserted += report.inserted
 
@@ -450,11 +449,13 @@ class Poller:
 
 def upload(items: list, settings: Settings, prefix: str, *, limit: int | None = None,
            rate_: float, duration: float | None = None, seed: int = 0,
-           on_result: Callable[[Any], None] | None = None) -> Any:
+           on_result: Callable[[Any], None] | None = None,
+           stop: threading.Event | None = None) -> Any:
     from producer.replay import replay
 
     summary = replay(items, settings.replace(prefix=prefix), rate=rate_, limit=limit, loop=True,
-                     seed=seed, duration=duration, on_result=on_result, progress=False)
+                     seed=seed, duration=duration, on_result=on_result, stop=stop,
+                     progress=False)
     if summary.failed:
         raise RuntimeError(f"{summary.failed} uploads failed: {summary.errors[:3]}")
     return summary
@@ -503,7 +504,6 @@ def batch_profile(batch_ids: Sequence[int], batches: TimedBatches, sink: TimedSi
         rep, times, prog = reports.get(b), sink.by_batch.get(b, {}), progress.get(b, {})
         ms = prog.get("ms", {})
         seconds = rep.seconds if rep else 0.0
-        read = batches.collect_s.get(b, 0.0)
         lookup, merge = times.get("lookup_s", 0.0), times.get("merge_s", 0.0)
         trigger = ms.get("triggerExecution", 0) / 1000
         add = ms.get("addBatch", 0) / 1000
@@ -512,9 +512,8 @@ def batch_profile(batch_ids: Sequence[int], batches: TimedBatches, sink: TimedSi
             "trigger_s": trigger,  # Spark: offsets + planning + foreachBatch + commit
             "spark_other_s": max(0.0, trigger - add),  # latestOffset, planning, WAL, commit
             "foreach_s": seconds,
-            "read_s": read,  # batch_df.collect(): the source's read job
             "lookup_s": lookup,  # existing_keys query
-            "classify_s": max(0.0, seconds - read - lookup - merge),  # triage + mapInPandas job
+            "classify_s": max(0.0, seconds - lookup - merge),  # the batch's one Spark job
             "merge_s": merge,  # staging load + MERGE + drop (after processed_at)
             "timestamp": prog.get("timestamp"),
             "spark_ms": ms,
@@ -524,7 +523,7 @@ def batch_profile(batch_ids: Sequence[int], batches: TimedBatches, sink: TimedSi
 
 def summarize_profile(batches: list[dict[str, Any]]) -> dict[str, Any]:
     """Totals over a phase's batches: where the trigger time went."""
-    keys = ("trigger_s", "spark_other_s", "read_s", "lookup_s", "classify_s", "merge_s")
+    keys = ("trigger_s", "spark_other_s", "lookup_s", "classify_s", "merge_s")
     total = {k: round(sum(b[k] for b in batches), 2) for k in keys}
     images = sum(b["images"] for b in batches)
     total.update({"batches": len(batches), "images": images,
@@ -599,6 +598,88 @@ def measure_latency(items: list, settings: Settings, poller: Poller, query: Any,
             "seen": seen}
 
 
+# --- (f) sustained rate and backlog drain ----------------------------------------------------
+
+P95_BOUND_S = 5.0  # a rate is sustained if p95 latency (event → processed_at) stays under this
+BEHIND_S = 10.0
+QUIET_S = 6.0  # after a query stops: its reader's last pull (5 s long-poll) has returned  # a probe stops early once the backlog holds this many seconds of uploads
+
+
+def event_latencies(seen: Seen) -> list[float]:
+    return [(_dt(x["processed_at"]) - _dt(x["event_time"])).total_seconds()
+            for x in seen.rows.values() if x["event_time"] is not None]
+
+
+def probe_rate(items: list, settings: Settings, poller: Poller, query: Any, batches: Any,
+               cpu: CpuShare, rate_: float, seconds: float, prefix: str, timeout: float
+               ) -> dict[str, Any]:
+    """Upload at ``rate_`` for ``seconds``; kept up = p95 latency < P95_BOUND_S and the backlog
+    (uploaded − inserted) never passed BEHIND_S seconds of uploads (the probe then stops)."""
+    from pipeline.metrics import percentile
+
+    since, stop, done = batches.inserted, threading.Event(), threading.Event()
+    uploaded, box = [0], {}
+
+    def on_result(result: Any) -> None:
+        if result.status == "uploaded":
+            uploaded[0] += 1
+
+    def produce() -> None:
+        try:
+            box["summary"] = upload(items, settings, prefix, rate_=rate_, duration=seconds,
+                                    seed=7, on_result=on_result, stop=stop)
+        except BaseException as exc:  # noqa: BLE001 — re-raised below
+            box["error"] = exc
+        finally:
+            done.set()
+
+    before, max_backlog = cpu.snapshot(), 0
+    threading.Thread(target=produce, name="bench-sustain-producer", daemon=True).start()
+    while not done.wait(0.2):
+        backlog = uploaded[0] - (batches.inserted - since)
+        max_backlog = max(max_backlog, backlog)
+        if backlog > rate_ * BEHIND_S:
+            stop.set()
+    if "error" in box:
+        raise box["error"]
+    summary, seen = box["summary"], Seen()
+    poller.wait(prefix, seen, summary.uploaded, query, batches, since, timeout, label=prefix)
+    used = cpu.seconds(before)
+    lat = event_latencies(seen)
+    p95 = percentile(lat, 95)
+    offered = rate(summary.uploaded, min(seconds, max(1e-9, summary.seconds)))
+    kept = (not stop.is_set() and p95 is not None and p95 < P95_BOUND_S
+            and summary.uploaded >= 0.9 * rate_ * seconds)
+    return {"rate": round(rate_, 2), "kept_up": kept, "uploaded": summary.uploaded,
+            "offered_img_s": r3(offered), "p50_s": r3(percentile(lat, 50)), "p95_s": r3(p95),
+            "max_backlog": max_backlog, "stopped_early": stop.is_set(),
+            "cpu_s": {k: round(v, 2) for k, v in used.items()}}
+
+
+def find_sustained(probe: Callable[[float], dict[str, Any]], estimate: float, probes: int
+                   ) -> tuple[float, list[dict[str, Any]]]:
+    """The highest probed rate kept up with: first 0.85 × ``estimate`` (a drain rate: no
+    stream keeps up with all of its capacity, a batch's fixed cost needs headroom), then up
+    by 12 % or down by 25 % until a pass and a fail bracket it, then bisect. At least two
+    probes, more (up to ``probes``) only while nothing passed."""
+    best, lowest_fail, results = 0.0, None, []
+    r = 0.85 * estimate
+    while len(results) < max(1, probes) and (len(results) < 2 or not best):
+        out = probe(r)
+        results.append(out)
+        console.log(f"    {r:.1f} uploads/s: {'kept up' if out['kept_up'] else 'fell behind'} "
+                    f"(p95 {out['p95_s']}s, max backlog {out['max_backlog']})")
+        if out["kept_up"]:
+            best = max(best, r)
+        else:
+            lowest_fail = r if lowest_fail is None else min(lowest_fail, r)
+        if best and lowest_fail:
+            r = (best + lowest_fail) / 2
+        else:
+            r = r * 1.12 if out["kept_up"] else r * 0.75
+    return best, results
+
+
 # --- Spark-side measurements ------------------------------------------------------------------
 
 def _passthrough(frames: Iterator[Any]) -> Iterator[Any]:
@@ -642,29 +723,8 @@ def naive_udf(model: str, threads: int):
     from pyspark.sql.functions import pandas_udf
 
     def naive(batches: Iterator[pd.Series]) -> Iterator[pd.Series]:
-        import io as _io
-
-        import torch
-        from PIL import Image
-        from torchvision import transforms
-
-        from pipeline import classify
-        from pipeline.config import Settings as _Settings
-
-        torch.set_num_threads(threads)
-        source = classify.WeightsSource("default")
-        spec = classify.model_spec(model, source)
-        p = spec.preprocess
-        prep = transforms.Compose([transforms.Resize(p.resize), transforms.CenterCrop(p.crop),
-                                   transforms.ToTensor(), transforms.Normalize(p.mean, p.std)])
         for batch in batches:
-            net = classify.build_model(model, source, _Settings()).eval()  # per Arrow batch
-            labels = []
-            for data in batch:
-                x = prep(Image.open(_io.BytesIO(data)).convert("RGB")).unsqueeze(0)
-                with torch.no_grad():
-                    labels.append(spec.labels[int(net(x).softmax(dim=1).argmax())])
-            yield pd.Series(labels)
+            yield pd.Series(naive_classifier(model, threads)(batch))  # model per Arrow batch
 
     # real types, not the postponed strings: Spark infers the UDF kind from them
     naive.__annotations__ = {"batches": Iterator[pd.Series], "return": Iterator[pd.Series]}
@@ -832,6 +892,12 @@ class Figures:
     baseline: dict[str, Any] = field(default_factory=dict)  # (c)
     camera: dict[str, Any] | None = None  # (c) on camera-sized JPEGs
     executor_threads: list[int] = field(default_factory=list)
+    drain: dict[str, Any] = field(default_factory=dict)  # (f) bucketlens on a backlog
+    sustained: float = 0.0  # (f) bucketlens, highest rate kept up with
+    probes: list[dict[str, Any]] = field(default_factory=list)
+    seed_drain: dict[str, Any] = field(default_factory=dict)  # (f) the seed-style stream
+    seed_sustained: float = 0.0
+    seed_probes: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Bench:
@@ -986,6 +1052,60 @@ class Bench:
         self.stop_query()
         return pipeline_b, latency_b, workers
 
+    def restart(self, name: str, foreach: Any) -> Any:
+        """A new query on the same subscription with ``foreach`` as its ``foreachBatch`` and a
+        checkpoint of its own (the previous query stops first: one reader at a time)."""
+        from pipeline import stream
+
+        self.stop_query()
+        s = self.settings
+        self.query = (stream.messages(self.spark, s).writeStream.foreachBatch(foreach)
+                      .option("checkpointLocation", str(self.run_dir / f"checkpoint-{name}"))
+                      .trigger(processingTime=f"{s.trigger_seconds} seconds")
+                      .queryName(f"bench-{name}").start())
+        return self.query
+
+    def drain(self, name: str, foreach: Any, n: int) -> dict[str, Any]:
+        """(f) ``n`` uploads while no query reads, then a query started on the backlog:
+        images / (last of their batches returned − query started)."""
+        t = time.monotonic()
+        self.stop_query()
+        time.sleep(QUIET_S)
+        console.log(f"(f) {name}: draining a backlog of {n} uploads …")
+        summary = upload(self.items, self.settings, f"drain-{name}", limit=n, rate_=10_000,
+                         seed=5)
+        since, before, started = foreach.inserted, self.cpu.snapshot(), time.time()
+        query, seen = self.restart(name, foreach), Seen()
+        self.poller.wait(f"drain-{name}", seen, summary.uploaded, query, foreach, since,
+                         self.args.timeout + n / 10, label=f"(f) drain {name}")
+        batch_ids = {int(r["batch_id"]) for r in seen.rows.values()}
+        seconds = max(foreach.finished[b] for b in batch_ids) - started
+        used = self.cpu.seconds(before)
+        self.r.phase(f"drain-{name}", t, img_s=r3(rate(summary.uploaded, seconds)))
+        return {"images": summary.uploaded, "seconds": round(seconds, 2), "batches": len(batch_ids),
+                "img_s": rate(summary.uploaded, seconds),
+                "cpu_s": {k: round(v, 2) for k, v in used.items()}}
+
+    def sustained(self, name: str, foreach: Any, estimate: float
+                  ) -> tuple[float, list[dict[str, Any]]]:
+        """(f) the highest upload rate ``name``'s running query keeps up with."""
+        t = time.monotonic()
+        console.log(f"(f) {name}: the highest rate kept up with for "
+                    f"{self.args.sustain_seconds:g}s (from its drain rate {estimate:.1f}/s) …")
+        count = iter(range(1000))
+
+        def probe(rate_: float) -> dict[str, Any]:
+            return probe_rate(self.items, self.settings, self.poller, self.query, foreach,
+                              self.cpu, rate_, self.args.sustain_seconds,
+                              f"sustain-{name}-{next(count)}", self.args.timeout)
+
+        best, probes = find_sustained(probe, estimate, self.args.sustain_probes)
+        self.r.phase(f"sustained-{name}", t, img_s=r3(best))
+        return best, probes
+
+    def seed_style(self) -> SeedStyleBatches:
+        return SeedStyleBatches(self.settings, self.slots, self.ceiling.threads, sink=self.sink)
+
     def small_batch_anatomy(self, objects: Sequence[tuple[str, int]]) -> dict[str, float]:
         t = time.monotonic()
         small = anatomy(self.spark, self.settings, objects, self.slots)
@@ -1045,6 +1165,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f.latency = bench.latency()
         f.profile_pipeline, f.profile_latency, f.stream_worker_pids = bench.stop_stream(
             f.pipeline["seen"], f.latency["seen"])
+        f.drain = bench.drain("bucketlens", bench.batches, args.drain_images)
+        f.sustained, f.probes = bench.sustained("bucketlens", bench.batches, f.drain["img_s"])
+        seed = bench.seed_style()
+        f.seed_drain = bench.drain("seed-style", seed, args.seed_drain_images)
+        f.seed_sustained, f.seed_probes = bench.sustained("seed-style", seed,
+                                                          f.seed_drain["img_s"])
+        bench.stop_query()
         objects = f.pipeline["summary"].objects
         f.anatomy = bench.small_batch_anatomy(objects)
         f.fetched = bench.fetch(objects)
@@ -1062,11 +1189,36 @@ def report(o: dict[str, Any], r: Run, args: argparse.Namespace, f: Figures) -> d
     base, camera = f.baseline, f.camera
     steady = pipe["steady_img_s"] if pipe["steady_img_s"] is not None else pipe["wall_img_s"]
     ceiling_img_s = max(ceil1["img_s"], ceil2["img_s"])
+    kept = [p for p in f.probes if p["kept_up"] and p["rate"] == round(f.sustained, 2)]
+    cpu = kept[0]["cpu_s"] if kept else None
     o.update({
         "ceiling_img_s": r3(ceiling_img_s),
+        # (f)
+        "max_sustained_img_s": r3(f.sustained),
+        "seed_style_max_sustained_img_s": r3(f.seed_sustained),
+        "ratio_to_seed_style": r3(rate(f.sustained, f.seed_sustained)) if f.seed_sustained
+        else None,
+        "ratio_to_ceiling": r3(rate(f.sustained, ceiling_img_s)),
+        "drain_img_s": r3(f.drain["img_s"]),
+        "drain_ratio_to_ceiling": r3(rate(f.drain["img_s"], ceiling_img_s)),
+        "drain_images": f.drain["images"],
+        "drain_batches": f.drain["batches"],
+        "drain_cpu_s": f.drain["cpu_s"],
+        "seed_style_drain_img_s": r3(f.seed_drain["img_s"]),
+        "seed_style_drain_images": f.seed_drain["images"],
+        "sustain_seconds": args.sustain_seconds,
+        "sustain_p95_bound_s": P95_BOUND_S,
+        "sustained_probes": f.probes,
+        "seed_style_probes": f.seed_probes,
+        # CPU seconds per image at the sustained rate: Spark's JVM and Python workers and the
+        # driver (its producer threads included), i.e. what a cluster runs; emulators apart
+        "cpu_s_per_image": r3((cpu["spark_jvm_and_workers"] + cpu["driver_and_producer"])
+                              / kept[0]["uploaded"]) if cpu else None,
+        "cpu_s_per_image_emulators": r3(cpu["emulators"] / kept[0]["uploaded"]) if cpu else None,
+        # (b) and (c)
         "pipeline_img_s": r3(steady),
+        "burst_ratio_to_ceiling": r3(rate(steady, ceiling_img_s)),
         "baseline_img_s": r3(base["naive_img_s"]),
-        "ratio_to_ceiling": r3(rate(steady, ceiling_img_s)),
         "ratio_to_baseline": r3(rate(steady, base["naive_img_s"])),
         "latency_p50_s": r3(lat["p50"]),
         "latency_p95_s": r3(lat["p95"]),
@@ -1159,7 +1311,7 @@ def show(o: dict[str, Any], profile_b: list[dict], profile_d: list[dict]) -> Non
     for k, v in (o.get("pipeline_cpu_share") or {}).items():
         table.add_row(f"[dim]pipeline_cpu_share.{k}", f"[dim]{v}", "")
     console.print(table)
-    cols = ("batch_id", "images", "trigger_s", "spark_other_s", "read_s", "lookup_s",
+    cols = ("batch_id", "images", "trigger_s", "spark_other_s", "lookup_s",
             "classify_s", "merge_s")
     for title, rows in (("(b) pipeline batches", profile_b), ("(d) latency batches", profile_d)):
         t = Table(title=title)
@@ -1168,6 +1320,16 @@ def show(o: dict[str, Any], profile_b: list[dict], profile_d: list[dict]) -> Non
         for b in rows[:12]:
             t.add_row(*(f"{b[c]:.2f}" if isinstance(b[c], float) else str(b[c]) for c in cols))
         console.print(t)
+    t = Table(title=f"(f) steady upload rates, {o['sustain_seconds']:g}s each "
+                    f"(kept up: p95 < {o['sustain_p95_bound_s']:g}s, backlog bounded)")
+    for c in ("stream", "rate", "kept_up", "p50_s", "p95_s", "max_backlog", "uploaded"):
+        t.add_column(c, justify="right")
+    for name, probes in (("bucketlens", o["sustained_probes"]),
+                         ("seed-style", o["seed_style_probes"])):
+        for pr in probes:
+            t.add_row(name, *(str(pr[c]) for c in ("rate", "kept_up", "p50_s", "p95_s",
+                                                   "max_backlog", "uploaded")))
+    console.print(t)
     console.log(f"load average: start {o['loadavg_start']}, end {o['loadavg_end']}; "
                 f"{o['seconds']}s in all")
 
@@ -1190,12 +1352,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--poll-seconds", type=float, default=1.0,
                    help="(d) BigQuery polling period of the visibility cross-check")
     p.add_argument("--timeout", type=float, default=300.0, help="max wait for a phase's rows")
+    p.add_argument("--sustain-seconds", type=float, default=60.0,
+                   help="(f) length of each probe of a steady upload rate")
+    p.add_argument("--sustain-probes", type=int, default=3,
+                   help="(f) most probes per implementation (2 when the first passes)")
+    p.add_argument("--drain-images", type=int, default=3000,
+                   help="(f) backlog bucketlens drains (the flower set's size)")
+    p.add_argument("--seed-drain-images", type=int, default=300,
+                   help="(f) backlog the seed-style stream drains (its probes start from it)")
     p.add_argument("--run-dir", help="local stack directory (default: a new temporary one)")
     args = p.parse_args(argv)
     if (args.images < 2 or args.rss_images < 1 or args.latency_seconds <= 0
-            or args.baseline_rounds < 1 or args.pipeline_rounds < 1 or args.camera_images < 0):
+            or args.baseline_rounds < 1 or args.pipeline_rounds < 1 or args.camera_images < 0
+            or args.sustain_seconds <= 0 or args.sustain_probes < 1 or args.drain_images < 1
+            or args.seed_drain_images < 1):
         p.error("need --images >= 2, --rss-images >= 1, --latency-seconds > 0, "
-                "--baseline-rounds >= 1, --pipeline-rounds >= 1, --camera-images >= 0")
+                "--baseline-rounds >= 1, --pipeline-rounds >= 1, --camera-images >= 0, "
+                "--sustain-seconds > 0, --sustain-probes >= 1, --drain-images >= 1, "
+                "--seed-drain-images >= 1")
     return args
 
 

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.config import Settings
 from pipeline.notifications import FINALIZE, Notification, ObjectKey, wanted
-from pipeline.sink import own_prefixes
 from pipeline.stream import ModelChoice, classify_and_write
+from pipeline.triage import own_prefixes
 
 if TYPE_CHECKING:
     from google.cloud import storage

@@ -1,7 +1,11 @@
 """The executor side of a micro-batch, as Beam separates a RunInference DoFn from its transform.
 
-    results = work_df.mapInPandas(classify_partitions(settings), RESULT_SCHEMA)
+    out = batch_df.mapInPandas(classify_messages(settings), BATCH_SCHEMA)    # the stream
+    results = work_df.mapInPandas(classify_partitions(settings), RESULT_SCHEMA)  # a key list
 
+The stream's micro-batch is one Spark job: each task triages the notifications its source
+partition carries (``pipeline.triage``, pure) and classifies the objects they name, returning
+the messages and the results together, so a small batch pays one scheduling round, not two.
 Inside each partition: generation-pinned downloads of ``CHUNK`` objects at a time (bounded in
 bytes too), the next chunk downloading while this one is classified, with the model and the
 storage client cached once per Python worker. The driver side (triage, the batch processor,
@@ -22,7 +26,9 @@ import pandas as pd
 from pipeline import classify, fetch
 from pipeline.clients import shared_storage_client
 from pipeline.config import Settings
-from pipeline.notifications import ObjectKey
+from pipeline.notifications import Notification, ObjectKey
+from pipeline.source import SCHEMA as MESSAGE_SCHEMA
+from pipeline.triage import triage
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -34,6 +40,13 @@ RESULT_SCHEMA = ("bucket string, name string, generation long, status string, re
                  "topk string, worker_pid long, model_loads long, model_version string, "
                  "embedding array<float>")
 CHUNK = 64  # objects fetched and classified together inside one partition
+WORK_COLUMNS = ["bucket", "name", "generation", "size"]
+RESULT_COLUMNS = ["bucket", "name", "generation", "status", "reason", "topk", "worker_pid",
+                  "model_loads", "model_version", "embedding"]
+MESSAGE_COLUMNS = ["message_id", "publish_time", "attributes", "data", "delivery_attempt"]
+# one row per message (result columns null) and one per classified object (message columns null)
+BATCH_SCHEMA = f"{MESSAGE_SCHEMA}, {RESULT_SCHEMA}"
+BATCH_COLUMNS = MESSAGE_COLUMNS + RESULT_COLUMNS
 
 
 PartitionFn = Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]
@@ -83,6 +96,44 @@ def classify_partitions(settings: Settings) -> PartitionFn:
     return run
 
 
+def work_frame(todo: Iterable[Notification]) -> pd.DataFrame:
+    """Notifications as rows of WORK_SCHEMA (the size, when known, bounds each download)."""
+    return pd.DataFrame([(n.key.bucket, n.key.name, n.key.generation, n.size) for n in todo],
+                        columns=WORK_COLUMNS)
+
+
+def message_rows(frame: pd.DataFrame) -> list[tuple]:
+    """A source frame's messages as the row tuples ``triage`` reads (nulls as None)."""
+    columns = [frame[c].astype(object).where(frame[c].notna(), None) for c in MESSAGE_COLUMNS]
+    return list(zip(*columns, strict=True))
+
+
+def classify_messages(settings: Settings) -> PartitionFn:
+    """The stream's one job per micro-batch: triage each source partition's messages here and
+    classify the objects they name. Yields every message (for the driver's dead letters,
+    events and cross-partition de-duplication) and then a result per classified object."""
+    classify_work = classify_partitions(settings)
+
+    def run(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        work = []
+        for frame in frames:
+            yield _batch_frame(frame)
+            work.append(work_frame(triage(message_rows(frame), settings).todo))
+        if any(len(w) for w in work):
+            for result in classify_work(iter(work)):
+                yield _batch_frame(result)
+
+    return run
+
+
+def _batch_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with BATCH_SCHEMA's columns, the ones it lacks null (None, never NaN: an
+    array column cannot take a float)."""
+    return pd.DataFrame({c: frame[c] if c in frame else pd.Series([None] * len(frame),
+                                                                   dtype=object, index=frame.index)
+                         for c in BATCH_COLUMNS})
+
+
 def _classified(keys: list[ObjectKey], fetched: list, handler) -> pd.DataFrame:
     results: dict[ObjectKey, tuple[str, str, str]] = {}
     embeddings: dict[ObjectKey, np.ndarray] = {}
@@ -98,6 +149,5 @@ def _classified(keys: list[ObjectKey], fetched: list, handler) -> pd.DataFrame:
     return pd.DataFrame(
         [(k.bucket, k.name, k.generation, *results[k], pid, loads, handler.version,
           embeddings.get(k)) for k in keys],
-        columns=["bucket", "name", "generation", "status", "reason", "topk", "worker_pid",
-                 "model_loads", "model_version", "embedding"],
+        columns=RESULT_COLUMNS,
     )

@@ -63,6 +63,7 @@ from pipeline.notifications import Notification, ObjectKey
 from pipeline.retry import QUOTA_WAIT, call_with_retries, is_bq_transient, is_rate_limited
 from pipeline.status import CLASSIFIED, sql_list
 from pipeline.times import iso_time
+from pipeline.triage import RESULTS_PREFIX
 
 if TYPE_CHECKING:
     from google.cloud import bigquery, storage
@@ -76,7 +77,6 @@ DEAD_LETTER_KEY = ("message_id", "reason")
 EVENT_KEY = ("bucket", "name", "generation", "event_type", "metageneration")
 EMBEDDING_KEY = ("bucket", "name", "generation", "model_version")
 STAGING_TTL = timedelta(hours=1)  # a crashed batch's staging table cleans itself up
-RESULTS_PREFIX = "_bucketlens"  # JsonLinesSink's default folder inside the watched bucket
 # How far back a copy of a dead letter or event may have been written: Pub/Sub redelivers an
 # unacknowledged message for up to the subscription's retention (7 days by default), so the
 # lookups of those tables (partitioned by recorded_at) read the last 8 days only. Raise it
@@ -196,15 +196,6 @@ def dead_letter_record(message_id: str, reason: str, attributes: Mapping[str, st
 
 def row_key(row: Mapping[str, Any]) -> ObjectKey:
     return ObjectKey(row["bucket"], row["name"], int(row["generation"]))
-
-
-def own_prefixes(settings: Settings) -> tuple[str, ...]:
-    """Where bucketlens writes into the watched bucket itself: never input to classify."""
-    prefixes = [f"{RESULTS_PREFIX}/"]
-    bucket, _, prefix = settings.jsonl_uri.removeprefix("gs://").partition("/")
-    if settings.jsonl_uri.startswith("gs://") and bucket == settings.bucket and prefix.strip("/"):
-        prefixes.append(prefix.strip("/") + "/")
-    return tuple(prefixes)
 
 
 def to_ndjson(rows: Sequence[Mapping[str, Any]]) -> bytes:

@@ -5,12 +5,13 @@
     query, _ = start(Settings.from_env())   # a running StreamingQuery
     query.awaitTermination()
 
-Per micro-batch (``foreachBatch``) the driver does the control plane — parse notifications,
-dead-letter poison messages, filter event types and prefixes, de-duplicate, skip keys the sink
-already holds — and the executors do the data plane with ``mapInPandas``: generation-pinned
-downloads in parallel, then batched inference with a model cached once per Python worker.
-The result rows come back to the driver for one idempotent write per batch. Only after that
-returns does Spark commit the batch, and only then does the source acknowledge the messages.
+Per micro-batch (``foreachBatch``) one Spark job does the data plane where the messages are:
+each task triages its partition's notifications (``pipeline.triage``), downloads the objects
+generation-pinned and in parallel, and classifies them in batches with a model cached once per
+Python worker (``pipeline.executor``). The driver does the control plane on what comes back —
+dead-letter poison messages, record events, de-duplicate across partitions, drop keys the sink
+already holds — and makes one idempotent write per batch. Only after that returns does Spark
+commit the batch, and only then does the source acknowledge the messages.
 """
 
 from __future__ import annotations
@@ -19,58 +20,27 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from pipeline import bundles, classify
 from pipeline.batches import BatchReport
 from pipeline.config import Settings
-from pipeline.executor import RESULT_SCHEMA, WORK_SCHEMA, classify_partitions
+from pipeline.executor import (
+    BATCH_SCHEMA,
+    MESSAGE_COLUMNS,
+    RESULT_SCHEMA,
+    WORK_SCHEMA,
+    classify_messages,
+    classify_partitions,
+)
 from pipeline.labels import ModelInfo
-from pipeline.names import describe, printable
-from pipeline.notifications import Notification, ObjectKey, PoisonMessage, dedupe, parse, wanted
+from pipeline.names import printable
+from pipeline.notifications import Notification, ObjectKey
 from pipeline.status import CLASSIFIED
+from pipeline.triage import Triage, triage  # noqa: F401  (stream.triage: the driver's half)
 
 log = logging.getLogger("bucketlens.stream")
 
-
-
-@dataclass(frozen=True)
-class Triage:
-    """The driver-side split of one batch's messages (pure)."""
-
-    todo: list[Notification]
-    dead_letters: list[tuple[tuple, str]]  # (message row, reason)
-    events: list[Notification]  # DELETE / ARCHIVE / METADATA_UPDATE: recorded, not classified
-    ignored: list[tuple[Notification, str]]
-    duplicates: int
-
-
-def triage(rows: Sequence[tuple], settings: Settings) -> Triage:
-    """Parse, filter and de-duplicate message rows (message_id, publish_time, attributes, data)."""
-    from pipeline.sink import own_prefixes
-
-    parsed, dead, ignored, events = [], [], [], []
-    own = own_prefixes(settings)
-    for row in rows:
-        message_id, publish_time, attributes, data = row[0], row[1], row[2] or {}, row[3]
-        try:  # whatever a message does to parsing, it is that message's dead letter
-            n = parse(message_id, attributes, data, publish_time)
-            # another bucket's notification is ignored; oversize objects get a too_large row
-            why = wanted(n, settings.prefix, bucket=settings.bucket)
-        except Exception as exc:  # noqa: BLE001
-            dead.append((row, str(exc) if isinstance(exc, PoisonMessage) else describe(exc)))
-            continue
-        if why is None and n.key.name.startswith(own):
-            why = "bucketlens's own output"
-        if not n.is_finalize and n.key.bucket == settings.bucket and not n.key.name.startswith(own):
-            events.append(n)
-        elif why:
-            ignored.append((n, why))
-        else:
-            parsed.append(n)
-    todo = dedupe(parsed)
-    return Triage(todo, dead, events, ignored, len(parsed) - len(todo))
 
 
 class ModelChoice:
@@ -104,19 +74,15 @@ class ModelChoice:
 def classify_and_write(spark, todo: Sequence[Notification], settings: Settings, sink,
                        batch_id: int, model: ModelInfo | None = None,
                        report: BatchReport | None = None) -> BatchReport:
-    """Fetch → classify on the executors (``mapInPandas``), then one idempotent sink write.
+    """Fetch → classify a list of notifications on the executors (``mapInPandas``), then one
+    idempotent sink write: the backfill's path (the stream's batches classify where their
+    messages are, in ``BatchProcessor``), so both write the same rows.
 
-    Shared by the stream's micro-batches and the backfill, so both write the same rows.
-    ``settings.model`` must be pinned (a name or a bundle version, not a location). With
-    ``settings.embeddings`` each classified row's embedding (same forward pass) goes to the
-    embeddings table first, so a prediction row written implies its embedding was.
+    ``settings.model`` must be pinned (a name or a bundle version, not a location).
     """
-    from pipeline.sink import build_row, embedding_record
-
     done = report if report is not None else BatchReport(batch_id)  # filled in here
     if not todo:
         return done
-    model = model or classify.get_handler(settings).info
     cores = settings.num_partitions or spark.sparkContext.defaultParallelism
     # parallelize, not createDataFrame(...).repartition(n): the same split without a shuffle
     rows = spark.sparkContext.parallelize(
@@ -125,11 +91,28 @@ def classify_and_write(spark, todo: Sequence[Notification], settings: Settings, 
     results = (spark.createDataFrame(rows, WORK_SCHEMA)
                .mapInPandas(classify_partitions(settings), RESULT_SCHEMA)
                .collect())
-    versions = {r.model_version for r in results}
-    if versions != {model.version}:  # a worker with another version: fail, so it is redone
+    return write_results(todo, results, settings, sink, batch_id,
+                         model or classify.get_handler(settings).info, done)
+
+
+def write_results(todo: Sequence[Notification], results: Sequence, settings: Settings, sink,
+                  batch_id: int, model: ModelInfo, report: BatchReport) -> BatchReport:
+    """Rows for ``todo`` from the executors' results (one per key), then the sink write.
+
+    With ``settings.embeddings`` each classified row's embedding (same forward pass) goes to
+    the embeddings table first, so a prediction row written implies its embedding was.
+    """
+    from pipeline.sink import build_row, embedding_record
+
+    by_key = {ObjectKey(r.bucket, r.name, r.generation): r for r in results}
+    missing = [n.key for n in todo if n.key not in by_key]
+    if missing:  # executors and driver disagree on the batch: fail it, so it is redone
+        raise RuntimeError(f"batch {batch_id}: no result for {len(missing)} objects, e.g. "
+                           f"{describe_key(missing[0])}")
+    versions = {by_key[n.key].model_version for n in todo}
+    if todo and versions != {model.version}:  # a worker with another version: fail, redo
         raise RuntimeError(f"batch {batch_id}: executors used model versions {sorted(versions)}, "
                            f"the driver chose {model.version}")
-    by_key = {ObjectKey(r.bucket, r.name, r.generation): r for r in results}
     now = datetime.now(UTC)
     embeddings = []
     for n in todo:
@@ -137,18 +120,19 @@ def classify_and_write(spark, todo: Sequence[Notification], settings: Settings, 
         row = build_row(n, status=r.status, reason=r.reason or "", model=model,
                         topk=[tuple(x) for x in json.loads(r.topk)],
                         batch_id=batch_id, processed_at=now)
-        done.rows.append(row)
+        report.rows.append(row)
         if settings.embeddings and r.embedding:
             embeddings.append(embedding_record(row, r.embedding, model))
-        done.statuses[r.status] = done.statuses.get(r.status, 0) + 1
-        done.workers[int(r.worker_pid)] = int(r.model_loads)
-    done.classified = len(done.rows)
-    done.errors = sum(v for s, v in done.statuses.items() if s not in CLASSIFIED)
+        report.statuses[r.status] = report.statuses.get(r.status, 0) + 1
+        report.workers[int(r.worker_pid)] = int(r.model_loads)
+    report.classified = len(report.rows)
+    report.errors = sum(v for s, v in report.statuses.items() if s not in CLASSIFIED)
     if embeddings:
         added = sink.write_embeddings(embeddings, batch_id)
         log.info("batch %d: %d embeddings, %d inserted", batch_id, len(embeddings), added)
-    done.inserted = sink.write(done.rows, batch_id)
-    return done
+    if report.rows:
+        report.inserted = sink.write(report.rows, batch_id)
+    return report
 
 
 class BatchProcessor:
@@ -168,12 +152,20 @@ class BatchProcessor:
         self.process(batch_df, batch_id)
 
     def process(self, batch_df, batch_id: int) -> BatchReport:
+        """One Spark job: the executors triage and classify the messages their partitions
+        hold; the driver then triages the same messages again (pure, milliseconds) to
+        dead-letter, record events and de-duplicate across partitions, drops keys the sink
+        already holds, and writes. A redelivered object is classified again, never written
+        twice (the sink is idempotent on the key)."""
         from pipeline.sink import dead_letter_record
 
         started = time.monotonic()
-        rows = [tuple(r) for r in batch_df.collect()]
+        settings, model = self.models.for_batch()
+        out = batch_df.mapInPandas(classify_messages(settings), BATCH_SCHEMA).collect()
+        rows = [tuple(r[c] for c in MESSAGE_COLUMNS) for r in out if r.status is None]
+        results = [r for r in out if r.status is not None]
         report = BatchReport(batch_id, messages=len(rows))
-        t = triage(rows, self.settings)
+        t = triage(rows, settings)
         report.poison, report.ignored, report.duplicates = (
             len(t.dead_letters), len(t.ignored), t.duplicates)
         if t.dead_letters:
@@ -192,9 +184,7 @@ class BatchProcessor:
             done = self.sink.existing_keys(todo)  # notifications: their day bounds the lookup
             report.already_done = len(done)
             todo = [n for n in todo if n.key not in done]
-        settings, model = self.models.for_batch()
-        classify_and_write(batch_df.sparkSession, todo, settings, self.sink, batch_id, model,
-                           report)
+        write_results(todo, results, settings, self.sink, batch_id, model, report)
         report.model_version = model.version
         report.seconds = time.monotonic() - started
         self.reports.append(report)
@@ -208,16 +198,23 @@ class BatchProcessor:
         return report
 
 
+def describe_key(key: ObjectKey) -> str:
+    bucket, name, generation = _k(key)
+    return f"{bucket}/{name}#{generation}"
+
+
 def _k(key: ObjectKey) -> tuple[str, str, int]:
     return printable(key.bucket), printable(key.name), key.generation  # a name cannot forge a line
 
 
 def messages(spark, settings: Settings):
-    """The notification stream as a DataFrame (the source's schema)."""
+    """The notification stream as a DataFrame (the source's schema). Its partitions are the
+    classify tasks too, so there are as many as the cluster has cores unless set."""
+    partitions = settings.num_partitions or spark.sparkContext.defaultParallelism
     reader = (spark.readStream.format("pubsub")
               .option("subscription", settings.subscription_path)
               .option("maxMessagesPerBatch", settings.max_messages_per_batch)
-              .option("numPartitions", max(1, settings.num_partitions or 2))
+              .option("numPartitions", max(1, partitions))
               .option("ackDeadlineSeconds", settings.ack_deadline_seconds))
     if settings.pubsub_emulator_host:
         reader = reader.option("emulatorHost", settings.pubsub_emulator_host)

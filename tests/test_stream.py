@@ -174,3 +174,28 @@ def test_batch_report_is_json_serialisable(running) -> None:
     wait_rows(settings, 2, query)
     done = [r for r in processor.reports if r.classified]
     assert done and json.loads(json.dumps(done[0].__dict__))["classified"] >= 1
+
+
+def test_a_micro_batch_is_one_spark_job(spark, isolated) -> None:
+    """Triage, fetch and classify run in the job that reads the messages: a small batch pays
+    Spark's scheduling once. The same notification in two partitions is still one row."""
+    from pipeline.source import SCHEMA
+
+    items = discover(sample_dataset())[:3]
+    summary = replay(items, isolated, rate=50, limit=3, progress=False)
+    msgs = [(f"m{i}", None, {"eventType": "OBJECT_FINALIZE", "bucketId": isolated.bucket,
+                             "objectId": name, "objectGeneration": str(gen)}, b"", 1)
+            for i, (name, gen) in enumerate([*summary.objects, summary.objects[0]])]
+    msgs.append(("poison", None, {"eventType": "OBJECT_FINALIZE"}, b"\x00 not json", 1))
+    df = spark.createDataFrame(spark.sparkContext.parallelize(msgs, 2), SCHEMA)  # no shuffle
+    processor = stream.BatchProcessor(isolated)
+    sc = spark.sparkContext
+    sc.setJobGroup("one-batch", "one micro-batch")
+    try:
+        report = processor.process(df, 3)
+    finally:
+        sc.setLocalProperty("spark.jobGroup.id", None)
+    assert len(sc.statusTracker().getJobIdsForGroup("one-batch")) == 1
+    assert (report.messages, report.classified, report.inserted) == (5, 3, 3)
+    assert (report.duplicates, report.poison) == (1, 1)
+    assert keys(rows_of(isolated)) == {(isolated.bucket, n, g) for n, g in summary.objects}
