@@ -416,10 +416,14 @@ class Poller:
     def poll(self, prefix: str, seen: Seen) -> None:
         from google.cloud import bigquery
 
+        from pipeline.sink import run_query
+
         cfg = bigquery.QueryJobConfig(query_parameters=[
             bigquery.ScalarQueryParameter("pattern", "STRING", f"{prefix}/%")])
         asked = time.time()
-        for r in self.bq.query(self.SQL.format(table=self.settings.table_id), job_config=cfg).result():
+        # run_query retries what bqemulator refuses under a concurrent append, like the sink
+        _, rows = run_query(self.bq, self.SQL.format(table=self.settings.table_id), cfg)
+        for r in rows:
             key = (r["name"], int(r["generation"]))
             if key not in seen.rows:
                 seen.rows[key] = dict(r.items())
