@@ -19,7 +19,7 @@ from typing import get_type_hints
 
 from deploy.localstack import StackError, check_emulators
 from pipeline.config import ENV_PREFIX, Settings
-from pipeline.names import InvalidName
+from pipeline.names import InvalidSetting
 
 COMMANDS = ("plan", "apply", "destroy")  # functions of deploy.provision
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:  # names are checked before any client, credential or request
         settings = Settings.from_env(**{f.name: getattr(args, f.name) for f in fields(Settings)})
-    except InvalidName as exc:
+    except InvalidSetting as exc:
         print(f"python -m deploy: {exc}", file=sys.stderr)
         return 2
     if args.command == "destroy" and not args.yes:

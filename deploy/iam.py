@@ -145,8 +145,14 @@ def jsonl_output(settings: Any) -> str:
 
 
 def prefix_condition(uri: str) -> dict[str, str]:
-    """IAM condition limiting a bucket-level grant to the objects under ``gs://bucket/prefix``."""
+    """IAM condition limiting a bucket-level grant to the objects under ``gs://bucket/prefix``.
+
+    The prefix lands inside a CEL string literal: ``names.object_prefix`` refuses the quote or
+    backslash that would end it (a configured ``jsonl_uri`` is refused earlier, by Settings)."""
+    from pipeline.names import object_prefix
+
     bucket, _, prefix = uri.removeprefix("gs://").partition("/")
+    object_prefix(prefix)
     under = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
     return {"title": JSONL_OUTPUT_CONDITION_TITLE, "description": f"objects under {uri}",
             "expression": f'resource.name.startsWith("projects/_/buckets/{bucket}/objects/{under}")'}

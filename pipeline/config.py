@@ -96,7 +96,9 @@ class Settings:
         return cls(**values).validated()  # what a command line builds is checked at once
 
     def validated(self) -> Settings:
-        """These settings, once every GCP name in them passes GCP's naming rules (no I/O)."""
+        """These settings, once every GCP name in them passes GCP's naming rules and every other
+        value its choices or range (``pipeline.names``); no I/O, so a command refuses bad input
+        in one sentence before it builds a client."""
         from pipeline.names import check_settings
 
         check_settings(self)
@@ -148,5 +150,8 @@ def _coerce(name: str, kind: Any, raw: str) -> Any:
         if kind is bool:
             return raw.strip().lower() in {"1", "true", "yes", "on"}
         return raw
-    except ValueError as exc:
-        raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind.__name__}") from exc
+    except ValueError:
+        from pipeline.names import InvalidSetting, printable
+
+        raise InvalidSetting(f"{ENV_PREFIX}{name.upper()}='{printable(raw, 80)}' is not a valid "
+                             f"{kind.__name__}") from None

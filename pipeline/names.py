@@ -14,9 +14,11 @@ addresses (different on every delivery) into row reasons.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import unicodedata
 from collections.abc import Callable
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 from pipeline.errors import UserError
@@ -25,9 +27,13 @@ if TYPE_CHECKING:
     from pipeline.config import Settings
 
 
-class InvalidName(UserError, ValueError):
-    """A resource name GCP would refuse; the message is one sentence naming the rule (so the
-    CLIs print it as one line and exit 2, like every ``UserError``)."""
+class InvalidSetting(UserError, ValueError):
+    """A setting GCP or the job would refuse (or misuse); the message is one sentence naming the
+    rule, so the CLIs print it as one line and exit 2, like every ``UserError``."""
+
+
+class InvalidName(InvalidSetting):
+    """A resource name GCP would refuse."""
 
 
 # Project IDs: 6-30 characters, lowercase letters, digits and hyphens, starting with a letter
@@ -57,8 +63,8 @@ _BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]*[a-z0-9]")
 _PUBSUB = re.compile(r"[A-Za-z][A-Za-z0-9._~+%-]{2,254}")
 
 
-def _fail(kind: str, name: str, rule: str) -> InvalidName:
-    return InvalidName(f"{kind} name '{printable(name, 80)}' is invalid: {rule}")
+def _fail(kind: str, name: str, rule: str, noun: str = " name") -> InvalidName:
+    return InvalidName(f"{kind}{noun} '{printable(name, 80)}' is invalid: {rule}")
 
 
 def project_id(name: str) -> str:
@@ -112,6 +118,121 @@ def _is_ip(name: str) -> bool:
     return True
 
 
+# Service account IDs: 6-30 lowercase letters, digits and hyphens, starting with a letter and
+# ending with a letter or digit; an email is any service account's, in any project.
+# https://cloud.google.com/iam/docs/service-accounts-create#creating
+_ACCOUNT_ID = re.compile(r"[a-z][a-z0-9-]{4,28}[a-z0-9]")
+_ACCOUNT_EMAIL = re.compile(r"[a-z0-9][a-z0-9-]{0,62}@(?:[a-z0-9-]+\.)+gserviceaccount\.com")
+
+# Locations: Cloud Storage, BigQuery and Dataproc name them alike, a multi-region (US, EU), a
+# dual-region (NAM4) or a region (us-central1); Cloud Storage takes either case.
+# https://cloud.google.com/storage/docs/locations, https://cloud.google.com/bigquery/docs/locations
+_LOCATION = re.compile(r"[A-Za-z]{2,}(?:-[A-Za-z]+)*[0-9]{0,3}")
+
+
+def service_account(name: str) -> str:
+    if not (_ACCOUNT_ID.fullmatch(name) or _ACCOUNT_EMAIL.fullmatch(name)):
+        raise _fail("service_account", name, "give an account ID of 6-30 lowercase letters, "
+                    "digits or hyphens starting with a letter, or a service account's email "
+                    "(...@....gserviceaccount.com)", noun="")
+    return name
+
+
+def location(name: str, kind: str = "region", *, empty_ok: bool = False) -> str:
+    if not (name == "" and empty_ok) and not (len(name) <= 63 and _LOCATION.fullmatch(name)):
+        raise _fail(kind, name, "a location is a multi-region like US, a dual-region like NAM4 "
+                    "or a region like us-central1", noun="")
+    return name
+
+
+def object_prefix(prefix: str, kind: str = "object prefix") -> str:
+    """An object-name prefix safe to put inside an IAM condition's string literal.
+
+    ``iam.prefix_condition`` writes ``resource.name.startsWith("…/objects/PREFIX")``: a quote
+    or a backslash would end or escape that literal (``out") || true || ("`` makes the grant
+    unconditional), so neither may appear; GCS object names exclude control characters and
+    "." / ".." segments anyway (https://cloud.google.com/storage/docs/objects#naming).
+    """
+    ok = (len(prefix.encode()) <= 1024 and prefix.isprintable() and not set(prefix) & set('"\\\'')
+          and not {".", ".."} & set(prefix.split("/")))
+    if not ok:
+        raise _fail(kind, prefix, "an object prefix is printable text of at most 1024 bytes, "
+                    "with no quote, backslash or '.'/'..' segment", noun="")
+    return prefix
+
+
+def gcs_uri(uri: str, kind: str = "jsonl_uri") -> str:
+    """``gs://BUCKET/PREFIX`` with a valid bucket name and a prefix :func:`object_prefix` allows."""
+    name, _, prefix = uri.removeprefix("gs://").partition("/")
+    if not uri.startswith("gs://"):
+        raise _fail(kind, uri, "it must be gs://BUCKET/PREFIX", noun="")
+    bucket(name)
+    object_prefix(prefix, f"{kind}'s prefix")
+    return uri
+
+
+# Settings that must be one of a few words: the sink's own tables (pipeline.sink.SINKS,
+# SINK_MODES) list the same ones, a test keeps them equal.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "sink": ("bigquery", "jsonl", "console"),
+    "sink_mode": ("append", "merge"),
+}
+
+
+@dataclass(frozen=True)
+class Range:
+    """Bounds of a numeric setting (``None``: unbounded) and why they are what they are."""
+
+    low: float | None
+    high: float | None = None
+    why: str = ""
+    low_open: bool = False  # the value must be above ``low``, not at it
+
+    def holds(self, value: float) -> bool:
+        return (math.isfinite(value)
+                and (self.low is None or (value > self.low if self.low_open else value >= self.low))
+                and (self.high is None or value <= self.high))
+
+    def __str__(self) -> str:
+        low = "" if self.low is None else f"{'>' if self.low_open else '>='} {self.low:g}"
+        high = "" if self.high is None else f"<= {self.high:g}"
+        text = " and ".join(p for p in (low, high) if p) or "finite"
+        return f"it must be {text}" + (f" ({self.why})" if self.why else "")
+
+
+# Numeric settings and their bounds: a value outside them would fail a GCP request later, spin
+# the stream or silently turn a limit off.
+RANGES: dict[str, Range] = {
+    "trigger_seconds": Range(0, why="a micro-batch interval"),
+    # https://cloud.google.com/pubsub/docs/handling-failures#dead_letter_topic
+    "max_delivery_attempts": Range(5, 100, "Pub/Sub's dead-letter policy takes 5-100"),
+    # https://cloud.google.com/pubsub/docs/lease-management
+    "ack_deadline_seconds": Range(10, 600, "Pub/Sub's ack deadline is 10-600 s"),
+    "max_messages_per_batch": Range(1),
+    "num_partitions": Range(0, why="0 = Spark's default parallelism"),
+    "batch_size": Range(1),
+    "torch_threads": Range(0, why="0 = one per Spark worker, all cores elsewhere"),
+    "top_k": Range(1),
+    "min_confidence": Range(0, 1, "a probability"),
+    "fetch_threads": Range(1),
+    "fetch_timeout_seconds": Range(0, low_open=True),
+    "max_bytes": Range(0, low_open=True),
+    "max_pixels": Range(0, low_open=True),
+    "model_refresh_seconds": Range(0),
+    "bq_quota_patience_seconds": Range(0, why="0 = no limit"),
+    "metrics_port": Range(0, 65535, "0 = no endpoint"),
+}
+
+
+def check_value(field: str, value: object) -> None:
+    """Raise :class:`InvalidSetting` if ``value`` is outside ``field``'s choices or range."""
+    if field in CHOICES and value not in CHOICES[field]:
+        raise InvalidSetting(f"{field} '{printable(str(value), 80)}' is invalid: choose one of "
+                             f"{', '.join(CHOICES[field])}")
+    if field in RANGES and isinstance(value, int | float) and not RANGES[field].holds(value):
+        raise InvalidSetting(f"{field} {value!r} is invalid: {RANGES[field]}")
+
+
 def settings_names(settings: Settings) -> list[tuple[str, Callable[[str], str]]]:
     """Every name in ``settings`` that reaches GCP, with its rule (pure)."""
     s = settings
@@ -131,9 +252,17 @@ def settings_names(settings: Settings) -> list[tuple[str, Callable[[str], str]]]
 
 
 def check_settings(settings: Settings) -> None:
-    """Raise :class:`InvalidName` for the first name GCP would refuse; no I/O."""
+    """Raise :class:`InvalidSetting` for the first name GCP would refuse, or value outside its
+    choices or range; no I/O."""
     for name, rule in settings_names(settings):
         rule(name)
+    service_account(settings.service_account)
+    location(settings.region, "region", empty_ok=True)
+    location(settings.bq_location, "bq_location")
+    if settings.jsonl_uri:
+        gcs_uri(settings.jsonl_uri)
+    for f in fields(settings):
+        check_value(f.name, getattr(settings, f.name))
 
 
 # --- text from outside, made safe to show -------------------------------------------------

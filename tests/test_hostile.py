@@ -25,7 +25,7 @@ import pytest
 
 from pipeline import images, stream
 from pipeline.config import Settings
-from pipeline.names import InvalidName
+from pipeline.names import InvalidName, InvalidSetting
 from pipeline.sink import EVENT_KEY, build_row, dead_letter_record, event_record, to_ndjson
 from tests.helpers.hostile import BUCKET, NOTIFICATIONS
 
@@ -112,6 +112,124 @@ def test_hostile_name_never_passes_validation(field: str, value: str) -> None:
 ])
 def test_valid_names_pass(settings: Settings) -> None:
     assert settings.validated() is settings
+
+
+# --------------------------------------------------------------------------- operator inputs
+
+# (setting, hostile value, a part of the one sentence): every value an operator types that is
+# not a resource name, refused by Settings.validated before any client, credential or request.
+OPERATOR_INPUTS: list[tuple[str, object, str]] = [
+    # pasted into the JSONL grant's IAM condition: would make the grant unconditional
+    ("jsonl_uri", 'gs://my-out/out") || true || ("', "jsonl_uri's prefix 'out\") || true"),
+    ("jsonl_uri", "gs://my-out/a\\\") || (\"", "jsonl_uri's prefix"),
+    ("jsonl_uri", "gs://my-out/../x", "'.'/'..' segment"),
+    ("jsonl_uri", "s3://my-out/x", "it must be gs://BUCKET/PREFIX"),
+    ("jsonl_uri", "gs://Bad Bucket/x", "bucket name 'Bad Bucket' is invalid"),
+    ("service_account", "job --impersonate-service-account=x", "service_account 'job --imp"),
+    ("service_account", "a@b.com", "service_account 'a@b.com' is invalid"),
+    ("service_account", "sa", "6-30 lowercase"),
+    ("region", "us-central1 --zone=x", "region 'us-central1 --zone=x' is invalid"),
+    ("region", "$(id)", "region '$(id)' is invalid"),
+    ("bq_location", "", "bq_location '' is invalid"),
+    ("bq_location", "US`; DROP", "bq_location 'US`; DROP' is invalid"),
+    ("sink_mode", "upsert", "sink_mode 'upsert' is invalid: choose one of append, merge"),
+    ("sink", "s3", "sink 's3' is invalid"),
+    ("trigger_seconds", -1.0, "trigger_seconds -1.0 is invalid: it must be >= 0"),
+    ("trigger_seconds", float("nan"), "trigger_seconds nan is invalid"),
+    ("max_delivery_attempts", 4, "max_delivery_attempts 4 is invalid: it must be >= 5 and <= 100"),
+    ("max_delivery_attempts", 101, "max_delivery_attempts 101 is invalid"),
+    ("ack_deadline_seconds", 601, "it must be >= 10 and <= 600"),
+    ("batch_size", 0, "batch_size 0 is invalid"),
+    ("top_k", -1, "top_k -1 is invalid"),
+    ("max_bytes", 0, "max_bytes 0 is invalid"),
+    ("fetch_threads", 0, "fetch_threads 0 is invalid"),
+    ("fetch_timeout_seconds", float("inf"), "fetch_timeout_seconds inf is invalid"),
+    ("min_confidence", 1.5, "min_confidence 1.5 is invalid"),
+    ("metrics_port", 70000, "metrics_port 70000 is invalid"),
+    ("num_partitions", -2, "num_partitions -2 is invalid"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "says"), OPERATOR_INPUTS,
+                         ids=[f"{f}={str(v)[:24]!r}" for f, v, _ in OPERATOR_INPUTS])
+def test_hostile_operator_input_never_passes_validation(field: str, value: object,
+                                                        says: str) -> None:
+    with pytest.raises(InvalidSetting) as caught:
+        Settings(**{field: value}).validated()
+    assert says in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
+    with pytest.raises(InvalidSetting):
+        Settings.from_env({}, **{field: value})  # what every command line builds
+
+
+@pytest.mark.parametrize("settings", [
+    Settings(service_account="bucketlens-job", region="us-central1", bq_location="EU"),
+    Settings(service_account="job-1@my-proj.iam.gserviceaccount.com", region="NAM4",
+             bq_location="asia-northeast1", jsonl_uri="gs://my-out/results/run-1_x=2+y@z~"),
+    Settings(service_account="123456789-compute@developer.gserviceaccount.com", region="US",
+             sink="jsonl", sink_mode="merge", trigger_seconds=0.0, max_delivery_attempts=5),
+    Settings(max_delivery_attempts=100, ack_deadline_seconds=600, metrics_port=65535,
+             min_confidence=1.0, num_partitions=0, torch_threads=0),
+])
+def test_valid_operator_inputs_pass(settings: Settings) -> None:
+    assert settings.validated() is settings
+
+
+def test_the_choices_are_the_sinks_own() -> None:
+    from pipeline import names, sink
+
+    assert names.CHOICES["sink"] == tuple(sink.SINKS) and names.CHOICES["sink_mode"] == sink.SINK_MODES
+
+
+def test_the_iam_condition_never_takes_a_quote_even_from_a_derived_uri() -> None:
+    from deploy.iam import prefix_condition
+
+    assert prefix_condition("gs://my-out/a b/é")["expression"].endswith('objects/a b/é/")')
+    with pytest.raises(InvalidSetting):
+        prefix_condition('gs://my-out/x") || true || ("')
+
+
+# (command line, environment, a part of the one line on stderr): refused before any client.
+OPERATOR_COMMANDS: list[tuple[list[str], dict[str, str], str]] = [
+    (["plan", "--sink", "jsonl", "--jsonl-uri", 'gs://my-out/o") || true || ("'], {},
+     "jsonl_uri's prefix"),
+    (["plan"], {"BUCKETLENS_MAX_DELIVERY_ATTEMPTS": "1000"}, "max_delivery_attempts 1000"),
+    (["plan"], {"BUCKETLENS_SERVICE_ACCOUNT": "x y"}, "service_account 'x y'"),
+    (["plan"], {"BUCKETLENS_TRIGGER_SECONDS": "soon"}, "BUCKETLENS_TRIGGER_SECONDS='soon' is not"),
+    (["plan", "--sink-mode", "upsert"], {}, "sink_mode 'upsert'"),
+]
+
+
+@pytest.mark.parametrize(("argv", "env", "says"), OPERATOR_COMMANDS,
+                         ids=[" ".join(a)[:30] + str(e)[:30] for a, e, _ in OPERATOR_COMMANDS])
+def test_deploy_refuses_hostile_operator_input_in_one_line_without_network(
+        argv, env, says, monkeypatch, capsys) -> None:
+    from deploy.__main__ import main
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(socket.socket, "connect", lambda *a: pytest.fail("network call"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err, err
+
+
+@pytest.mark.parametrize(("argv", "env"), [
+    (["run"], {"BUCKETLENS_TRIGGER_SECONDS": "-5"}),
+    (["run", "--sink-mode", "merge"], {"BUCKETLENS_MAX_DELIVERY_ATTEMPTS": "2"}),
+    (["backfill", "--bucket", "my-images"], {"BUCKETLENS_BQ_LOCATION": "US; x"}),
+])
+def test_bucketlens_refuses_hostile_operator_input_before_a_model_or_socket(
+        argv, env, monkeypatch, capsys) -> None:
+    from deploy.cli import main
+    from pipeline import classify
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(classify, "get_handler", lambda s: pytest.fail("model loaded"))
+    monkeypatch.setattr(socket.socket, "connect", lambda *a: pytest.fail("network call"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is invalid" in err, err
 
 
 # --------------------------------------------------------------------------- command lines
