@@ -133,10 +133,16 @@ def fetch_one(client: storage.Client, key: ObjectKey, max_bytes: int, size: int 
     """One object's pinned generation, or the status that says why not; never raises.
 
     The size guard never depends on the size being known: a missing or non-positive size is
-    looked up, and the download itself stops at ``max_bytes`` whatever any metadata said (a
-    stale size, a forged notification, a gzip object served decompressed).
+    looked up. The download itself stops at what it was budgeted (``download_cost``: the size
+    the notification gave, else ``max_bytes``) whatever the bytes turn out to be, since the
+    chunk it belongs to was sized on that figure. A notification's size is the *stored* size:
+    an object stored with ``Content-Encoding: gzip`` is served decompressed ("decompressive
+    transcoding", https://cloud.google.com/storage/docs/transcoding), so 32 KB stored may
+    arrive as 32 MiB; such an object, a stale size and a forged one alike become ``too_large``
+    at the budget instead of holding 1,000 times the memory its chunk reserved.
     """
     bucket = client.bucket(key.bucket)
+    budget = download_cost(size, max_bytes)  # what budget_chunks charged for this object
     try:
         if size is None or size <= 0:
             meta = bucket.blob(key.name, generation=key.generation)
@@ -150,12 +156,17 @@ def fetch_one(client: storage.Client, key: ObjectKey, max_bytes: int, size: int 
         blob = bucket.blob(key.name, generation=key.generation)
 
         def download() -> bytes:
-            target = _CappedBuffer(max_bytes)  # a fresh one per attempt
+            target = _CappedBuffer(budget)  # a fresh one per attempt
             blob.download_to_file(target, retry=None, timeout=timeout)
             return target.getvalue()
 
         data = call_with_retries(download)
-    except _OverLimit:  # the metadata was stale, absent or lying: still refuse to pass it on
+    except _OverLimit:  # transcoded, or the metadata was stale, absent or lying
+        if budget < max_bytes:
+            return Fetched(key, None, TOO_LARGE,
+                           f"download ran past the {budget} bytes its notification declared "
+                           "(an object stored with Content-Encoding: gzip is served "
+                           "decompressed); stopped there")
         return _too_large(key, f"more than {max_bytes}", max_bytes)
     except api_exceptions.NotFound:
         return Fetched(key, None, GONE,

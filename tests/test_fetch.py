@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import random
 from collections.abc import Callable, Iterator
 
@@ -15,6 +16,7 @@ from pipeline.config import Settings
 from pipeline.fetch import Fetched, fetch_all
 from pipeline.notifications import ObjectKey
 from tests.helpers.faultproxy import Fault, FaultyProxy, every_other, start_proxy, stop_proxy
+from tests.helpers.hostile_images import gzip_expanding
 
 
 @pytest.fixture
@@ -145,6 +147,14 @@ def test_download_stops_at_max_bytes_whatever_the_size_said(claimed) -> None:
     assert blob.reloads == (0 if claimed == 5 else 1)  # unknown / non-positive: looked up
 
 
+def test_download_stops_at_the_size_it_was_budgeted() -> None:
+    blob = EndlessBlob()  # a notification said 5 bytes, as a gzip object's stored size does
+    got = fetch.fetch_one(OneBlobClient(blob), ObjectKey("b", "x", 1),  # type: ignore[arg-type]
+                          max_bytes=2 * MiB, size=5)
+    assert got.status == "too_large" and "past the 5 bytes its notification declared" in got.reason
+    assert blob.sent == 0  # its first 1 MiB write already ran past the 5 budgeted bytes
+
+
 def test_non_positive_size_is_looked_up_not_trusted() -> None:
     blob = EndlessBlob(size=10 * MiB)
     [got] = [fetch.fetch_one(OneBlobClient(blob), ObjectKey("b", "x", 1),  # type: ignore[arg-type]
@@ -273,7 +283,38 @@ def test_zero_or_negative_size_from_a_notification_never_skips_the_guard(
     settings = via.replace(max_bytes=1000)
     got = fetch_all([big, liar], settings, sizes={big: 0, liar: 5})
     assert [f.status for f in got] == ["too_large", "too_large"]
-    assert "2000 bytes" in got[0].reason and "more than 1000" in got[1].reason
+    assert "2000 bytes" in got[0].reason and "past the 5 bytes" in got[1].reason
     assert not [h for h in proxy.hits("big0.jpg") if "/download/" in h[1]]  # looked up instead
     [small] = fetch_all([upload(isolated, "x/ok.jpg", b"z" * 10)], settings, sizes={})
     assert (small.status, small.data) == ("ok", b"z" * 10)  # the capped download, intact
+
+
+@pytest.mark.integration
+def test_gzip_encoded_object_never_holds_more_than_its_budget(isolated: Settings,
+                                                              monkeypatch) -> None:
+    """fake-gcs-server, like GCS, serves a ``Content-Encoding: gzip`` object decompressed to a
+    client that does not ask for raw bytes: its notification's size (the stored size) is what
+    the chunk budget charged, so the download must stop there."""
+    stored = gzip_expanding(4 * MiB)  # about 4 KB stored, 4 MiB served
+    blob = clients.storage_client(isolated).bucket(isolated.bucket).blob("gz/bomb.jpg")
+    blob.content_encoding = "gzip"
+    blob.upload_from_string(stored, content_type="image/jpeg")
+    key = ObjectKey(isolated.bucket, "gz/bomb.jpg", blob.generation)
+    held: list[int] = []
+
+    class Recording(fetch._CappedBuffer):
+        def write(self, data) -> int:  # type: ignore[no-untyped-def, override]
+            written = super().write(data)
+            held.append(self.tell())
+            return written
+
+    monkeypatch.setattr(fetch, "_CappedBuffer", Recording)
+    [got] = fetch_all([key], isolated, sizes={key: len(stored)})
+    assert got.status == "too_large" and got.data is None
+    assert f"past the {len(stored)} bytes" in got.reason and "gzip" in got.reason
+    assert max(held, default=0) <= len(stored)  # never more than the budget in memory
+    # unknown size: charged max_bytes by budget_chunks, so the decompressed bytes may come
+    held.clear()
+    [whole] = fetch_all([key], isolated, sizes={})
+    assert whole.status == "ok" and whole.data == gzip.decompress(stored)
+    assert max(held) <= isolated.max_bytes
