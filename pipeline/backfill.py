@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import Settings
+from pipeline.names import printable
 from pipeline.notifications import FINALIZE, Notification, ObjectKey, wanted
 from pipeline.stream import ModelChoice, classify_and_write
 from pipeline.triage import own_prefixes
@@ -177,11 +178,13 @@ def _progress(title: str, *, enabled: bool) -> Iterator[Callable[[BackfillSummar
     counts = ("{task.fields[listed]} listed · {task.fields[skipped]} already done · "
               "{task.fields[classified]} classified · {task.fields[inserted]} inserted · "
               "[red]{task.fields[errors]} errors[/]")
-    with Progress(SpinnerColumn(), TextColumn(title), TextColumn(counts),
-                  TextColumn("[dim]{task.fields[stage]}"), TimeElapsedColumn(),
-                  console=Console(stderr=True)) as bar:
-        task = bar.add_task(title, total=None, listed=0, skipped=0, classified=0, inserted=0,
-                            errors=0, stage="listing")
+    # The title holds the operator's --prefix: a field, not part of a column's format string
+    # (where "{0}" raised and "[red]" was markup), its control characters escaped.
+    with Progress(SpinnerColumn(), TextColumn("{task.description}", markup=False),
+                  TextColumn(counts), TextColumn("[dim]{task.fields[stage]}"),
+                  TimeElapsedColumn(), console=Console(stderr=True)) as bar:
+        task = bar.add_task(printable(title), total=None, listed=0, skipped=0, classified=0,
+                            inserted=0, errors=0, stage="listing")
 
         def show(summary: BackfillSummary, stage: str) -> None:
             bar.update(task, listed=summary.listed, skipped=summary.skipped_existing,

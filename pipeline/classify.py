@@ -601,11 +601,12 @@ def _print_table(rows: Sequence[Mapping[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Column, Table
 
+    from pipeline.display import terminal  # file names and a bundle's labels, shown as they are
+
     table = Table(Column("path", overflow="fold"), "status", "top-1", "prob", "runners-up / reason")
     for row in rows:
         prob = f"{row['top1_prob']:.3f}" if row["top1_prob"] is not None else ""
         others = ", ".join(f"{label} {p:.2f}" for label, p in row["top5"][1:3])
-        table.add_row(
-            row["path"], row["status"], row["top1_label"] or "", prob, row["reason"] or others
-        )
+        table.add_row(*map(terminal, (row["path"], row["status"], row["top1_label"] or "", prob,
+                                      row["reason"] or others)))
     Console().print(table)

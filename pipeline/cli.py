@@ -14,6 +14,7 @@ import argparse
 import importlib
 import json
 import logging
+import math
 import signal
 import sys
 import threading
@@ -23,6 +24,7 @@ from typing import get_type_hints
 
 from pipeline.config import ENV_PREFIX, Settings
 from pipeline.errors import UserError
+from pipeline.names import printable
 from pipeline.times import parse_since
 
 
@@ -240,6 +242,21 @@ def add_models_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="list as one JSON object per line")
 
 
+def add_status_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object: backlog, oldest_unacked_s, last_batch_at, "
+                        "rows_last_minute, dead_letters_last_hour, model_version")
+    p.add_argument("--max-lag", type=float, default=30.0, metavar="SECONDS",
+                   help="exit 1 when a message has waited unread this long (default %(default)s)")
+
+
+def add_sql_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("query", metavar="SQL", help='the query, e.g. "SELECT * FROM predictions LIMIT 5"')
+    p.add_argument("--json", action="store_true", help="one JSON object per row")
+    p.add_argument("--max-rows", type=int, default=100, metavar="N",
+                   help="rows to print at most (default %(default)s; 0 = all)")
+
+
 def run_models(args: argparse.Namespace) -> int:
     """``models list|promote``: the versions of a model location and its CURRENT pointer."""
     from pipeline import bundles
@@ -249,30 +266,49 @@ def run_models(args: argparse.Namespace) -> int:
         if not args.version:
             raise UserError("promote needs the VERSION to make current (see `models list`).")
         bundle = bundles.promote(args.location, args.version, settings)
-        print(f"{args.location}: current version is now {bundle.version} ({bundle.name}, "
+        print(f"{printable(args.location)}: current version is now {bundle.version} "
+              f"({printable(bundle.name)}, "
               f"{len(bundle.labels)} labels); running streams switch within "
               f"{settings.model_refresh_seconds:g} s", file=sys.stderr)
         return 0
     versions = bundles.list_versions(args.location, settings)
     if not versions:
-        raise UserError(f"{args.location} holds no model versions.")
-    current = bundles.current_version(args.location, settings)
+        raise UserError(f"{printable(args.location)} holds no model versions.")
+    try:
+        current = bundles.current_version(args.location, settings)
+    except bundles.BundleError as exc:  # still list the versions: this is how to pick one
+        print(f"bucketlens: {exc}", file=sys.stderr)
+        current = None
     for version in versions:
-        try:
-            m = bundles.load(bundles.join(args.location, version), settings).manifest
-            row = {"version": version, "current": version == current, "name": m["name"],
-                   "created": m.get("created"), "labels": len(m["labels"]),
-                   "val_top1": m.get("validation", {}).get("top1"), "error": None}
-        except bundles.BundleError as exc:
-            row = {"version": version, "current": version == current, "error": str(exc)}
+        row = models_row(args.location, version, current, settings)
         if args.json:
             print(json.dumps(row))
         else:
             mark = "*" if row["current"] else " "
             detail = row["error"] or (f"{row['name']}  {row['labels']} labels  created "
                                       f"{row['created']}  val top-1 {row['val_top1']}")
-            print(f"{mark} {version}  {detail}")
+            print(printable(f"{mark} {version}  {detail}", 1000))
     return 0
+
+
+def models_row(location: str, version: str, current: str | None,
+               settings: Settings) -> dict[str, object]:
+    """One version of ``models list``: what its manifest says, or why it cannot be used. The
+    fields only shown here (created, validation) are the manifest's own: taken only when of
+    the right type, so a hand-edited manifest lists rather than crashes."""
+    from pipeline import bundles
+
+    try:
+        m = bundles.load_version(location, version, settings).manifest
+    except bundles.BundleError as exc:
+        return {"version": version, "current": version == current, "error": str(exc)}
+    validation = m.get("validation")
+    top1 = validation.get("top1") if isinstance(validation, dict) else None
+    created = m.get("created")
+    return {"version": version, "current": version == current, "name": m["name"],
+            "created": created if isinstance(created, str) else None, "labels": len(m["labels"]),
+            "val_top1": top1 if isinstance(top1, int | float) and not isinstance(top1, bool)
+            and math.isfinite(top1) else None, "error": None}
 
 
 # name, help, description, arguments, implementation: one row per job command.
@@ -307,6 +343,14 @@ JOB_COMMANDS: tuple[tuple[str, str, str, Callable[[argparse.ArgumentParser], Non
      "partitions since DATE (one MERGE per table that has duplicates). Safe to run at any time, "
      "also while the stream runs.",
      add_compact_arguments, "pipeline.compact:run_compact"),
+    ("status", "is the stream keeping up: backlog, last batch, rows, dead letters, model",
+     "Peek at the subscription's backlog and read the last minute and hour of rows and dead "
+     "letters (partition-bounded). Exit 1 when messages have waited longer than --max-lag.",
+     add_status_arguments,
+     "pipeline.status_report:run_status"),
+    ("sql", "run your own SQL against the configured project (local stack included)",
+     "Run one query; tables resolve in BUCKETLENS_DATASET. Prints a table, or JSON lines.",
+     add_sql_arguments, "pipeline.sqlcmd:run_sql"),
 )
 
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline import catalog
 from pipeline.config import Settings
+from pipeline.display import literal_figure, markdown, plot_label, terminal
 from pipeline.labels import normalize_label
 
 if TYPE_CHECKING:
@@ -37,8 +38,11 @@ if TYPE_CHECKING:
 MAPPING_BEGIN = "-- BEGIN rows generated from schemas/class_mapping.json by pipeline.report.mapping_rows_sql"
 MAPPING_END = "-- END generated rows"
 DEFAULT_OUT = "report"
-MAX_CONFUSION_COLUMNS = 20  # predicted classes shown in the heatmap (at least each true label's
-# own class, so the diagonal is complete); the rest become "(other)"
+MAX_CONFUSION_COLUMNS = 20  # predicted classes shown in the heatmap (at least each shown true
+# label's own class, so the diagonal is complete); the rest become "(other)"
+MAX_PLOT_LABELS = 30  # true labels in the heatmap's rows and the accuracy bars: the labels come
+# from uploaders (folder names, metadata), so their number is theirs; past this many (1,500 took
+# 12 s and a 74,000-pixel-high figure) the most frequent are drawn and the caption says so
 OTHER = "(other)"
 ANNOTATE_CELLS = 400  # heatmaps up to this many cells get their counts written in
 SHOWN_PERCENTILES = (0, 50, 90, 95, 99, 100)  # latency_distribution rows shown in tables
@@ -164,18 +168,44 @@ def latency_cdf(rows: Rows) -> tuple[list[float], list[float]]:
     return [s for _, s in pts], [p / 100 for p, _ in pts]
 
 
-def accuracy_bars(rows: Rows) -> tuple[list[str], list[float], list[float]]:
-    """Scored labels only (``own_label``, ``mapped``): an unscored label has no accuracy to draw
-    (the table lists it). A label scored by two kinds of model gets one bar over both rows."""
+def most_frequent(counts: Mapping[str, int], n: int) -> list[str]:
+    """The ``n`` keys with the highest counts, ties by name (pure)."""
+    return sorted(counts, key=lambda k: (-counts[k], k))[:n]
+
+
+def folded_note(shown: int, total: int, what: str, where: str) -> str:
+    """The caption sentence of a plot that shows ``shown`` of ``total`` things; "" if all."""
+    if total <= shown:
+        return ""
+    return f"Shows {shown:,} of {total:,} {what}; the other {total - shown:,} {where}."
+
+
+def _scored(rows: Rows) -> dict[str, list[int]]:
+    """True label → [classified, top-1 correct, top-5 correct] over its scored rows."""
     sums: dict[str, list[int]] = {}
     for r in rows:
         if r["mapping"] in SCORED_MAPPINGS and r["classified"]:
             s = sums.setdefault(r["true_label"], [0, 0, 0])
             for i, c in enumerate(("classified", "top1_correct", "top5_correct")):
                 s[i] += int(r[c])
-    labels = sorted(sums)
+    return sums
+
+
+def accuracy_bars(rows: Rows, max_labels: int = MAX_PLOT_LABELS
+                  ) -> tuple[list[str], list[float], list[float]]:
+    """Scored labels only (``own_label``, ``mapped``): an unscored label has no accuracy to draw
+    (the table lists it). A label scored by two kinds of model gets one bar over both rows.
+    Past ``max_labels`` labels, those with the most classified images (:func:`accuracy_note`)."""
+    sums = _scored(rows)
+    labels = sorted(most_frequent({k: v[0] for k, v in sums.items()}, max_labels))
     return (labels, [sums[k][1] / sums[k][0] for k in labels],
             [sums[k][2] / sums[k][0] for k in labels])
+
+
+def accuracy_note(rows: Rows, max_labels: int = MAX_PLOT_LABELS) -> str:
+    return folded_note(max_labels, len(_scored(rows)),
+                       "scored labels (those with the most classified images)",
+                       "are in the table 'Accuracy by true label'")
 
 
 def version_label(model: str | None, version: str | None) -> str:
@@ -186,13 +216,24 @@ def version_label(model: str | None, version: str | None) -> str:
     return f"{model or '?'} {v}"
 
 
-def version_steps(rows: Rows) -> tuple[list[str], list[float]]:
-    """(version labels, top-1 accuracy) in order of first use; versions with nothing scored have
-    no accuracy and no point."""
-    shown = sorted((r for r in rows if r["top1_accuracy"] is not None),
-                   key=lambda r: r["first_processed_at"])
+def _versions_scored(rows: Rows) -> Rows:
+    return sorted((r for r in rows if r["top1_accuracy"] is not None),
+                  key=lambda r: r["first_processed_at"])
+
+
+def version_steps(rows: Rows, max_versions: int = MAX_PLOT_LABELS
+                  ) -> tuple[list[str], list[float]]:
+    """(version labels, top-1 accuracy) in order of first use, the newest ``max_versions``;
+    versions with nothing scored have no accuracy and no point."""
+    shown = _versions_scored(rows)[-max_versions:]
     return ([version_label(r["model"], r["model_version"]) for r in shown],
             [float(r["top1_accuracy"]) for r in shown])
+
+
+def versions_note(rows: Rows, max_versions: int = MAX_PLOT_LABELS) -> str:
+    return folded_note(max_versions, len(_versions_scored(rows)),
+                       "model versions (the newest)",
+                       "are in the table 'Accuracy by model version'")
 
 
 def own_columns(rows: Rows) -> dict[str, str]:
@@ -208,31 +249,79 @@ def own_columns(rows: Rows) -> dict[str, str]:
     return own
 
 
-def confusion_matrix(rows: Rows, max_columns: int = MAX_CONFUSION_COLUMNS
-                     ) -> tuple[list[str], list[str], list[list[int]]]:
-    """(true labels, predicted labels, counts[true][predicted]), with correct predictions on the
-    diagonal: the true labels that name a predicted label (``own_columns``) come first, each
-    with its column in the same place; then the other true labels. Then the most frequent other
-    predicted labels, up to ``max_columns`` columns in all (a true label's own column is never
-    folded); the rest are summed into one "(other)" column to keep it readable."""
+@dataclass(frozen=True)
+class ConfusionLayout:
+    """Which true labels get a row and which predicted labels a column, in order; the rest
+    are folded into one "(other)" row or column."""
+
+    rows: list[str]
+    columns: list[str]
+    true_total: int  # distinct true labels
+    predicted_total: int  # distinct predicted labels
+
+    @property
+    def other_row(self) -> bool:
+        return len(self.rows) < self.true_total
+
+    @property
+    def other_column(self) -> bool:
+        return len(self.columns) < self.predicted_total
+
+
+def confusion_layout(rows: Rows, max_columns: int = MAX_CONFUSION_COLUMNS,
+                     max_rows: int = MAX_PLOT_LABELS) -> ConfusionLayout:
+    """The true labels with the most images (at most ``max_rows``), those that name a
+    predicted label (``own_columns``) first, each with its column in the same place; then the
+    most frequent other predicted labels, up to ``max_columns`` columns in all (a shown true
+    label's own column is never folded)."""
     totals: dict[str, int] = {}
+    by_true: dict[str, int] = {}
     for r in rows:
         totals[r["predicted_label"]] = totals.get(r["predicted_label"], 0) + int(r["images"])
-    own = own_columns(rows)
+        by_true[r["true_label"]] = by_true.get(r["true_label"], 0) + int(r["images"])
+    kept = set(most_frequent(by_true, max_rows))
+    own = own_columns([r for r in rows if r["true_label"] in kept])
     diagonal: dict[str, str] = {}  # true label → its column; two labels naming one class: first
     for label in sorted(own):
         if own[label] not in diagonal.values():
             diagonal[label] = own[label]
-    true_labels = list(diagonal) + sorted({r["true_label"] for r in rows} - set(diagonal))
     ranked = sorted(set(totals) - set(diagonal.values()), key=lambda k: (-totals[k], k))
     room = max(0, max_columns - len(diagonal))
-    columns = list(diagonal.values()) + ranked[:room] + ([OTHER] if len(ranked) > room else [])
-    index = {c: i for i, c in enumerate(columns)}
+    return ConfusionLayout(list(diagonal) + sorted(kept - set(diagonal)),
+                           list(diagonal.values()) + ranked[:room], len(by_true), len(totals))
+
+
+def confusion_matrix(rows: Rows, max_columns: int = MAX_CONFUSION_COLUMNS,
+                     max_rows: int = MAX_PLOT_LABELS
+                     ) -> tuple[list[str], list[str], list[list[int]]]:
+    """(true labels, predicted labels, counts[true][predicted]) as :func:`confusion_layout`
+    orders them, correct predictions on the diagonal; the folded rows and columns are summed
+    into one "(other)" row and column to keep it readable (:func:`confusion_note` says so).
+
+    Cells are found by position, not by name, so a label that is itself "(other)" cannot
+    take the folded counts."""
+    layout = confusion_layout(rows, max_columns, max_rows)
+    row_of = {label: i for i, label in enumerate(layout.rows)}
+    column_of = {label: j for j, label in enumerate(layout.columns)}
+    true_labels = layout.rows + ([OTHER] if layout.other_row else [])
+    columns = layout.columns + ([OTHER] if layout.other_column else [])
     matrix = [[0] * len(columns) for _ in true_labels]
     for r in rows:
-        col = index.get(r["predicted_label"], index.get(OTHER))
-        matrix[true_labels.index(r["true_label"])][col] += int(r["images"])
+        i = row_of.get(r["true_label"], len(layout.rows))
+        j = column_of.get(r["predicted_label"], len(layout.columns))
+        matrix[i][j] += int(r["images"])
     return true_labels, columns, matrix
+
+
+def confusion_note(rows: Rows, max_columns: int = MAX_CONFUSION_COLUMNS,
+                   max_rows: int = MAX_PLOT_LABELS) -> str:
+    layout = confusion_layout(rows, max_columns, max_rows)
+    return " ".join(filter(None, [
+        folded_note(len(layout.rows), layout.true_total,
+                    "true labels (those with the most images)", 'are summed in the "(other)" row'),
+        folded_note(len(layout.columns), layout.predicted_total,
+                    "predicted classes (the shown labels' own, then the most frequent)",
+                    'are summed in the "(other)" column')]))
 
 
 # --- plots (I/O) ------------------------------------------------------------------------------
@@ -245,6 +334,7 @@ class Plot:
     title: str
     path: Path
     plotted: dict[str, list]
+    caption: str = ""  # what the plot leaves out, said under it in report.md
 
 
 def _pyplot():
@@ -264,6 +354,7 @@ def _save(fig, path: Path) -> None:
     _pyplot().close(fig)
 
 
+@literal_figure
 def plot_throughput(minutes: Sequence[datetime], images: Sequence[int], path: Path) -> dict[str, list]:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.5))
@@ -276,6 +367,7 @@ def plot_throughput(minutes: Sequence[datetime], images: Sequence[int], path: Pa
     return plotted
 
 
+@literal_figure
 def plot_latency_cdf(seconds: Sequence[float], fraction: Sequence[float], path: Path) -> dict[str, list]:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -288,6 +380,7 @@ def plot_latency_cdf(seconds: Sequence[float], fraction: Sequence[float], path: 
     return plotted
 
 
+@literal_figure
 def plot_accuracy(labels: Sequence[str], top1: Sequence[float], top5: Sequence[float],
                   path: Path) -> dict[str, list]:
     plt = _pyplot()
@@ -295,7 +388,7 @@ def plot_accuracy(labels: Sequence[str], top1: Sequence[float], top5: Sequence[f
     x = range(len(labels))
     b1 = ax.bar([i - 0.2 for i in x], list(top1), width=0.4, label="top-1")
     b5 = ax.bar([i + 0.2 for i in x], list(top5), width=0.4, label="top-5")
-    ax.set_xticks(list(x), list(labels), rotation=30, ha="right")
+    ax.set_xticks(list(x), [plot_label(t) for t in labels], rotation=30, ha="right")
     ax.set(title="Accuracy by true label (scored labels)", ylabel="accuracy", ylim=(0, 1.05))
     ax.legend()
     plotted = {"labels": [t.get_text() for t in ax.get_xticklabels()],
@@ -305,13 +398,14 @@ def plot_accuracy(labels: Sequence[str], top1: Sequence[float], top5: Sequence[f
     return plotted
 
 
+@literal_figure
 def plot_accuracy_by_version(versions: Sequence[str], top1: Sequence[float],
                              path: Path) -> dict[str, list]:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(versions) + 2), 4))
     x = list(range(len(versions)))
     (line,) = ax.plot(x, list(top1), drawstyle="steps-mid", marker="o")
-    ax.set_xticks(x, list(versions), rotation=30, ha="right")
+    ax.set_xticks(x, [plot_label(v) for v in versions], rotation=30, ha="right")
     ax.set(title="Top-1 accuracy by model version (in order of first use)",
            xlabel="model version", ylabel="top-1 accuracy", ylim=(0, 1.05))
     ax.grid(alpha=0.3)
@@ -321,14 +415,16 @@ def plot_accuracy_by_version(versions: Sequence[str], top1: Sequence[float],
     return plotted
 
 
+@literal_figure
 def plot_confusion(true_labels: Sequence[str], predicted: Sequence[str],
                    matrix: Sequence[Sequence[int]], path: Path) -> dict[str, list]:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(predicted) + 3),
                                     max(3, 0.45 * len(true_labels) + 2)))
     image = ax.imshow([list(r) for r in matrix], cmap="Blues", aspect="auto")
-    ax.set_xticks(range(len(predicted)), list(predicted), rotation=60, ha="right")
-    ax.set_yticks(range(len(true_labels)), list(true_labels))
+    ax.set_xticks(range(len(predicted)), [plot_label(p) for p in predicted], rotation=60,
+                  ha="right")
+    ax.set_yticks(range(len(true_labels)), [plot_label(t) for t in true_labels])
     ax.set(title="Confusion counts (diagonal: correct)", xlabel="top-1 prediction",
            ylabel="true label")
     fig.colorbar(image, ax=ax)
@@ -351,10 +447,11 @@ def map_groups(labels: Sequence[str | None], max_labels: int = MAP_LABELS) -> li
     counts: dict[str, int] = {}
     for label in named:
         counts[label] = counts.get(label, 0) + 1
-    shown = set(sorted(counts, key=lambda k: (-counts[k], k))[:max_labels])
+    shown = set(most_frequent(counts, max_labels))
     return [label if label in shown else OTHER for label in named]
 
 
+@literal_figure
 def plot_embedding_map(m: EmbeddingMap, path: Path) -> dict[str, list]:
     """One scatter per legend entry (most frequent first, "(other)" last, in grey)."""
     plt = _pyplot()
@@ -363,14 +460,15 @@ def plot_embedding_map(m: EmbeddingMap, path: Path) -> dict[str, list]:
     fig, ax = plt.subplots(figsize=(8, 6))
     for group in order:
         idx = [i for i, g in enumerate(groups) if g == group]
-        ax.scatter(m.points[idx, 0], m.points[idx, 1], s=22, label=group, alpha=0.8,
+        ax.scatter(m.points[idx, 0], m.points[idx, 1], s=22, label=plot_label(group), alpha=0.8,
                    color="lightgray" if group == OTHER else None)
     pc1, pc2 = (100 * float(v) for v in m.explained)
-    model = version_label(m.model_name, m.model_version)
+    model = plot_label(version_label(m.model_name, m.model_version))
     ax.set(title=f"{MAP_TITLE}: {len(m.rows)} of {m.total} objects, {model}",
            xlabel=f"PC1 ({pc1:.1f} % of variance)", ylabel=f"PC2 ({pc2:.1f} % of variance)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    # handles and labels given: a label starting with "_" would otherwise be left out
+    ax.legend(ax.collections, [c.get_label() for c in ax.collections], fontsize=7, loc="best")
     plotted: dict[str, list] = {"labels": [], "x": [], "y": []}
     for collection in ax.collections:
         for x, y in collection.get_offsets():
@@ -385,22 +483,25 @@ def render_plots(results: Mapping[str, Rows], out: Path) -> list[Plot]:
     """Write every plot that has data; an empty view gets no plot (the table says so)."""
     out.mkdir(parents=True, exist_ok=True)
     plots = []
+    accuracy, versions = results["accuracy_by_label"], results["accuracy_by_model_version"]
+    confusion = results["confusion_counts"]
     series = {
         "throughput": ("Throughput per minute", throughput_series(results["throughput_per_minute"]),
-                       plot_throughput),
-        "latency_cdf": ("Latency CDF", latency_cdf(results["latency_distribution"]), plot_latency_cdf),
-        "accuracy": ("Accuracy by label", accuracy_bars(results["accuracy_by_label"]), plot_accuracy),
-        "accuracy_by_version": ("Top-1 accuracy by model version",
-                                version_steps(results["accuracy_by_model_version"]),
-                                plot_accuracy_by_version),
-        "confusion": ("Confusion heatmap", confusion_matrix(results["confusion_counts"]),
-                      plot_confusion),
+                       plot_throughput, ""),
+        "latency_cdf": ("Latency CDF", latency_cdf(results["latency_distribution"]),
+                        plot_latency_cdf, ""),
+        "accuracy": ("Accuracy by label", accuracy_bars(accuracy), plot_accuracy,
+                     accuracy_note(accuracy)),
+        "accuracy_by_version": ("Top-1 accuracy by model version", version_steps(versions),
+                                plot_accuracy_by_version, versions_note(versions)),
+        "confusion": ("Confusion heatmap", confusion_matrix(confusion), plot_confusion,
+                      confusion_note(confusion)),
     }
-    for name, (title, data, draw) in series.items():
+    for name, (title, data, draw, caption) in series.items():
         if not data[0]:
             continue
         path = out / f"{name}.png"
-        plots.append(Plot(name, title, path, draw(*data, path)))
+        plots.append(Plot(name, title, path, draw(*data, path), caption))
     return plots
 
 
@@ -427,16 +528,24 @@ def shown_rows(view: str, rows: Rows) -> Rows:
 
 
 def table_cells(rows: Rows) -> tuple[list[str], list[list[str]]]:
+    """Column names and each value as text; strings are the views' (so an uploader's label
+    or a bundle's name): each medium shows them through its own helper in display."""
     columns = list(rows[0]) if rows else []
     return columns, [[format_value(r[c]) for c in columns] for r in rows]
 
 
+def markdown_cell(value: Any) -> str:
+    """A string from a view escaped for Markdown; our own formatting of numbers and times
+    (``0.123``, ``07:00``) needs none."""
+    return markdown(value) if isinstance(value, str) else format_value(value)
+
+
 def markdown_table(rows: Rows) -> str:
-    columns, cells = table_cells(rows)
+    columns = list(rows[0]) if rows else []
     if not columns:
         return "_no rows_"
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
+    lines += ["| " + " | ".join(markdown_cell(r[c]) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -453,7 +562,9 @@ def markdown_report(results: Mapping[str, Rows], plots: Sequence[Plot], settings
              "trained bundle's labels (`not_a_model_label`) are reported unscored "
              "(accuracy n/a), not as wrong. The confusion heatmap puts each true label's own "
              "class on the diagonal; accuracy by model version shows a model swap as a step."]
+    map_text = markdown(map_text, limit=2000)  # names a bundle's model and version
     parts += [f"## {p.title}\n\n![{p.title}]({p.path.name})"
+              + (f"\n\n_{markdown(p.caption)}_" if p.caption else "")
               + (f"\n\n{map_text}" if p.name == "embedding_map" and map_text else "")
               for p in plots]
     if map_text and not any(p.name == "embedding_map" for p in plots):
@@ -472,7 +583,7 @@ def print_tables(results: Mapping[str, Rows], console: Console, max_rows: int = 
         for c in columns or ["(no rows)"]:
             table.add_column(c, overflow="fold")
         for row in cells[:max_rows]:
-            table.add_row(*row)
+            table.add_row(*map(terminal, row))
         if len(cells) > max_rows:
             table.caption = f"{len(cells) - max_rows} more rows in report.md"
         console.print(table)
@@ -537,9 +648,12 @@ def run_report(args: argparse.Namespace) -> int:
                                             getattr(args, "map_sample", None) or MAP_SAMPLE)
     console = Console()
     print_tables(results, console, getattr(args, "max_rows", 30))
-    console.print(map_text, markup=False)
+    console.print(terminal(map_text, limit=2000))
     page, plots = write_report(results, settings, Path(args.out), embedding_map=emb_map,
                                map_text=map_text)
-    console.print(f"wrote {page} and {len(plots)} plot(s): "
-                  + ", ".join(p.path.name for p in plots))
+    for p in plots:
+        if p.caption:
+            console.print(terminal(f"{p.title}: {p.caption}"))
+    console.print(terminal(f"wrote {page} and {len(plots)} plot(s): "
+                           + ", ".join(p.path.name for p in plots), limit=2000))
     return 0
