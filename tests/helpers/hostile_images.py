@@ -46,6 +46,13 @@ def progressive_jpeg(width: int, height: int, scans: int) -> bytes:
             + b"\xff\xd9")
 
 
+def multiscan_jpeg(width: int, height: int) -> bytes:
+    """A sequential (SOF0) JPEG whose three components come in three scans: libjpeg keeps the
+    same whole-image coefficient buffer as for a progressive one."""
+    scans = b"".join(_segment(0xDA, bytes([1, i + 1, 0]) + b"\x00\x3f\x00") for i in range(3))
+    return b"\xff\xd8" + _DQT + _sof(width, height, 0xC0) + _DHT + scans + b"\xff\xd9"
+
+
 def marker_flood_jpeg(markers: int) -> bytes:
     """A 16 x 16 baseline JPEG behind ``markers`` empty comment segments (4 bytes each), which
     PIL parses one by one in Python (about 0.2 s a MB)."""
@@ -84,6 +91,22 @@ def chunk_flood_png(chunks: int, kind: bytes = b"zzZz", width: int = 16, height:
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + body + _chunk(b"IEND", b"")
 
 
+# --------------------------------------------------------------------------- GIF
+
+
+def extension_flood_gif(extensions: int) -> bytes:
+    """A small GIF with ``extensions`` one-byte comment extensions (5 bytes each) before its
+    first image: PIL reads each in Python (about 0.1 s a MB)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("P", (16, 16), 1).save(buf, "GIF")
+    data = buf.getvalue()
+    flags = data[10]
+    start = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+    return data[:start] + b"\x21\xfe\x01a\x00" * extensions + data[start:]
+
+
 # --------------------------------------------------------------------------- transcoding
 
 
@@ -100,8 +123,10 @@ MiB = 1024 * 1024
 STREAM_UPLOADS: list[tuple[str, bytes, dict, str]] = [
     ("hostile/progressive-300-scans.jpg", progressive_jpeg(3000, 3000, 300), {}, "too_large"),
     ("hostile/progressive-8000x8000.jpg", progressive_jpeg(8000, 8000, 1), {}, "too_large"),
-    ("hostile/comment-flood.jpg", marker_flood_jpeg(2000), {}, "too_large"),
-    ("hostile/chunk-flood.png", chunk_flood_png(2000), {}, "too_large"),
+    ("hostile/multiscan-6000x6000.jpg", multiscan_jpeg(6000, 6000), {}, "too_large"),
+    ("hostile/comment-flood.jpg", marker_flood_jpeg(10_001), {}, "too_large"),  # 40 KB
+    ("hostile/chunk-flood.png", chunk_flood_png(10_001), {}, "too_large"),  # 120 KB
+    ("hostile/extension-flood.gif", extension_flood_gif(10_001), {}, "too_large"),  # 50 KB
     ("hostile/gzip-4MiB.jpg", gzip_expanding(4 * MiB), {"content_encoding": "gzip"},
      "too_large"),
 ]
