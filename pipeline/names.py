@@ -209,6 +209,7 @@ RANGES: dict[str, Range] = {
     # https://cloud.google.com/pubsub/docs/lease-management
     "ack_deadline_seconds": Range(10, 600, "Pub/Sub's ack deadline is 10-600 s"),
     "max_messages_per_batch": Range(1),
+    "max_buffered_bytes": Range(0, low_open=True),
     "num_partitions": Range(0, why="0 = Spark's default parallelism"),
     "batch_size": Range(1),
     "torch_threads": Range(0, why="0 = one per Spark worker, all cores elsewhere"),

@@ -9,6 +9,7 @@ import copy
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from deploy import iam, provision
 from deploy.__main__ import main as deploy_main
 from pipeline import catalog, clients, sink
 from pipeline.config import Settings
-from tests.helpers.scripts import ABSENT, DATAPROC, FAKE_GCLOUD_DIR, ROOT, run_script
+from tests.helpers.scripts import ABSENT, CLUSTER_SHAPE, DATAPROC, FAKE_GCLOUD_DIR, ROOT, run_script
 
 # --- IAM as data -----------------------------------------------------------------------------------
 
@@ -656,7 +657,7 @@ def test_create_cluster_passes_image_init_action_egress_and_identity(tmp_path) -
          "europe-west4", "--enable-private-ip-google-access")
     create = find(calls, "dataproc", "clusters", "create", "bucketlens")
     assert flag(create, "--initialization-actions") == f"{staging}/bucketlens/init_action.sh"
-    assert flag(create, "--image-version") == "3.0-debian12"
+    assert re.fullmatch(r"3\.0\.\d+-(debian13|ubuntu24|rocky9)", flag(create, "--image-version"))
     assert flag(create, "--service-account") == sa and flag(create, "--scopes") == "cloud-platform"
     assert flag(create, "--bucket") == flag(create, "--temp-bucket") == "p1-bucketlens-dataproc"
     assert flag(create, "--subnet") == "default" and "--public-ip-address" not in create
@@ -698,7 +699,8 @@ def test_create_cluster_with_public_ips_makes_no_nat(tmp_path) -> None:
                              "--public-ip-address", "yes", tmp_path=tmp_path, responses=FRESH)
     assert proc.returncode == 0, proc.stderr
     assert "--public-ip-address" in find(calls, "dataproc", "clusters", "create")
-    assert not [c for c in calls if c[0] == "compute"]
+    # no router, NAT or subnet change; the intra-cluster firewall rule is not about egress
+    assert not [c for c in calls if c[0] == "compute" and c[1] != "firewall-rules"]
 
 
 def test_create_cluster_leaves_an_existing_cluster_alone(tmp_path) -> None:
@@ -765,7 +767,7 @@ ACCEPTED = [
 def test_every_listed_flag_is_accepted(tmp_path, args, command, name, value) -> None:
     proc, calls = run_script(*args, tmp_path=tmp_path, responses={"dataproc clusters describe": ABSENT,
                                                                    "compute routers describe": ABSENT}
-                             if args[0] == "create_cluster.sh" else None)
+                             if args[0] == "create_cluster.sh" else CLUSTER_SHAPE)
     assert proc.returncode == 0, proc.stderr
     assert flag(find(calls, *command), name) == value
 
@@ -797,7 +799,7 @@ FORWARDING = [
 
 @pytest.mark.parametrize(("args", "env", "expected"), FORWARDING)
 def test_submit_job_forwards_only_settings_fields(tmp_path, args, env, expected) -> None:
-    proc, calls = run_script(*SUBMIT, *args, tmp_path=tmp_path, env=env)
+    proc, calls = run_script(*SUBMIT, *args, tmp_path=tmp_path, env=env, responses=CLUSTER_SHAPE)
     assert proc.returncode == 0, proc.stderr
     submit = find(calls, "dataproc", "jobs", "submit", "pyspark")
     props = set(flag(submit, "--properties")[3:].split("|"))
@@ -821,7 +823,8 @@ def test_scripts_refuse_a_shell_pointed_at_the_local_stack(tmp_path, var) -> Non
 def test_submit_job_runs_bucketlens_with_a_gcs_checkpoint_and_forwards_settings(tmp_path) -> None:
     proc, calls = run_script(
         "submit_job.sh", "--project", "p1", "--region", "r1", "--bucket", "imgs", "--prefix", "up/",
-        "--", "--trigger-seconds", "5", tmp_path=tmp_path, env={"BUCKETLENS_DATASET": "ds1"})
+        "--", "--trigger-seconds", "5", tmp_path=tmp_path, env={"BUCKETLENS_DATASET": "ds1"},
+        responses=CLUSTER_SHAPE)
     assert proc.returncode == 0, proc.stderr
     submit = find(calls, "dataproc", "jobs", "submit", "pyspark")
     assert submit[4] == str(DATAPROC / "bucketlens_job.py") and flag(submit, "--cluster") == "bucketlens"
@@ -865,6 +868,137 @@ def test_teardown_is_idempotent_and_deletes_staging_and_nat_only_when_asked(tmp_
     proc, calls = run_script("teardown.sh", "--project", "p1", "--region", "r1", "--delete-nat-router",
                              "yes", tmp_path=tmp_path, responses={**gone, "compute routers describe": ABSENT})
     assert proc.returncode == 0 and not [c for c in calls if "delete" in c]
+
+
+# --- --dry-run, parallelism, Serverless, networks (issue 25) ----------------------------------------
+
+IMAGE = "us-central1-docker.pkg.dev/p1/bucketlens/job:0.1.0"
+BATCH = ("submit_batch.sh", "--project", "p1", "--region", "r1", "--container-image", IMAGE)
+# (script and arguments, the fake gcloud's answers for the same run without --dry-run: a fresh
+# project for create_cluster.sh, everything present for teardown.sh)
+DRY_RUNS = [
+    (("create_cluster.sh", *BASE, "--package", "bucketlens==0.1.0"),
+     {**FRESH, "compute firewall-rules describe": ABSENT}),
+    (("create_cluster.sh", *BASE, "--package", "bucketlens==0.1.0", "--public-ip-address", "yes"),
+     {**FRESH, "compute firewall-rules describe": ABSENT}),
+    (("submit_job.sh", *BASE, "--bucket", "imgs", "--", "--trigger-seconds", "5"), CLUSTER_SHAPE),
+    ((*BATCH, "--bucket", "imgs", "--subnet", "s1", "--", "--trigger-seconds", "5"), {}),
+    (("teardown.sh", *BASE, "--delete-staging-bucket", "yes", "--delete-nat-router", "yes",
+      "--delete-firewall-rule", "yes"), {}),
+]
+
+
+def with_dry_run(args: tuple[str, ...]) -> tuple[str, ...]:
+    """``args`` with ``--dry-run`` among the script's flags (before a ``--``)."""
+    at = args.index("--") if "--" in args else len(args)
+    return (*args[:at], "--dry-run", *args[at:])
+
+
+def dry_run(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> list[list[str]]:
+    """The lines ``--dry-run`` prints, split as a shell would; it must call no gcloud at all."""
+    proc, calls = run_script(*with_dry_run(args), tmp_path=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert calls == [], "--dry-run ran gcloud"
+    lines = proc.stdout.splitlines()
+    assert lines and all(line.startswith("gcloud ") for line in lines), proc.stdout
+    return [shlex.split(line)[1:] for line in lines]
+
+
+@pytest.mark.parametrize(("args", "responses"), DRY_RUNS, ids=[" ".join(a[:1] + a[-2:]) for a, _ in DRY_RUNS])
+def test_dry_run_prints_exactly_the_gcloud_lines_a_run_would_run(tmp_path, args, responses) -> None:
+    printed = dry_run(tmp_path, *args)
+    proc, calls = run_script(*args, tmp_path=tmp_path, responses=responses)
+    assert proc.returncode == 0, proc.stderr
+    assert printed == calls  # submit_job.sh: CLUSTER_SHAPE is create_cluster.sh's default
+
+
+def test_dry_run_needs_no_gcloud_at_all(tmp_path) -> None:
+    env = {"PATH": "/usr/bin:/bin"}  # no gcloud, fake or real
+    for args, _ in DRY_RUNS:
+        proc, _ = run_script(*with_dry_run(args), tmp_path=tmp_path, env=env)
+        assert proc.returncode == 0 and proc.stdout.startswith("gcloud "), (args, proc.stderr)
+
+
+def test_create_cluster_dry_run_shows_a_ga_image_pinned_to_a_subminor_version(tmp_path) -> None:
+    (create,) = [c for c in dry_run(tmp_path, *CREATE) if c[:3] == ["dataproc", "clusters", "create"]]
+    assert re.fullmatch(r"3\.0\.[0-9]+-(debian13|ubuntu24|rocky9)", flag(create, "--image-version"))
+
+
+@pytest.mark.parametrize(("shape", "args", "expected"), [
+    ("3\thttps://x/zones/z/machineTypes/n2-standard-16\n", (), (3, 16, "48")),
+    ("4\tn2-custom-6-23040\n", (), (4, 6, "24")),
+    ("2\tn2-standard-8\n", ("--num-partitions", "5"), (2, 8, "5")),
+])
+def test_submit_job_runs_the_stream_on_every_worker_vcpu_without_dynamic_allocation(
+        tmp_path, shape, args, expected) -> None:
+    proc, calls = run_script(*SUBMIT, *args, tmp_path=tmp_path,
+                             responses={"dataproc clusters describe": {"stdout": shape}})
+    assert proc.returncode == 0, proc.stderr
+    props = set(flag(find(calls, "dataproc", "jobs", "submit"), "--properties")[3:].split("|"))
+    workers, vcpus, partitions = expected
+    assert {"spark.dynamicAllocation.enabled=false", f"spark.executor.instances={workers}",
+            f"spark.executor.cores={vcpus}",
+            f"spark.yarn.appMasterEnv.BUCKETLENS_NUM_PARTITIONS={partitions}",
+            f"spark.executorEnv.BUCKETLENS_NUM_PARTITIONS={partitions}"} <= props
+
+
+def test_submit_job_refuses_a_cluster_whose_shape_it_cannot_read(tmp_path) -> None:
+    proc, calls = run_script(*SUBMIT, tmp_path=tmp_path,
+                             responses={"dataproc clusters describe": ABSENT})
+    assert proc.returncode == 2 and "cannot tell the workers and vCPUs" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not [c for c in calls if c[:3] == ["dataproc", "jobs", "submit"]]
+
+
+def test_serverless_forwards_every_settings_variable_and_runs_as_the_service_account(tmp_path) -> None:
+    settings_env = {f"BUCKETLENS_{f.name.upper()}": v for f, v in zip(fields(Settings), (
+        "my-proj", "my-images", "up/", "t1", "s1", "d1", "ds1", "tb1", "dl1", "ev1"), strict=False)}
+    settings_env.update(BUCKETLENS_TOP_K="3", BUCKETLENS_SINK_MODE="merge", BUCKETLENS_MODEL="m",
+                        BUCKETLENS_MAX_DELIVERY_ATTEMPTS="7", BUCKETLENS_EMBEDDINGS="1")
+    env = {**settings_env, "BUCKETLENS_GITHUB_TOKEN": "s3cret", "BUCKETLENS_CLUSTER": "c9"}
+    (line,) = dry_run(tmp_path, "submit_batch.sh", "--region", "r1", "--container-image", IMAGE,
+                      env=env)
+    assert line[:4] == ["dataproc", "batches", "submit", "pyspark"]
+    assert flag(line, "--user-workload-authentication-type") == "SERVICE_ACCOUNT"
+    assert flag(line, "--service-account") == "bucketlens-job@my-proj.iam.gserviceaccount.com"
+    assert flag(line, "--container-image") == IMAGE and flag(line, "--version") == "3.0"
+    props = flag(line, "--properties")
+    assert props.startswith("^|^")
+    props = dict(p.split("=", 1) for p in props[3:].split("|"))
+    for name, value in {**settings_env, "BUCKETLENS_REGION": "r1"}.items():
+        assert props[f"spark.dataproc.driverEnv.{name}"] == value, name
+        assert props[f"spark.executorEnv.{name}"] == value, name
+    assert props["spark.dynamicAllocation.enabled"] == "false"
+    assert props["spark.executorEnv.BUCKETLENS_NUM_PARTITIONS"] == "8"  # 2 executors × 4 cores
+    assert not [k for k in props if "GITHUB_TOKEN" in k or "BUCKETLENS_CLUSTER" in k]
+    assert line[line.index("--") + 1:] == ["run", "--checkpoint",
+                                           "gs://my-proj-bucketlens-dataproc/checkpoints/tb1"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (BATCH[:-2], "missing --container-image"),
+    ((*BATCH, "--network", "n1", "--subnet", "s1"), "not both"),
+    ((*BATCH, "--executor-cores", "3"), "4, 8 or 16"),
+    ((*BATCH, "--executors", "1"), "at least 2"),
+    ((*BATCH, "--runtime-version", "2.2"), "needs Spark 4"),
+    ((*BATCH, "--bucket", "imgs", "--checkpoint", "gs://imgs/ck"), "would classify its own checkpoint"),
+])
+def test_submit_batch_refuses_bad_arguments_in_one_line(tmp_path, args, message) -> None:
+    proc, calls = run_script(*args, tmp_path=tmp_path)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and calls == []
+
+
+def test_a_cluster_on_another_network_gets_its_intra_cluster_firewall_rule(tmp_path) -> None:
+    lines = dry_run(tmp_path, *CREATE, "--network", "vpc1", "--subnet", "vpc1-r")
+    rule = find(lines, "compute", "firewall-rules", "create", "bucketlens-internal")
+    assert flag(rule, "--network") == "vpc1" and flag(rule, "--direction") == "INGRESS"
+    assert flag(rule, "--source-tags") == flag(rule, "--target-tags") == "bucketlens"
+    assert set(flag(rule, "--allow").split(",")) == {"tcp", "udp", "icmp"}
+    create = find(lines, "dataproc", "clusters", "create")
+    assert flag(create, "--subnet") == "vpc1-r" and flag(create, "--tags") == "bucketlens"
+    assert flag(find(lines, "compute", "routers", "create"), "--network") == "vpc1"
+    assert lines.index(rule) < lines.index(create)
 
 
 # --- the init action, against a fake node layout -----------------------------------------------------
@@ -1008,7 +1142,8 @@ def test_scripts_pass_shellcheck() -> None:
 
 
 def test_scripts_are_executable_and_strict() -> None:
-    for script in ("create_cluster.sh", "submit_job.sh", "teardown.sh", "init_action.sh"):
+    for script in ("create_cluster.sh", "submit_job.sh", "submit_batch.sh", "teardown.sh",
+                   "init_action.sh"):
         path = DATAPROC / script
         assert os.access(path, os.X_OK), f"{script} is not executable"
         assert "set -euo pipefail" in path.read_text()

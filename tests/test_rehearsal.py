@@ -37,7 +37,7 @@ from tests.helpers.tables import counts
 pytestmark = [pytest.mark.integration, pytest.mark.spark, pytest.mark.rehearsal]
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_GCLOUD_DIR = Path(__file__).resolve().parent / "fake_gcloud"
-DATAPROC_SPARK = "4.1.2"  # Dataproc image 3.0.1/3.0.2 (3.0.0: 4.1.1)
+DATAPROC_SPARK = "4.1.2"  # Dataproc images 3.0.0-3.0.2 (3.0.0-RC2: 4.1.1)
 SHIPPED_DATA = ("schemas/predictions.json", "schemas/dead_letters.json",
                 "schemas/object_events.json", "schemas/class_mapping.json",
                 "schemas/views/class_mapping.sql", "schemas/views/latest_generation.sql")
@@ -100,9 +100,13 @@ def _clean_env(**extra: str) -> dict[str, str]:
 
 def submitted(settings: Settings, tmp_path: Path) -> dict:
     """What submit_job.sh hands to ``gcloud dataproc jobs submit pyspark``."""
-    log = tmp_path / "gcloud.jsonl"
+    log, responses = tmp_path / "gcloud.jsonl", tmp_path / "gcloud-responses.json"
+    # the cluster's shape sets the parallelism: 2 one-vCPU workers, like local-cluster[2,1,…]
+    responses.write_text(json.dumps({"dataproc clusters describe": {
+        "stdout": "2\thttps://www.googleapis.com/compute/v1/projects/p/zones/z/machineTypes/n1-standard-1\n"}}))
     env = _clean_env(PATH=f"{FAKE_GCLOUD_DIR}{os.pathsep}{os.environ['PATH']}",
-                     FAKE_GCLOUD_LOG=str(log), BUCKETLENS_TRIGGER_SECONDS="1",
+                     FAKE_GCLOUD_LOG=str(log), FAKE_GCLOUD_RESPONSES=str(responses),
+                     BUCKETLENS_TRIGGER_SECONDS="1",
                      BUCKETLENS_MAX_MESSAGES_PER_BATCH="40")
     subprocess.run(
         ["bash", str(ROOT / "deploy/dataproc/submit_job.sh"), "--project", settings.project,

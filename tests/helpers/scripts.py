@@ -12,6 +12,9 @@ DATAPROC = ROOT / "deploy" / "dataproc"
 FAKE_GCLOUD_DIR = ROOT / "tests" / "fake_gcloud"
 EMULATOR_VARS = ("STORAGE_EMULATOR_HOST", "PUBSUB_EMULATOR_HOST")
 ABSENT = {"rc": 1, "stderr": "ERROR: NOT_FOUND"}  # gcloud's answer for a missing resource
+# `gcloud dataproc clusters describe --format value(...)` for submit_job.sh: 2 × n2-standard-8
+CLUSTER_SHAPE = {"dataproc clusters describe": {
+    "stdout": "2\thttps://www.googleapis.com/compute/v1/projects/p/zones/r-a/machineTypes/n2-standard-8\n"}}
 
 
 def run_script(name: str, *args: str, tmp_path: Path, responses: dict | None = None,
