@@ -65,9 +65,10 @@ _BYTES_PER_PIXEL = 4
 # - JPEG scans. A progressive (or multi-scan) JPEG makes libjpeg keep a whole-image DCT
 #   coefficient buffer (2 bytes a coefficient, jdcoefct.c) and pass over it once per scan, even
 #   an empty one: a 221-byte 8000 x 8000 header held 371 MB, 300 empty scans took 3.5 s. The
-#   buffer is charged to MAX_DECODED_BYTES with the bitmap (pil_draft's 1/8 scale shrinks only
-#   the bitmap: the coefficients are full size), and scans are counted before decoding. Real
-#   encoders write about 10 (libjpeg's default progression) and rarely 20.
+#   buffer must fit MAX_DECODED_BYTES too (pil_draft's 1/8 scale shrinks only the bitmap: the
+#   coefficients are full size); it is freed before the tensor copy is made, so a decode still
+#   holds at most two budget-sized buffers at once. Scans are counted before decoding: real
+#   encoders write about 10 (libjpeg's default progression), rarely 20.
 # - Structure parsed one unit at a time in Python: PIL walks JPEG marker segments, PNG chunks
 #   and GIF extension sub-blocks in Python (0.1-0.25 s a MB of empty ones, so 3-8 s for a
 #   max_bytes object). They are counted by a walk that stops at the limit before PIL sees them.
@@ -75,7 +76,8 @@ _BYTES_PER_PIXEL = 4
 #   time (see ``_Metered``).
 MAX_JPEG_SCANS = 100
 MAX_BLOCKS = 10_000
-MAX_DECODE_CPU_SECONDS = 1.0
+# about 4x the slowest admitted decode measured (0.7 s: a 24 MP progressive JPEG, whole)
+MAX_DECODE_CPU_SECONDS = 3.0
 
 # max_pixels is checked against every header before decoding, which makes PIL's own warning
 # (at 89 M pixels) noise; its hard DecompressionBombError (at 179 M) still maps to TOO_LARGE.
@@ -331,15 +333,17 @@ def _open(data: bytes, max_bytes: int, max_pixels: int, max_seconds: float
 
 def check_budget(size: tuple[int, int], max_decoded_bytes: int = MAX_DECODED_BYTES,
                  coefficient_bytes: int = 0) -> None:
-    """Refuse a decode whose RGB bitmap, plus the coefficient buffer a multi-scan JPEG holds
+    """Refuse a decode whose RGB bitmap, or the coefficient buffer a multi-scan JPEG holds
     while it decodes, would exceed ``max_decoded_bytes`` (0: no budget)."""
     width, height = size
-    needed = width * height * _BYTES_PER_PIXEL + coefficient_bytes
+    needed = width * height * _BYTES_PER_PIXEL
+    if max_decoded_bytes and coefficient_bytes > max_decoded_bytes:
+        raise ImageError(TOO_LARGE, f"a multi-scan JPEG holds {coefficient_bytes} bytes of DCT "
+                                    "coefficients while it decodes, over the "
+                                    f"{max_decoded_bytes}-byte decode budget")
     if max_decoded_bytes and needed > max_decoded_bytes:
-        held = (f" ({coefficient_bytes} of them DCT coefficients of a multi-scan JPEG)"
-                if coefficient_bytes else "")
-        raise ImageError(TOO_LARGE, f"{width}x{height} pixels decode to {needed} bytes{held}, "
-                                    f"over the {max_decoded_bytes}-byte decode budget")
+        raise ImageError(TOO_LARGE, f"{width}x{height} pixels decode to {needed} bytes, over "
+                                    f"the {max_decoded_bytes}-byte decode budget")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

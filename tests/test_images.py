@@ -14,6 +14,12 @@ import torchvision
 from PIL import Image
 
 from pipeline import images
+from tests.helpers.hostile_images import (
+    chunk_flood_png,
+    extension_flood_gif,
+    marker_flood_jpeg,
+    progressive_jpeg,
+)
 
 RED = (255, 0, 0)
 BLUE = (0, 0, 255)
@@ -242,3 +248,81 @@ def test_decode_budget_counts_the_bitmap_actually_decoded() -> None:
             images.decode(big, decoder=decoder, max_decoded_bytes=budget, **LIMITS)
         assert caught.value.status == images.TOO_LARGE
     assert images.MAX_DECODED_BYTES >= 6000 * 4000 * 4  # a 24 MP PNG still decodes
+
+
+# --------------------------------------------------------------------------- decode work
+
+
+def test_jpeg_layout_reads_scans_sampling_and_the_coefficient_buffer() -> None:
+    photo = Image.fromarray(np.asarray(Image.open(io.BytesIO(photo_jpeg()))))  # 451 x 300
+    baseline = images.jpeg_layout(encode(photo, "JPEG", quality=90))
+    assert (baseline.size, baseline.scans, baseline.multi_scan) == ((451, 300), 1, False)
+    assert baseline.coefficient_bytes == 0  # libjpeg keeps one MCU row, not the image
+    progressive = images.jpeg_layout(encode(photo, "JPEG", quality=90, progressive=True))
+    assert progressive.progressive and 5 <= progressive.scans <= 20
+    assert progressive.sampling == ((2, 2), (1, 1), (1, 1))  # 4:2:0
+    # 451 x 300 in 16 x 16 MCUs: luma 58 x 38 blocks, chroma 29 x 19 each, 128 bytes a block
+    assert progressive.coefficient_bytes == (58 * 38 + 2 * 29 * 19) * 128
+
+
+@pytest.mark.parametrize("decoder", images.DECODERS)
+def test_a_real_progressive_jpeg_decodes_with_every_decoder(decoder: str) -> None:
+    data = encode(Image.open(io.BytesIO(photo_jpeg())), "JPEG", quality=90, progressive=True)
+    assert images.jpeg_layout(data).multi_scan  # torchvision's turn goes through PIL
+    image = images.decode(data, decoder=decoder, **LIMITS)
+    reference = images.decode(photo_jpeg(), decoder="pil", **LIMITS)
+    assert image.shape == reference.shape == (3, 300, 451)
+    assert (image.int() - reference.int()).abs().float().mean() < 3
+
+
+@pytest.mark.parametrize(("walk", "data", "says"), [
+    (lambda d: images.jpeg_layout(d, max_scans=4), progressive_jpeg(64, 64, 5), "4 scans"),
+    (lambda d: images.jpeg_layout(d, max_blocks=30), marker_flood_jpeg(30), "30 marker"),
+    (lambda d: images.check_png_chunks(d, max_blocks=20), chunk_flood_png(20), "20 chunks"),
+    (lambda d: images.check_png_chunks(d, max_blocks=20), chunk_flood_png(20, b"IDAT"),
+     "20 chunks"),
+    (lambda d: images.check_gif_blocks(d, max_blocks=20), extension_flood_gif(11), "20 ext"),
+], ids=["jpeg scans", "jpeg markers", "png chunks", "png empty IDATs", "gif extensions"])
+def test_structure_walks_stop_at_their_limit(walk, data: bytes, says: str) -> None:
+    with pytest.raises(images.ImageError, match=says) as caught:
+        walk(data)
+    assert caught.value.status == images.TOO_LARGE
+
+
+def test_structure_walks_pass_what_encoders_write() -> None:
+    assert images.check_structure(encode(two_tone(), "JPEG", progressive=True)) is not None
+    for data in (encode(two_tone(), "PNG"), animated_gif(), encode(two_tone(), "GIF", comment=b"x" * 9000),
+                 extension_flood_gif(4_000), chunk_flood_png(9_000)):
+        assert images.check_structure(data) is None
+
+
+class TickingClock:
+    """``time`` for pipeline.images whose thread CPU clock moves 10 ms at every look."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def thread_time(self) -> float:
+        self.now += 0.01
+        return self.now
+
+
+def test_cpu_time_limit_stops_the_decoder_part_way(monkeypatch) -> None:
+    noisy = np.random.default_rng(3).integers(0, 256, (900, 900, 3), dtype=np.uint8)
+    data = encode(Image.fromarray(noisy), "PNG")  # 2.4 MB: about 37 of PIL's 64 KB reads
+    reads: list[int] = []
+    original = images._Metered.read
+
+    def counted(self, size=-1):  # type: ignore[no-untyped-def]
+        reads.append(self.tell())
+        return original(self, size)
+
+    monkeypatch.setattr(images, "time", TickingClock())
+    monkeypatch.setattr(images._Metered, "read", counted)
+    with pytest.raises(images.ImageError, match="more than 0.1 s of CPU time") as caught:
+        images.decode(data, max_seconds=0.1, **LIMITS)
+    assert caught.value.status == images.TOO_LARGE
+    assert max(reads) < len(data) // 2  # stopped where it was, not after the whole image
+    reads.clear()
+    assert images.decode(data, max_seconds=10, **LIMITS).shape == (3, 900, 900)
+    assert max(reads) > len(data) // 2
