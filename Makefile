@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 COMPAT_SPARK ?= 4.0.0 4.1.2
 COMPAT_VENVS := $(foreach v,$(COMPAT_SPARK),.venv-spark$(v))
 
-.PHONY: venv compat demo test test-compat lint bench clean
+.PHONY: venv compat demo test test-compat lint bench clean chromium
 
 venv: $(VENV)/.installed
 
@@ -31,11 +31,11 @@ $(VENV)/.installed: pyproject.toml
 compat: $(foreach d,$(COMPAT_VENVS),$(d)/.installed)
 
 demo: venv
-	$(VENV)/bin/bucketlens demo
+	$(VENV)/bin/bucketlens demo --keep
 
 # The compat reruns go alongside the main suite (its log is printed after it): most of both is
 # waiting on emulators, triggers and leases, so together they take little more than the longer.
-test: venv compat
+test: venv compat chromium
 	$(VENV)/bin/ruff check .
 	@mkdir -p .bucketlens
 	@$(MAKE) --no-print-directory test-compat > .bucketlens/test-compat.log 2>&1 & compat=$$!; \
@@ -50,6 +50,14 @@ test-compat: compat
 		echo "== $$d: pytest -m compat"; \
 		$$d/bin/python -m pytest -ra -m compat -p no:cacheprovider $(PYTEST_ARGS) || exit 1; \
 	done
+
+# The dashboard's test drives a real headless Chromium (and its WebDriver) from the
+# distribution's packages; installed when missing and we may (root), else that test skips.
+chromium:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null \
+		|| { test "$$(id -u)" -eq 0 && apt-get update -qq \
+		     && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+		|| echo "chromium: not installed (needs root and apt-get); the dashboard's browser test skips"
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -46,7 +46,7 @@ def _demo(args: argparse.Namespace) -> int:
     from deploy import demo
 
     summary = demo.run(images=args.images, rate=args.rate, timeout=args.timeout,
-                       run_dir=Path(args.run_dir), model=args.model)
+                       run_dir=Path(args.run_dir), model=args.model, keep=args.keep)
     print(json.dumps(summary))
     return 0 if summary["rows"] == summary["distinct_keys"] == summary["uploaded"] else 1
 
@@ -69,13 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     loc.set_defaults(func=_local)
 
     demo = sub.add_parser("demo", help="the whole flow on the local stack, end to end",
-                          description="local up → replay sample photos → stream → SQL → local down.")
+                          description="local up → replay sample photos → stream → SQL → local down "
+                                      "(or, with --keep, what to run next).")
     demo.add_argument("--images", type=int, default=60, help="uploads to make (default %(default)s)")
     demo.add_argument("--rate", type=float, default=10.0, help="uploads per second")
     demo.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for rows")
     demo.add_argument("--run-dir", default=".bucketlens/demo", help="stack state directory")
     demo.add_argument("--model", help="model name, bundle or model location (default: the "
                                       "offline efficientnet_lite0)")
+    demo.add_argument("--keep", action="store_true",
+                      help="leave the stack and its rows up afterwards, for status, sql, "
+                           "dashboard and report (stop it with `bucketlens local down --run-dir DIR`)")
     demo.set_defaults(func=_demo)
 
     job_cli.add_lazy_command(sub, "produce", "producer.cli", "add_produce_parser", "run_produce")

@@ -1,8 +1,9 @@
 """``bucketlens demo``: the whole product on the embedded local stack, in one command.
 
 local up → replay the bundled sample photos → stream until every upload is a row (or the
-timeout) → print what the model saw → local down. The last stdout line (printed by the CLI)
-is one JSON object: uploaded, rows, distinct_keys, errors, seconds.
+timeout) → print what the model saw → local down, or with ``keep`` leave the stack and its rows
+up and say what to run next (``status``, ``sql``, ``dashboard``, ``report``). The last stdout
+line (printed by the CLI) is one JSON object: uploaded, rows, distinct_keys, errors, seconds.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def counts(bq, settings: Settings) -> tuple[int, int, int]:
 
 
 def run(images: int = 60, rate: float = 10.0, timeout: float = 600.0,
-        run_dir: Path = Path(".bucketlens/demo"), model: str | None = None) -> dict:
+        run_dir: Path = Path(".bucketlens/demo"), model: str | None = None,
+        keep: bool = False) -> dict:
     started = time.monotonic()
     console.rule("[bold]bucketlens demo")
     console.print(f"starting the local stack in {run_dir} …")
@@ -54,9 +56,28 @@ def run(images: int = 60, rate: float = 10.0, timeout: float = 600.0,
     try:
         with localstack.environment(state.env()):
             summary = _stream_samples(Settings.from_env(model=model), images, rate, timeout)
-    finally:
+    except BaseException:
+        localstack.down(run_dir)
+        raise
+    if keep:
+        console.print(next_steps(run_dir))
+    else:
         localstack.down(run_dir)
     return {**summary, "seconds": round(time.monotonic() - started, 1)}
+
+
+def next_steps(run_dir: Path) -> str:
+    """What to run against the stack ``--keep`` left up (pure)."""
+    env = f'eval "$(bucketlens local env --run-dir {run_dir})"'
+    return "\n".join([
+        f"The local stack is still up in {run_dir}, with the demo's rows. Next:",
+        f"  {env}",
+        '  bucketlens sql "SELECT top1_label, COUNT(*) AS n FROM predictions GROUP BY 1 ORDER BY n DESC"',
+        "  bucketlens status",
+        "  bucketlens dashboard             # http://127.0.0.1:8000",
+        "  bucketlens produce --sample --rate 2 --limit 20 & bucketlens run   # more uploads, live",
+        f"  bucketlens local down --run-dir {run_dir}    # when done",
+    ])
 
 
 def _stream_samples(settings: Settings, images: int, rate: float, timeout: float) -> dict:
