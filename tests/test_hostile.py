@@ -27,6 +27,7 @@ from pipeline import images, stream
 from pipeline.config import Settings
 from pipeline.names import InvalidName, InvalidSetting
 from pipeline.sink import EVENT_KEY, build_row, dead_letter_record, event_record, to_ndjson
+from tests.helpers import hostile_images as hi
 from tests.helpers.hostile import BUCKET, NOTIFICATIONS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -374,6 +375,22 @@ IMAGES: list[tuple[str, object, str, str]] = [
     ("50,000 x 1 strip", lambda: png(50_000, 1), images.TOO_LARGE, "aspect ratio"),
     ("PNG signature, garbage header", lambda: b"\x89PNG\r\n\x1a\n" + b"\x00" * 64,
      images.CORRUPT, "unreadable header"),
+    # decode cost beyond the caps (issue 24, item 1): work a decoder does per scan, segment,
+    # chunk or block, which pixel and byte limits never see. Each decoded "ok" before.
+    ("progressive 8000 x 8000 header, one scan (150 B)",
+     lambda: hi.progressive_jpeg(8000, 8000, 1), images.TOO_LARGE, "DCT coefficients"),
+    ("sequential JPEG in three scans, 6000 x 6000 (166 B)",
+     lambda: hi.multiscan_jpeg(6000, 6000), images.TOO_LARGE, "DCT coefficients"),
+    ("progressive 3000 x 3000, 300 empty scans (4 KB)",
+     lambda: hi.progressive_jpeg(3000, 3000, 300), images.TOO_LARGE, "more than 100 scans"),
+    ("JPEG behind 12,000 empty comments (48 KB)", lambda: hi.marker_flood_jpeg(12_000),
+     images.TOO_LARGE, "marker segments"),
+    ("PNG with 12,000 unknown ancillary chunks (144 KB)", lambda: hi.chunk_flood_png(12_000),
+     images.TOO_LARGE, "more than 10000 chunks"),
+    ("PNG with 12,000 empty IDAT chunks (144 KB)",
+     lambda: hi.chunk_flood_png(12_000, b"IDAT"), images.TOO_LARGE, "more than 10000 chunks"),
+    ("GIF behind 6,000 comment extensions (30 KB)", lambda: hi.extension_flood_gif(6_000),
+     images.TOO_LARGE, "extension blocks"),
 ]
 
 
@@ -422,4 +439,25 @@ def test_bucketlens_classify_refuses_decompression_bombs_in_time_and_memory(tmp_
           f" seconds: strip {t1 - t0:.3f}, rgba {t2 - t1:.3f}, photo {photo_seconds:.3f}")
     assert t1 - t0 <= photo_seconds + EXTRA_SECONDS
     assert t2 - t1 <= photo_seconds + EXTRA_SECONDS
+    assert rss <= baseline_rss + EXTRA_RSS
+
+
+# ------ decode cost beyond the caps (issue 24, item 1)
+
+
+@pytest.mark.timeout(600)
+def test_bucketlens_classify_refuses_a_progressive_jpeg_within_2_s(tmp_path) -> None:
+    """300 empty scans over an 8000 x 8000 coefficient buffer: 4.4 KB that took libjpeg 3.5 s
+    and 371 MB, and came out ``ok``."""
+    photo, bomb, photo2 = (tmp_path / n for n in ("cat.jpg", "scans.jpg", "cat2.jpg"))
+    photo.write_bytes(small_photo())
+    photo2.write_bytes(small_photo())
+    bomb.write_bytes(hi.progressive_jpeg(8000, 8000, 300))
+    _, baseline_rss = classify_cli([photo])
+    rows, rss = classify_cli([photo, bomb, photo2])
+    (t0, first), (t1, refused), (_, last) = rows
+    assert [r["status"] for r in (first, refused, last)] == ["ok", "too_large", "ok"]
+    print(f"\nprogressive bomb: {t1 - t0:.3f} s, peak RSS {rss / 2**20:.0f} MiB "
+          f"(photo alone {baseline_rss / 2**20:.0f} MiB)")
+    assert t1 - t0 < 2.0  # the done-when's bound, from the photo's row to the bomb's
     assert rss <= baseline_rss + EXTRA_RSS
