@@ -52,7 +52,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = job_cli.Parser(
         prog="bucketlens",
         description="Classify images as they land in Google Cloud Storage.",
         epilog='Quick start: `bucketlens demo`. Flags default to BUCKETLENS_* variables; '
@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     job_cli.add_lazy_command(sub, "produce", "producer.cli", "add_produce_parser", "run_produce")
     job_cli.add_job_commands(sub, extend={"train": _add_train_download})
+    job_cli.add_global_flags(p)
     return p
 
 

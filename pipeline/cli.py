@@ -20,7 +20,7 @@ import sys
 import threading
 from collections.abc import Callable, Mapping
 from datetime import date, datetime
-from typing import get_type_hints
+from typing import NoReturn, get_type_hints
 
 from pipeline.config import ENV_PREFIX, Settings
 from pipeline.errors import UserError
@@ -81,12 +81,19 @@ def _serve(query) -> int:
     return 0
 
 
-def runner(target: str) -> Callable[[argparse.Namespace], int]:
+def runner(target: str, command: str = "") -> Callable[[argparse.Namespace], int]:
     """``module:function``, imported only when the command runs: building the parser imports
-    nothing heavy (torch, Spark, the Google clients), so ``--help`` answers at once."""
+    nothing heavy (torch, Spark, the Google clients), so ``--help`` answers at once. The
+    command's usage checks (``pipeline.usage``) run first, so mistakes are told before torch
+    or Spark load."""
     module, _, name = target.partition(":")
 
     def run(args: argparse.Namespace) -> int:
+        if command:
+            from pipeline.usage import CHECKS
+
+            if check := CHECKS.get(command):
+                check(args)
         return getattr(importlib.import_module(module), name)(args)
 
     run.target = target  # type: ignore[attr-defined]
@@ -100,6 +107,16 @@ def positive_int(raw: str) -> int:
     return value
 
 
+def positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {raw}")
+    return value
+
+
+positive_float.__name__ = "number"
+
+
 def since(raw: str) -> datetime:
     try:
         return parse_since(raw)
@@ -108,6 +125,39 @@ def since(raw: str) -> datetime:
 
 
 since.__name__ = "time"  # argparse names the type in its error messages
+
+
+def since_day(raw: str) -> date:
+    """The UTC day of ``since``: compact works on whole day partitions."""
+    return since(raw).date()
+
+
+since_day.__name__ = "date"
+
+
+class Parser(argparse.ArgumentParser):
+    """A usage mistake is one line with a hint, exit 2 (argparse's own prints the whole usage
+    first); subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+def add_global_flags(parser: argparse.ArgumentParser) -> None:
+    """``--version``, and ``-v`` before or after the subcommand (after it, the subcommand's
+    parser sets it; SUPPRESS keeps its default from hiding the top-level value)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ours = version("bucketlens")
+    except PackageNotFoundError:  # pragma: no cover - run from a bare source tree
+        ours = "unknown"
+    parser.add_argument("--version", action="version", version=f"%(prog)s {ours}")
+    for action in parser._subparsers._group_actions if parser._subparsers else ():
+        for sub in dict.fromkeys(getattr(action, "choices", {}).values()):
+            if "--verbose" not in sub._option_string_actions:
+                sub.add_argument("-v", "--verbose", action="store_true",
+                                 default=argparse.SUPPRESS, help="log every batch")
 
 
 EXIT_CODES = ("exit status: 0 done; 1 the stream failed, or some objects got error rows; "
@@ -216,8 +266,9 @@ def add_similar_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_compact_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--since", type=date.fromisoformat, metavar="DATE",
-                   help="first UTC day (partition) to compact (default: 7 days ago)")
+    p.add_argument("--since", type=since_day, metavar="DATE",
+                   help="first UTC day (partition) to compact: a date, or an age like 2d "
+                        "(default: 7 days ago)")
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -246,7 +297,7 @@ def add_status_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true",
                    help="one JSON object: backlog, oldest_unacked_s, last_batch_at, "
                         "rows_last_minute, dead_letters_last_hour, model_version")
-    p.add_argument("--max-lag", type=float, default=30.0, metavar="SECONDS",
+    p.add_argument("--max-lag", type=positive_float, default=30.0, metavar="SECONDS",
                    help="exit 1 when a message has waited unread this long (default %(default)s)")
 
 
@@ -365,7 +416,7 @@ def add_job_commands(sub: argparse._SubParsersAction,
     for name, help_, description, add_arguments, target in JOB_COMMANDS:
         parser = sub.add_parser(name, help=help_, description=description)
         add_arguments(parser)
-        parser.set_defaults(func=runner(target))
+        parser.set_defaults(func=runner(target, name))
         if extend and name in extend:
             extend[name](parser)
 
@@ -385,12 +436,13 @@ def add_lazy_command(sub: argparse._SubParsersAction, name: str, module: str, ad
 
 def build_parser(prog: str = "bucketlens") -> argparse.ArgumentParser:
     """The parser of ``python -m pipeline.cli``: the job's commands only."""
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=prog,
         description="Classify images as they land in Google Cloud Storage.",
         epilog="Flags default to BUCKETLENS_* variables; " + EXIT_CODES)
     p.add_argument("-v", "--verbose", action="store_true", help="log every batch")
     add_job_commands(p.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    add_global_flags(p)
     return p
 
 
@@ -410,6 +462,11 @@ def dispatch(args: argparse.Namespace, user_errors: tuple[type[BaseException], .
         print(f"bucketlens: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
+        if no_credentials(exc):
+            print("bucketlens: no Google credentials found: run `gcloud auth "
+                  "application-default login` for a real project, or point this shell at the "
+                  'local stack with `eval "$(bucketlens local env)"`.', file=sys.stderr)
+            return 2
         from pipeline.bundles import BundleError
         from pipeline.classify import ModelUnavailableError
 
@@ -417,6 +474,17 @@ def dispatch(args: argparse.Namespace, user_errors: tuple[type[BaseException], .
             print(f"bucketlens: {exc}", file=sys.stderr)
             return 2
         raise
+
+
+def no_credentials(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is google-auth's "no default credentials"."""
+    auth = sys.modules.get("google.auth.exceptions")  # loaded by whatever raised it
+    seen: BaseException | None = exc
+    while auth is not None and seen is not None:
+        if isinstance(seen, auth.DefaultCredentialsError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:
