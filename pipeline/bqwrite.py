@@ -29,8 +29,11 @@ if TYPE_CHECKING:
     import pyarrow as pa
     from google.cloud.bigquery_storage_v1 import BigQueryWriteClient, types
 
-# AppendRows requests are limited to 10 MB; a prediction row is well under 2 KB.
-ROWS_PER_REQUEST = 2000
+# AppendRows requests are limited to 10 MB (https://cloud.google.com/bigquery/quotas#write-api-limits).
+# Requests are cut on their real serialized size, at most REQUEST_BYTES: a tenth below the
+# limit, for the call's headers and a server that counts 10 MB as 10 * 2**20 or 10**7.
+REQUEST_BYTES = 9_000_000
+ROWS_PER_REQUEST = 2000  # and at most this many rows, however small they are
 
 
 def default_stream(table_id: str) -> str:
@@ -103,24 +106,39 @@ def record_batch(rows: Sequence[Mapping[str, Any]], fields: Sequence[Mapping[str
     return pa.RecordBatch.from_arrays(columns, schema=schema)
 
 
-def append_requests(stream: str, batch: pa.RecordBatch, rows_per_request: int = ROWS_PER_REQUEST
-                    ) -> list[types.AppendRowsRequest]:
+def append_requests(stream: str, batch: pa.RecordBatch, rows_per_request: int = ROWS_PER_REQUEST,
+                    max_bytes: int = REQUEST_BYTES) -> list[types.AppendRowsRequest]:
     """AppendRows requests for ``batch``: the first carries the writer schema (pure).
 
+    Each holds at most ``rows_per_request`` rows and ``max_bytes`` serialized bytes, measured
+    on the request itself, schema included (a connection may send it with any request): a
+    guess per row misses long names and metadata. A single row over ``max_bytes`` is a
+    ValueError: no request could carry it.
     No offsets: the default stream ignores them (offsets are for committed/pending streams).
     """
     from google.cloud.bigquery_storage_v1 import types
 
-    schema_bytes = batch.schema.serialize().to_pybytes()
-    requests = []
-    for start in range(0, max(batch.num_rows, 1), rows_per_request):
-        part = batch.slice(start, rows_per_request)
+    schema = types.ArrowSchema(serialized_schema=batch.schema.serialize().to_pybytes())
+    requests: list[types.AppendRowsRequest] = []
+    start, take = 0, max(1, rows_per_request)
+    while start < batch.num_rows or not requests:
+        part = batch.slice(start, take)
         arrow = types.AppendRowsRequest.ArrowData(
+            writer_schema=schema,
             rows=types.ArrowRecordBatch(serialized_record_batch=part.serialize().to_pybytes(),
                                         row_count=part.num_rows))
-        if not requests:
-            arrow.writer_schema = types.ArrowSchema(serialized_schema=schema_bytes)
-        requests.append(types.AppendRowsRequest(write_stream=stream, arrow_rows=arrow))
+        request = types.AppendRowsRequest(write_stream=stream, arrow_rows=arrow)
+        size = types.AppendRowsRequest.pb(request).ByteSize()
+        if size > max_bytes:
+            if part.num_rows <= 1:
+                raise ValueError(f"row {start} alone is {size} bytes as an AppendRows request, "
+                                 f"over the {max_bytes}-byte limit")
+            take = max(1, min(part.num_rows - 1, int(part.num_rows * max_bytes / size * 0.95)))
+            continue  # the same start, fewer rows; later parts keep the smaller size
+        if requests:
+            types.AppendRowsRequest.pb(request).arrow_rows.ClearField("writer_schema")
+        requests.append(request)
+        start += part.num_rows
     return requests
 
 

@@ -61,6 +61,9 @@ class Settings:
     checkpoint: str = ".bucketlens/checkpoints/predictions"
     trigger_seconds: float = 0.5  # bench/README.md: 2 s → 0.5 s cut latency p50 by ~40 %
     max_messages_per_batch: int = 1000
+    # what the source's buffer may hold (pulled, not yet acked) in bytes: a Pub/Sub message
+    # may be 10 MB, so a bound in messages alone is no bound on the driver's memory
+    max_buffered_bytes: int = 256 * 1024 * 1024
     num_partitions: int = 0  # 0 = Spark's default parallelism
     ack_deadline_seconds: int = 60
     # Pub/Sub counts every delivery, including redeliveries after a crash, towards the

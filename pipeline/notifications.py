@@ -14,10 +14,10 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from pipeline.names import printable
-from pipeline.times import parse_time
+from pipeline.times import EARLIEST, LATEST, iso_time, parse_time, utc
 
 FINALIZE = "OBJECT_FINALIZE"
 EVENT_TYPES = frozenset({FINALIZE, "OBJECT_DELETE", "OBJECT_ARCHIVE", "OBJECT_METADATA_UPDATE"})
@@ -112,6 +112,8 @@ def _int(value: object, field: str, minimum: int = 0) -> int:
 
 def _show(value: object) -> str:
     """A short, log-safe rendering of an untrusted JSON value (never a whole nested object)."""
+    if isinstance(value, datetime):
+        return value.isoformat()
     if isinstance(value, dict | list):
         return f"a JSON {'object' if isinstance(value, dict) else 'array'}"
     text = json.dumps(value if not isinstance(value, str) else value[:40], ensure_ascii=True)
@@ -122,6 +124,32 @@ def _str(value: object, field: str) -> str | None:
     if value is None or isinstance(value, str):
         return value
     raise PoisonMessage(f"{field} is not a string: {type(value).__name__}")
+
+
+def _time(value: object, field: str, published: datetime | None = None) -> datetime | None:
+    """A time field the pipeline reads, None when absent; else poison, saying why.
+
+    An RFC 3339 string (the publish time may also be a datetime or epoch microseconds, as the
+    source carries it), between the Unix epoch and ``LATEST`` (``pipeline.times``), and — for
+    times of the event itself — not after the message was published (+ CLOCK_SKEW): a forged
+    year 9999 or 0005 would otherwise reach the sink's partition arithmetic and BigQuery.
+    """
+    if value is None or value == "":
+        return None
+    range_ = f"outside {EARLIEST:%Y}..{LATEST.year - 1}"
+    if not isinstance(value, str) and field != "publish_time":
+        raise PoisonMessage(f"{field} is not a string: {type(value).__name__}")
+    try:
+        t = iso_time(value) if isinstance(value, str) else utc(value)  # type: ignore[arg-type]
+    except OverflowError:  # "0001-01-01T00:00:00+01:00" is before year 1 in UTC
+        raise PoisonMessage(f"{field} {_show(value)} is {range_}") from None
+    except (ValueError, TypeError):
+        raise PoisonMessage(f"{field} is not an RFC 3339 time: {_show(value)}") from None
+    if published is not None and t > published + CLOCK_SKEW:
+        raise PoisonMessage(f"{field} {t.isoformat()} is after the message was published")
+    if not EARLIEST <= t < LATEST:
+        raise PoisonMessage(f"{field} {t.isoformat()} is {range_}")
+    return t
 
 
 def _metadata(value: object) -> dict[str, str] | None:
@@ -149,14 +177,17 @@ def _load(data: bytes) -> dict:
 
 
 def parse(message_id: str, attributes: Mapping[str, str], data: bytes | None,
-          publish_time: datetime | None = None) -> Notification:
+          publish_time: datetime | int | None = None) -> Notification:
     """Turn one Pub/Sub message into a Notification, or raise PoisonMessage saying why.
 
     Attributes are authoritative (they are always set by GCS); the JSON_API_V1 payload adds
     size, content type and custom metadata, and stands in for missing attributes. Every value
     is checked for type and range here, so no later stage meets a float, an object where a
-    string belongs, or a number BigQuery cannot hold.
+    string belongs, a number BigQuery cannot hold or a time outside ``_time``'s range.
+    ``publish_time``: an aware datetime (naive = UTC) or epoch microseconds, as the source
+    carries it (``pipeline.source.SCHEMA``).
     """
+    published = _time(publish_time, "publish_time")
     payload = _load(data) if data else {}
     event_type = attributes.get("eventType") or ""
     if event_type not in EVENT_TYPES:
@@ -173,27 +204,24 @@ def parse(message_id: str, attributes: Mapping[str, str], data: bytes | None,
         _int(overwritten, "overwrittenByGeneration", minimum=1)
         event_type = OVERWRITE
     size, metageneration = payload.get("size"), payload.get("metageneration")
-    when = event_time(attributes, payload)
-    if when is not None and publish_time is not None and when > _utc(publish_time) + CLOCK_SKEW:
-        raise PoisonMessage(f"eventTime {when.isoformat()} is after the message was published")
+    # every time read below, checked first: event_time() picks among them
+    for field, value in (("eventTime", attributes.get("eventTime")),
+                         ("updated", payload.get("updated"))):
+        _time(value, field, published)
+    created = _time(payload.get("timeCreated"), "timeCreated", published)
     return Notification(
         key=ObjectKey(str(bucket), str(name), _int(generation, "generation", minimum=1)),
         event_type=event_type,
         message_id=message_id,
-        event_time=when,
-        publish_time=publish_time,
+        event_time=event_time(attributes, payload),
+        publish_time=published,
         size=_int(size, "size") if size not in (None, "") else None,
         content_type=_str(payload.get("contentType"), "contentType"),
         metadata=_metadata(payload.get("metadata")),
         metageneration=(_int(metageneration, "metageneration", minimum=1)
                         if metageneration not in (None, "") else None),
-        created=(parse_time(payload["timeCreated"])
-                 if isinstance(payload.get("timeCreated"), str) else None),
+        created=created,
     )
-
-
-def _utc(t: datetime) -> datetime:
-    return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 def wanted(n: Notification, prefix: str = "", max_bytes: int | None = None,

@@ -27,6 +27,7 @@ Row building and SQL text are pure functions; the classes only do I/O.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import logging
@@ -62,7 +63,7 @@ from pipeline.labels import ModelInfo
 from pipeline.notifications import Notification, ObjectKey
 from pipeline.retry import QUOTA_WAIT, call_with_retries, is_bq_transient, is_rate_limited
 from pipeline.status import CLASSIFIED, sql_list
-from pipeline.times import iso_time
+from pipeline.times import iso_time, utc
 from pipeline.triage import RESULTS_PREFIX
 
 if TYPE_CHECKING:
@@ -85,7 +86,12 @@ REDELIVERY_WINDOW = timedelta(days=8)
 SINK_MODES = ("append", "merge")
 # An AppendRows request carries at most 10 MB (https://cloud.google.com/bigquery/quotas#write-api-limits);
 # a 1280-d embedding row is ~10 kB, so a batch's embeddings go in parts of at most this many bytes.
+# (pipeline.bqwrite.append_requests cuts each part's requests on their real serialized size.)
 APPEND_BYTES = 8 * 1024 * 1024
+# A dead letter keeps the first this many bytes of the message's data, with the whole data's
+# size and SHA-256: a Pub/Sub message may be 10 MB, which base64'd would make the dead-letter
+# write itself an AppendRows request over the 10 MB limit.
+DEAD_LETTER_DATA_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -109,11 +115,12 @@ EMBEDDED = TableSpec("embeddings", PREDICTION_KEY, "processed_at", "object_creat
 
 # --- rows (pure) ------------------------------------------------------------------------------
 
-def _ts(value: datetime | None) -> str | None:
-    """ISO-8601 in UTC; naive datetimes are taken to be UTC already."""
+def _ts(value: datetime | int | None) -> str | None:
+    """ISO-8601 in UTC; naive datetimes are taken to be UTC already, numbers are epoch
+    microseconds (how the source carries publish times, ``pipeline.times.utc``)."""
     if value is None:
         return None
-    return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC).isoformat()
+    return utc(value).isoformat()
 
 
 def build_row(n: Notification, *, status: str, reason: str = "",
@@ -180,14 +187,19 @@ def event_record(n: Notification, batch_id: int | None, *,
 
 
 def dead_letter_record(message_id: str, reason: str, attributes: Mapping[str, str],
-                       data: bytes | None, publish_time: datetime | None, batch_id: int | None,
-                       *, recorded_at: datetime | None = None) -> dict:
-    """One ``dead_letters`` row: the message as received (data base64), and why it failed."""
+                       data: bytes | None, publish_time: datetime | int | None,
+                       batch_id: int | None, *, recorded_at: datetime | None = None) -> dict:
+    """One ``dead_letters`` row: why the message failed, its attributes, and its data as the
+    first DEAD_LETTER_DATA_BYTES (base64) with the whole data's size and SHA-256, so the row
+    stays small whatever the message's size (``data_bytes`` > the kept part: truncated)."""
     return {
         "message_id": message_id,
         "reason": reason,
         "attributes": json.dumps(dict(attributes), sort_keys=True),
-        "data": base64.b64encode(data).decode("ascii") if data is not None else None,
+        "data": (base64.b64encode(data[:DEAD_LETTER_DATA_BYTES]).decode("ascii")
+                 if data is not None else None),
+        "data_bytes": len(data) if data is not None else None,
+        "data_sha256": hashlib.sha256(data).hexdigest() if data is not None else None,
         "publish_time": _ts(publish_time),
         "recorded_at": _ts(recorded_at or datetime.now(UTC)),
         "batch_id": batch_id,
@@ -255,9 +267,7 @@ def existing_keys_sql(target: str, key: Sequence[str] = PREDICTION_KEY,
 
 
 def _utc(value: datetime | str) -> datetime:
-    if isinstance(value, str):
-        return iso_time(value)
-    return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+    return iso_time(value) if isinstance(value, str) else utc(value)
 
 
 def partition_days(values: Iterable[datetime | str | None]) -> list[date] | None:
@@ -271,23 +281,27 @@ def partition_days(values: Iterable[datetime | str | None]) -> list[date] | None
     return sorted(days)
 
 
-def day_ranges(days: Iterable[date]) -> list[tuple[date, date]]:
-    """Consecutive days merged into half-open [first, last + 1 day) ranges (pure)."""
-    ranges: list[tuple[date, date]] = []
+def day_ranges(days: Iterable[date]) -> list[tuple[date, date | None]]:
+    """Consecutive days merged into half-open [first, last + 1 day) ranges (pure); the end is
+    None (open) for a range that reaches date.max, whose next day Python cannot represent."""
+    ranges: list[tuple[date, date | None]] = []
     for d in sorted(set(days)):
+        end = d + timedelta(days=1) if d < date.max else None
         if ranges and ranges[-1][1] == d:
-            ranges[-1] = (ranges[-1][0], d + timedelta(days=1))
+            ranges[-1] = (ranges[-1][0], end)
         else:
-            ranges.append((d, d + timedelta(days=1)))
+            ranges.append((d, end))
     return ranges
 
 
 def ts_literal(t: datetime | date) -> str:
     """A constant BigQuery TIMESTAMP literal (UTC). Constants, not parameters or expressions
-    over other tables, are what BigQuery prunes partitions with."""
+    over other tables, are what BigQuery prunes partitions with. The year has four digits
+    whatever it is (``strftime('%Y')`` writes year 5 as "5")."""
     if not isinstance(t, datetime):
         t = datetime(t.year, t.month, t.day, tzinfo=UTC)
-    return f"TIMESTAMP '{_utc(t).strftime('%Y-%m-%d %H:%M:%S.%f')}+00'"
+    stamp = _utc(t).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
+    return f"TIMESTAMP '{stamp}+00'"
 
 
 def partition_filter(column: str, days: Sequence[date] | None, alias: str = "T") -> str:
@@ -298,7 +312,8 @@ def partition_filter(column: str, days: Sequence[date] | None, alias: str = "T")
         return ""
     if not days:
         return "FALSE"
-    parts = [f"({alias}.{column} >= {ts_literal(a)} AND {alias}.{column} < {ts_literal(b)})"
+    parts = [f"({alias}.{column} >= {ts_literal(a)}"
+             + (f" AND {alias}.{column} < {ts_literal(b)})" if b is not None else ")")
              for a, b in day_ranges(days)]
     return parts[0] if len(parts) == 1 else "(" + " OR ".join(parts) + ")"
 
@@ -317,15 +332,30 @@ def row_bound(spec: TableSpec, rows: Sequence[Mapping[str, Any]]) -> str:
     """
     if spec.partition_by == "recorded_at":
         times = [_utc(r[spec.partition_by]) for r in rows if r.get(spec.partition_by)]
-        start = min(times, default=datetime.now(UTC)) - REDELIVERY_WINDOW
-        return since_filter(spec.partition_by, start.date())
+        earliest = min(times, default=datetime.now(UTC))
+        # clamped: a time within the window of year 1 cannot go back a whole window
+        start = max(earliest, datetime.min.replace(tzinfo=UTC) + REDELIVERY_WINDOW)
+        return since_filter(spec.partition_by, (start - REDELIVERY_WINDOW).date())
     return partition_filter(spec.partition_by, partition_days(
         r.get(spec.partition_by) for r in rows))
 
 
 def _row_bytes(row: Mapping[str, Any]) -> int:
-    """A generous estimate of a row's encoded size: 8 bytes per array element (pure)."""
-    return 512 + 8 * sum(len(v) for v in row.values() if isinstance(v, list | tuple))
+    """A generous estimate of a row's encoded size (pure): strings at their UTF-8 size plus
+    an offset, 8 bytes per number, nested records and arrays summed."""
+    return 64 + _value_bytes(row)
+
+
+def _value_bytes(value: Any) -> int:
+    if isinstance(value, str):
+        return 8 + len(value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, bytes | bytearray):
+        return 8 + len(value)
+    if isinstance(value, Mapping):
+        return sum(_value_bytes(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return 8 + sum(_value_bytes(v) for v in value)
+    return 8
 
 
 def byte_parts(rows: Sequence[dict], limit: int = APPEND_BYTES) -> list[list[dict]]:

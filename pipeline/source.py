@@ -22,7 +22,8 @@ Works on pyspark 4.0, 4.1 and >= 4.2 (Dataproc image 3.0 runs Spark 4.0.0 or 4.1
 
 Delivery semantics (at-least-once, nothing lost):
 
-* A background thread on the driver pulls messages into a buffer. ``latestOffset`` numbers
+* A background thread on the driver pulls messages into a buffer, bounded in messages
+  (``maxBuffered``) and in bytes (``maxBufferedBytes``, 256 MiB). ``latestOffset`` numbers
   up to ``maxMessagesPerBatch`` buffered messages as the next batch; ``partitions`` ships the
   numbered messages themselves to the executors, so ``read`` never talks to Pub/Sub.
 * A message is acknowledged only once its micro-batch (and its ``foreachBatch``) has
@@ -54,11 +55,12 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from pyspark.sql.datasource import DataSource, DataSourceStreamReader, InputPartition
 from pyspark.sql.types import StructType
+
+from pipeline.times import to_micros
 
 try:  # pyspark >= 4.2 (SPARK-55304): Spark passes the start offset and a read limit
     from pyspark.sql.streaming.datasource import (
@@ -78,11 +80,26 @@ except ImportError:  # 4.0 / 4.1 (Dataproc 3.0 images): latestOffset() takes no 
 
 log = logging.getLogger("bucketlens.source")
 
-SCHEMA = ("message_id string, publish_time timestamp, attributes map<string,string>, "
+# publish_time: microseconds since the Unix epoch (UTC), not a Spark TIMESTAMP, which reaches
+# Python as a naive time in the session's zone (mapInPandas) or the Python process's zone
+# (collect()): a number is the one form no time zone on any host can change on the way.
+# In SQL, timestamp_micros(publish_time) is the instant. pipeline.times.utc reads it in Python.
+SCHEMA = ("message_id string, publish_time long, attributes map<string,string>, "
           "data binary, delivery_attempt int")
 OFFSET_KEY = "seq"
 RUN_KEY = "run"
 ACK_CHUNK = 1000  # Pub/Sub accepts at most 2,500 ack ids per request; stay well below
+# The buffer's default bound in bytes, as python-pubsub's FlowControl.max_bytes bounds its
+# outstanding messages: a Pub/Sub message may be 10 MB, so a count alone (2 x 1,000 messages)
+# would let the driver hold 20 GB.
+MAX_BUFFERED_BYTES = 256 * 1024 * 1024
+# The largest message Pub/Sub delivers (data and attributes: 10 MB,
+# https://cloud.google.com/pubsub/quotas#resource_limits), counted generously. A pull asks for
+# no more messages than fit in the buffer's free bytes at this size, so the buffer can never
+# exceed its bound by more than one message: nothing caps the size of a Pull response, and a
+# topic may carry others' messages. At the default bound that is 25 messages a pull (a pull
+# takes milliseconds, and runs while a batch does); a larger bound pulls more at once.
+MAX_MESSAGE_BYTES = 10 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -95,6 +112,7 @@ class PubSubOptions:
     ack_deadline_seconds: int = 60  # each lease extension asks for this much
     max_lease_seconds: float = 3600.0
     max_buffered: int = 0  # 0 = 2 x max_messages_per_batch
+    max_buffered_bytes: int = MAX_BUFFERED_BYTES  # messages held (pulled, not acked), in bytes
     pull_timeout_seconds: float = 5.0
     emulator_host: str = ""
 
@@ -117,11 +135,12 @@ class PubSubOptions:
             ack_deadline_seconds=int(opts.get("ackdeadlineseconds", 60)),
             max_lease_seconds=float(opts.get("maxleaseseconds", 3600)),
             max_buffered=int(opts.get("maxbuffered", 0)),
+            max_buffered_bytes=int(opts.get("maxbufferedbytes", MAX_BUFFERED_BYTES)),
             pull_timeout_seconds=float(opts.get("pulltimeoutseconds", 5)),
             emulator_host=opts.get("emulatorhost", ""),
         )
-        if o.max_messages_per_batch < 1 or o.num_partitions < 1:
-            raise ValueError("maxMessagesPerBatch and numPartitions must be >= 1")
+        if o.max_messages_per_batch < 1 or o.num_partitions < 1 or o.max_buffered_bytes < 1:
+            raise ValueError("maxMessagesPerBatch, numPartitions and maxBufferedBytes must be >= 1")
         if not 10 <= o.ack_deadline_seconds <= 600:
             raise ValueError("ackDeadlineSeconds must be between 10 and 600 (Pub/Sub's range)")
         return o
@@ -139,6 +158,7 @@ class Held:
     row: tuple
     leased_at: float
     seq: int | None = None
+    size: int = 0  # bytes held: data, attributes and id (message_size)
 
 
 @dataclass
@@ -149,11 +169,18 @@ class MessagePartition(InputPartition):
 
 
 def message_row(received: Any) -> tuple:
-    """A ReceivedMessage as a row of SCHEMA."""
+    """A ReceivedMessage as a row of SCHEMA (publish_time in epoch microseconds)."""
     m = received.message
-    publish_time: datetime | None = m.publish_time or None
+    publish_time = to_micros(m.publish_time) if m.publish_time else None
     return (m.message_id, publish_time, dict(m.attributes), bytes(m.data),
             int(received.delivery_attempt or 0) or None)
+
+
+def message_size(row: tuple) -> int:
+    """The bytes a message row holds in the buffer: its data, attributes and id (pure)."""
+    attributes = row[2] or {}
+    return (len(row[3] or b"") + len(row[0] or "")
+            + sum(len(k) + len(v) for k, v in attributes.items()))
 
 
 def split(items: Sequence[Any], n: int) -> list[list[Any]]:
@@ -246,10 +273,14 @@ class Leaser:
 
 class Puller:
     """Pulls messages into the buffer on one thread while the buffer has room (flow control:
-    ``buffer_limit``), leasing each batch it receives, and numbers buffered messages into
-    batches for Spark; acks once a batch is done.
+    ``buffer_limit`` messages not yet numbered, ``max_buffered_bytes`` held in all), leasing
+    each batch it receives, and numbers buffered messages into batches for Spark; acks once a
+    batch is done.
 
-    ``_lock`` guards ``unplanned``, ``planned``, ``next_seq`` and ``stats``.
+    A pull asks for no more messages than fit in the bytes left at MAX_MESSAGE_BYTES each
+    (at least one), so the bytes held exceed the bound by at most one message.
+
+    ``_lock`` guards ``unplanned``, ``planned``, ``next_seq``, ``held_bytes`` and ``stats``.
     """
 
     def __init__(self, client: Any, opts: PubSubOptions, leaser: Leaser) -> None:
@@ -258,9 +289,10 @@ class Puller:
         self.unplanned: deque[Held] = deque()
         self.planned: dict[int, Held] = {}
         self.next_seq = 0
+        self.held_bytes = 0  # of unplanned and planned messages: everything not yet acked
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="pubsub-pull", daemon=True)
-        self.stats = {"pulled": 0, "acked": 0}
+        self.stats = {"pulled": 0, "acked": 0, "max_held_bytes": 0}
 
     def start(self) -> None:
         self._thread.start()
@@ -271,12 +303,14 @@ class Puller:
         while not self._stopping.is_set():
             with self._lock:
                 room = self.opts.buffer_limit - len(self.unplanned)
-            if room <= 0:  # flow control: let Spark catch up before pulling more
+                room_bytes = self.opts.max_buffered_bytes - self.held_bytes
+            if room <= 0 or room_bytes <= 0:  # flow control: let Spark catch up first
                 self._stopping.wait(0.05)
                 continue
             try:
                 resp = self.client.pull(
-                    subscription=self.opts.subscription, max_messages=min(room, 1000),
+                    subscription=self.opts.subscription,
+                    max_messages=max(1, min(room, 1000, room_bytes // MAX_MESSAGE_BYTES)),
                     timeout=self.opts.pull_timeout_seconds,
                 )
             except (gexc.DeadlineExceeded, gexc.ServiceUnavailable, gexc.InternalServerError,
@@ -291,18 +325,24 @@ class Puller:
             if not resp.received_messages:
                 continue
             now = time.monotonic()
-            held = [Held(r.ack_id, message_row(r), now) for r in resp.received_messages]
+            held = []
+            for r in resp.received_messages:
+                row = message_row(r)
+                held.append(Held(r.ack_id, row, now, size=message_size(row)))
             self.leaser.add([h.ack_id for h in held])
             with self._lock:
                 self.unplanned.extend(held)
+                self.held_bytes += sum(h.size for h in held)
                 self.stats["pulled"] += len(held)
+                self.stats["max_held_bytes"] = max(self.stats["max_held_bytes"], self.held_bytes)
 
     def forget(self, ack_ids: set[str]) -> None:
         """Drop messages whose lease expired: Pub/Sub redelivers them."""
         with self._lock:
+            self.held_bytes -= sum(h.size for h in self.unplanned if h.ack_id in ack_ids)
             self.unplanned = deque(h for h in self.unplanned if h.ack_id not in ack_ids)
             for seq in [s for s, h in self.planned.items() if h.ack_id in ack_ids]:
-                del self.planned[seq]
+                self.held_bytes -= self.planned.pop(seq).size
 
     def number(self, limit: int | None) -> int:
         """Give sequence numbers to up to ``limit`` buffered messages; return the end seq."""
@@ -321,8 +361,9 @@ class Puller:
 
     def ack_below(self, end: int) -> int:
         with self._lock:
-            done = [s for s in self.planned if s < end]
-            ack_ids = [self.planned.pop(s).ack_id for s in done]
+            done = [self.planned.pop(s) for s in [s for s in self.planned if s < end]]
+            ack_ids = [h.ack_id for h in done]
+            self.held_bytes -= sum(h.size for h in done)
         self.leaser.remove(ack_ids)
         for part in chunks(ack_ids):
             _ack_with_retry(self.client, self.opts.subscription, part)
@@ -336,6 +377,7 @@ class Puller:
         with self._lock:
             self.unplanned.clear()
             self.planned.clear()
+            self.held_bytes = 0
 
 
 class _Runtime:

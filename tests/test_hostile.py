@@ -61,6 +61,165 @@ def test_hostile_notification(case: str, rows: list[tuple], expected: list[str])
     assert len({tuple(r[k] for k in EVENT_KEY) for r in records}) == len(records)
 
 
+# --------------------------------------------------------------------------- forged times and sizes
+# Issue 24, item 3: what a forged notification could still do to the driver after triage. The
+# notifications themselves are rows of NOTIFICATIONS; these tables hold what reaches the sink
+# and the source's buffer.
+
+def _dead_letters(cases=NOTIFICATIONS) -> list[dict]:
+    records = []
+    for case, rows, _ in cases:
+        rows = [(f"{case}#{i}", *r[1:]) for i, r in enumerate(rows)]
+        t = stream.triage(rows, Settings(bucket=BUCKET))
+        records += [dead_letter_record(r[0], why, r[2], r[3], r[1], 0) for r, why in t.dead_letters]
+    return records
+
+
+def test_every_hostile_dead_letter_keeps_a_bounded_part_of_its_message() -> None:
+    import base64
+    import hashlib
+
+    from pipeline.sink import DEAD_LETTER_DATA_BYTES
+
+    by_id = {f"{c}#{i}": r for c, rows, _ in NOTIFICATIONS for i, r in enumerate(rows)}
+    records = _dead_letters()
+    assert len(records) >= 30
+    for rec in records:
+        data = by_id[rec["message_id"]][3]
+        kept = base64.b64decode(rec["data"])
+        assert kept == data[:DEAD_LETTER_DATA_BYTES], rec["message_id"]
+        assert rec["data_bytes"] == len(data)
+        assert rec["data_sha256"] == hashlib.sha256(data).hexdigest()
+        assert len(to_ndjson([rec])) < 4096, rec["message_id"]  # an 8 MB message included
+
+
+def _long_named_predictions(n: int) -> list[dict]:
+    """Predictions as long as GCS allows: 1,024-byte names, a 4 KB true_label (custom metadata
+    may hold 8 KiB) and five top-k labels."""
+    from datetime import UTC, datetime
+
+    from pipeline.notifications import Notification, ObjectKey
+
+    when = datetime(2026, 11, 21, tzinfo=UTC)
+    rows = []
+    for i in range(n):
+        note = Notification(ObjectKey(BUCKET, f"{i:08d}/" + "n" * 1015, i + 1), "OBJECT_FINALIZE",
+                            event_time=when, created=when, metadata={"true_label": "L" * 4096})
+        rows.append(build_row(note, status="ok", model="m", processed_at=when,
+                              topk=[(k, f"label-{k}" * 8, 0.1) for k in range(5)]))
+    return rows
+
+
+# (case, table schema, rows): every AppendRows request they make fits BigQuery's 10 MB
+# (https://cloud.google.com/bigquery/quotas#write-api-limits), whatever the rows' strings.
+APPENDS: list[tuple[str, str, object]] = [
+    ("2,000 predictions with 1 KB names and 4 KB labels", "predictions",
+     lambda: _long_named_predictions(2000)),
+    ("dead letters of every hostile notification, an 8 MB one among them", "dead_letters",
+     _dead_letters),
+]
+
+
+@pytest.mark.parametrize(("case", "schema", "make"), APPENDS, ids=[c[0] for c in APPENDS])
+def test_hostile_rows_make_append_requests_under_10_mb(case, schema, make) -> None:
+    from google.cloud.bigquery_storage_v1 import types
+
+    from pipeline import bqwrite, catalog
+
+    rows = make()
+    batch = bqwrite.record_batch(rows, catalog.schema_json(schema))
+    requests = bqwrite.append_requests(bqwrite.default_stream("p.d.t"), batch)
+    sizes = [types.AppendRowsRequest.pb(r).ByteSize() for r in requests]
+    assert max(sizes) <= 10_000_000, sizes
+    assert sum(r.arrow_rows.rows.row_count for r in requests) == len(rows)
+
+
+# (case, a time a row may carry): the sink's partition arithmetic takes each without an error,
+# and writes every year with four digits.
+EXTREME_TIMES: list[tuple[str, object]] = [
+    ("the last microsecond of 9999", "9999-12-31T23:59:59.999999+00:00"),
+    ("date.max", "9999-12-31T00:00:00+00:00"),
+    ("year 1", "0001-01-01T00:00:00+00:00"),
+    ("year 5", "0005-06-07T08:09:10+00:00"),
+    ("year 999", "0999-12-31T23:59:59+00:00"),
+]
+
+
+@pytest.mark.parametrize(("case", "when"), EXTREME_TIMES, ids=[c[0] for c in EXTREME_TIMES])
+def test_the_sinks_partition_arithmetic_holds_any_time(case, when) -> None:
+    from pipeline import sink
+
+    days = sink.partition_days([when])
+    bound = sink.partition_filter("object_created", days)
+    literals = re.findall(r"TIMESTAMP '([^']*)'", bound)
+    assert literals and all(re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}\+00", lit)
+                            for lit in literals), bound
+    assert literals[0].startswith(when[:10])
+    for spec in (sink.PREDICTIONS, sink.DEAD_LETTERS):
+        assert sink.row_bound(spec, [{spec.partition_by: when}])
+
+
+# (case, message size, how many wait in the subscription): the source's buffer holds at most
+# its byte bound plus one pull's overshoot, however large the messages.
+FLOODS: list[tuple[str, int, int]] = [
+    ("400 messages of 64 KiB", 64 * 1024, 400),
+    ("30 messages of 1 MiB", 1024 * 1024, 30),
+]
+BUFFER_BYTES = 2 * 1024 * 1024
+
+
+@pytest.mark.parametrize(("case", "size", "count"), FLOODS, ids=[c[0] for c in FLOODS])
+def test_the_source_buffer_is_bounded_in_bytes(case, size, count) -> None:
+    from pipeline.source import Leaser, PubSubOptions, Puller
+    from tests.helpers.wait import wait_until
+
+    client = FakeSubscriber(size, count)
+    opts = PubSubOptions("projects/p/subscriptions/s", max_messages_per_batch=1000,
+                         max_buffered_bytes=BUFFER_BYTES, pull_timeout_seconds=0.1)
+    puller = Puller(client, opts, Leaser(client, opts, on_expired=lambda ids: None))
+    puller.start()
+    try:
+        done = 0
+        while done < count:  # a consumer that takes what the buffer holds, now and then
+            wait_until(lambda d=done: puller.stats["pulled"] > d or client.left == 0, 10,
+                       "a pull", interval=0.01)
+            time.sleep(0.05)  # room to overshoot, were the bound missing
+            assert puller.held_bytes <= BUFFER_BYTES + size, (case, puller.held_bytes)
+            end = puller.number(None)
+            done += puller.ack_below(end)
+        assert puller.stats["max_held_bytes"] <= BUFFER_BYTES + size
+        assert puller.stats["acked"] == count and client.left == 0
+    finally:
+        puller.stop()
+
+
+class FakeSubscriber:
+    """A subscription with ``count`` messages of ``size`` bytes waiting (pure-logic stand-in:
+    the real emulator is in test_source and test_hostile_stream)."""
+
+    def __init__(self, size: int, count: int) -> None:
+        from datetime import UTC, datetime
+
+        from google.pubsub_v1 import types
+
+        self.types, self.left, self.next = types, count, 0
+        self.message = types.PubsubMessage(data=b"x" * size, publish_time=datetime.now(UTC))
+
+    def pull(self, subscription: str, max_messages: int, timeout: float):
+        n = min(max_messages, self.left)
+        self.left -= n
+        self.next += n
+        return self.types.PullResponse(received_messages=[
+            self.types.ReceivedMessage(ack_id=f"a{self.next - i}", message=self.message)
+            for i in range(n)])
+
+    def modify_ack_deadline(self, **_: object) -> None:
+        pass
+
+    def acknowledge(self, **_: object) -> None:
+        pass
+
+
 # --------------------------------------------------------------------------- names
 
 # (setting, hostile value): GCP refuses each, so none may reach a query, a path or a request.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 from datetime import UTC, date, datetime, timedelta, timezone
@@ -13,7 +14,7 @@ from google.api_core import exceptions as api_exceptions
 from pipeline import clients, retry, sink
 from pipeline.config import Settings
 from pipeline.labels import ModelInfo
-from pipeline.notifications import Notification, ObjectKey, parse
+from pipeline.notifications import Notification, ObjectKey, PoisonMessage, parse
 
 T0 = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
 
@@ -86,6 +87,7 @@ def test_dead_letter_record() -> None:
                                   recorded_at=T0)
     assert rec == {"message_id": "m1", "reason": "not JSON", "attributes": '{"a": "1", "b": "2"}',
                    "data": base64.b64encode(b"\xff\x00").decode(), "batch_id": 5,
+                   "data_bytes": 2, "data_sha256": hashlib.sha256(b"\xff\x00").hexdigest(),
                    "publish_time": "2024-05-06T07:08:09.123456+00:00",
                    "recorded_at": "2024-05-06T07:08:09.123456+00:00"}
     assert sink.dead_letter_record("m", "r", {}, None, None, None)["data"] is None
@@ -129,7 +131,8 @@ def test_object_created_is_the_payloads_time_created_in_every_copy() -> None:
             for i, n in enumerate(copies)]
     assert {r["object_created"] for r in rows} == {"2024-05-06T23:59:58.500000+00:00"}
     assert rows[0]["processed_at"] != rows[1]["processed_at"]
-    assert finalize("m3", T0 + timedelta(days=1), timeCreated=42).created is None  # not a time
+    with pytest.raises(PoisonMessage, match="timeCreated is not a string"):  # not a time
+        finalize("m3", T0 + timedelta(days=1), timeCreated=42)
     # without a payload time the event time is used, then processed_at
     assert sink.build_row(finalize("m4", T0 + timedelta(days=1)), status="ok")["object_created"] == \
         "2024-05-06T23:59:59+00:00"
