@@ -1017,9 +1017,10 @@ def node(tmp_path) -> SimpleNamespace:
     pythons = {}
     for name in ("spark-env-python", "spark-defaults-python", "python3"):
         pythons[name] = fakes / name
-        pythons[name].write_text("#!/usr/bin/env bash\n"  # records pip calls; runs the stdin scripts
-                                 f'[[ $1 == -m ]] && {{ echo "$0 ${{*:2}}" >> "{pip_log}"; exit 0; }}\n'
-                                 f'exec "{sys.executable}" "$@"\n')
+        pythons[name].write_text(  # records pip calls; runs everything else on this Python
+            "#!/usr/bin/env bash\n"
+            f'[[ $1 == -m && $2 == pip ]] && {{ echo "$0 ${{*:2}}" >> "{pip_log}"; exit 0; }}\n'
+            f'exec "{sys.executable}" "$@"\n')
     for f in fakes.iterdir():
         f.chmod(0o755)
     # the image's pyspark (this test's real one) on Spark's python path; the smoke test imports
@@ -1075,20 +1076,28 @@ INTERPRETERS = [
       "spark-defaults.conf": "spark.master yarn\nspark.pyspark.python={spark-defaults-python}\n"},
      "spark-defaults-python"),
     ({"spark-defaults.conf": "spark.pyspark.python   {spark-defaults-python}\n"}, "spark-defaults-python"),
-    ({}, "python3"),  # no Spark setting, no conda: python3 on PATH
 ]
 
 
 @pytest.mark.parametrize(("files", "expected"), INTERPRETERS)
 def test_init_action_installs_into_the_python_spark_uses(node, files, expected) -> None:
-    if Path("/opt/conda/default/bin/python").exists():
-        pytest.skip("this machine has conda's default Python, which the fallback would pick")
     for name, text in files.items():
         (node.conf / name).write_text(text.format(**{k: str(v) for k, v in node.pythons.items()}))
     proc, _, pips = run_init_action(node)
     assert proc.returncode == 0, proc.stderr
     assert {p[0] for p in pips} == {str(node.pythons[expected])}
     assert f"installing into {node.pythons[expected]}" in proc.stderr
+
+
+@pytest.mark.parametrize("files", [{}, {"spark-env.sh": "SPARK_WORKER_DIR=/tmp\n"},
+                                   {"spark-defaults.conf": "spark.master yarn\n"}])
+def test_init_action_never_falls_back_to_a_python_spark_does_not_name(node, files) -> None:
+    # the system python3 (on PATH here) is externally managed on Debian 13 and not Spark's
+    for name, text in files.items():
+        (node.conf / name).write_text(text)
+    proc, calls, pips = run_init_action(node)
+    assert proc.returncode == 1 and "names no Python" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and calls == [] and pips == []
 
 
 def test_init_action_refuses_a_python_spark_names_but_cannot_run(node) -> None:

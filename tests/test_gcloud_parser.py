@@ -1,6 +1,7 @@
 """Every gcloud command line the deployment produces, checked by the REAL gcloud CLI's parser.
 
-The lines come from running ``deploy/dataproc/*.sh`` (each branch that calls gcloud), the
+The lines come from running ``deploy/dataproc/*.sh`` (each branch that calls gcloud, and what
+each prints under ``--dry-run``), the
 ``gcloud`` lines of ``deploy/README.md``'s shell blocks (the Serverless example among them) and
 ``deploy/iam.py``'s gcloud calls against the recording fake ``tests/fake_gcloud/gcloud``. Each
 recorded argv is then replayed through the real ``gcloud`` offline: no credentials, a throwaway
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from collections.abc import Iterator, Sequence
@@ -29,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from deploy import iam
-from tests.helpers.scripts import ABSENT, FAKE_GCLOUD_DIR, ROOT, run_script
+from tests.helpers.scripts import ABSENT, CLUSTER_SHAPE, FAKE_GCLOUD_DIR, ROOT, run_script
 
 # What the real gcloud says when a command line parsed and the next step needs credentials.
 AUTH_STOPS = ("You do not currently have an active account selected",
@@ -115,7 +117,7 @@ def script_lines(tmp: Path) -> list[list[str]]:
          fresh),
         ("create_cluster.sh", (*where, "--package", "bucketlens==0.1.0"), {}),  # all exists
         ("submit_job.sh", (*where, "--bucket", "imgs", "--dataset", "ds", "--", "--trigger-seconds", "5"),
-         {}),
+         CLUSTER_SHAPE),
         ("teardown.sh", (*where, "--delete-staging-bucket", "yes", "--delete-nat-router", "yes"),
          {"dataproc jobs list": {"stdout": "job-a\n"}}),
     ]
@@ -127,6 +129,30 @@ def script_lines(tmp: Path) -> list[list[str]]:
                                  env={"BUCKETLENS_SINK": "jsonl"})
         assert proc.returncode == 0, f"{script} {args}: {proc.stderr}"
         lines += calls
+    return lines + dry_run_lines(tmp)
+
+
+def dry_run_lines(tmp: Path) -> list[list[str]]:
+    """What every script prints under ``--dry-run`` (the Serverless one on both kinds of network)."""
+    where = ("--project", "p1", "--region", "us-central1", "--dry-run")
+    image = "us-central1-docker.pkg.dev/p1/bucketlens/job:0.1.0"
+    runs = [
+        ("create_cluster.sh", (*where, "--package", "bucketlens==0.1.0", "--network", "vpc1",
+                               "--subnet", "vpc1-us")),
+        ("submit_job.sh", (*where, "--bucket", "imgs")),
+        ("submit_batch.sh", (*where, "--container-image", image, "--bucket", "imgs", "--network", "vpc1",
+                             "--batch", "bucketlens-1", "--", "--trigger-seconds", "5")),
+        ("submit_batch.sh", (*where, "--container-image", image, "--subnet", "vpc1-us")),
+        ("teardown.sh", (*where, "--delete-staging-bucket", "yes", "--delete-nat-router", "yes",
+                         "--delete-firewall-rule", "yes")),
+    ]
+    lines = []
+    for i, (script, args) in enumerate(runs):
+        d = tmp / f"dry-{i}"
+        d.mkdir()
+        proc, calls = run_script(script, *args, tmp_path=d, env={"BUCKETLENS_SINK": "jsonl"})
+        assert proc.returncode == 0 and calls == [], f"{script} {args}: {proc.stderr}"
+        lines += [shlex.split(line)[1:] for line in proc.stdout.splitlines()]
     return lines
 
 
@@ -200,6 +226,7 @@ EXPECTED_COMMANDS = [
     "storage buckets describe", "storage buckets create", "storage buckets add-iam-policy-binding",
     "storage cp", "compute routers describe", "compute routers create", "compute routers nats list",
     "compute routers nats create", "compute networks subnets describe",
+    "compute firewall-rules describe", "compute firewall-rules create", "compute firewall-rules delete",
     "compute networks subnets update", "dataproc clusters describe", "dataproc clusters create",
     "dataproc clusters update", "dataproc jobs submit pyspark", "dataproc jobs list",
     "dataproc jobs kill", "dataproc clusters delete", "compute routers delete", "storage rm",
@@ -215,6 +242,8 @@ def test_the_recorded_lines_cover_every_gcloud_command_of_the_deployment(checked
     missing = [c for c in EXPECTED_COMMANDS if not any(line.startswith(c + " ") for line in found)]
     assert not missing, f"no recorded line for: {missing}"
     assert any("--public-ip-address" in argv for argv in checked.lines)
+    batches = [argv for argv in checked.lines if argv[:3] == ("dataproc", "batches", "submit")]
+    assert {"--network", "--subnet", "--user-workload-authentication-type"} <= {a for b in batches for a in b}
 
 
 def test_every_gcloud_line_passes_the_real_parser(checked) -> None:

@@ -7,7 +7,9 @@
 #                       a fraction of the size of the CUDA builds on PyPI)
 # The interpreter is the one Spark is configured with, because image 3.0 manages Python with
 # Pixi (3.0.0-RC1: micromamba) where 2.x had conda: PYSPARK_PYTHON from spark-env.sh, else
-# spark.pyspark.python from spark-defaults.conf, else conda's, else python3 on PATH.
+# spark.pyspark.python from spark-defaults.conf. Nothing else: the system python3 is not the
+# one Spark runs, and on Debian 13 it is externally managed (PEP 668) without pip, so a node
+# whose Spark names no interpreter fails here, in one sentence, rather than at the first task.
 # pyspark is deliberately NEVER installed: the image's Spark provides it, and a second copy from
 # PyPI could disagree with the cluster's JVM side. The smoke test imports the job's modules with
 # the image's pyspark and fails the node if that pyspark is outside bucketlens' supported range.
@@ -52,16 +54,12 @@ torch_index=$(metadata torch-index-url)
 [[ -n $package ]] || die "cluster metadata bucketlens-package is not set (see create_cluster.sh)"
 
 python=$(spark_python)
-if [[ -n $python ]]; then
-  resolved=$(command -v "$python" || true)
-  [[ -n $resolved && -x $resolved ]] ||
-    die "Spark's configuration ($spark_conf) names Python '$python', which is not an executable"
-  python=$resolved
-elif [[ -x /opt/conda/default/bin/python ]]; then
-  python=/opt/conda/default/bin/python
-else
-  python=$(command -v python3) || die "no Python interpreter found (Spark names none in $spark_conf)"
-fi
+[[ -n $python ]] ||
+  die "Spark's configuration ($spark_conf) names no Python (PYSPARK_PYTHON in spark-env.sh or spark.pyspark.python in spark-defaults.conf), so the Pixi environment Spark runs cannot be found; use Dataproc image 3.x"
+resolved=$(command -v "$python" || true)
+[[ -n $resolved && -x $resolved ]] ||
+  die "Spark's configuration ($spark_conf) names Python '$python', which is not an executable"
+python=$resolved
 echo "bucketlens init action: installing into $python" >&2
 
 spark_release=$(head -n 1 "$spark_home/RELEASE" 2>/dev/null || true)
@@ -79,26 +77,14 @@ fi
 
 pip=("$python" -m pip install --no-cache-dir --quiet --disable-pip-version-check)
 
-# requirements torch|rest: bucketlens' own requirements, torch/torchvision apart so that they
-# come from their own index; pyspark never (the image's Spark 4 provides it).
-requirements() {
-  "$python" - "$1" <<'PY'
-import re
-import sys
-from importlib.metadata import requires
-
-for req in requires("bucketlens") or []:
-    name = re.split(r"[\s<>=!~;\[(]", req, maxsplit=1)[0].lower()
-    if "extra ==" in req or name == "pyspark":
-        continue
-    if (name in {"torch", "torchvision"}) == (sys.argv[1] == "torch"):
-        print(req.split(";")[0].replace(" ", ""))
-PY
-}
-
+# bucketlens' own requirements (deploy/requirements.py, from the wheel just installed): torch
+# and torchvision apart so that they come from their own index; pyspark never (the image's
+# Spark 4 provides it). The Serverless Dockerfile installs the same lists.
 "${pip[@]}" --no-deps "$package"
-mapfile -t torch_requirements < <(requirements torch)
-mapfile -t other_requirements < <(requirements rest)
+mapfile -t torch_requirements < <("$python" -m deploy.requirements torch)
+mapfile -t other_requirements < <("$python" -m deploy.requirements rest)
+((${#torch_requirements[@]} && ${#other_requirements[@]})) ||
+  die "the installed bucketlens lists no requirements (deploy.requirements); is $package a bucketlens wheel?"
 "${pip[@]}" --index-url "$torch_index" "${torch_requirements[@]}"
 "${pip[@]}" "${other_requirements[@]}"
 
@@ -120,6 +106,11 @@ import pipeline.source  # the Python streaming data source: pyspark 4's API
 import pipeline.stream
 import torch
 import torchvision
+from google.cloud.bigquery_storage_v1 import types, writer  # noqa: F401 — the sink's append path
+
+if not hasattr(types.AppendRowsRequest, "ArrowData"):
+    sys.exit("bucketlens init action: this node's google-cloud-bigquery-storage has no Arrow "
+             "AppendRows (types.AppendRowsRequest.ArrowData), which the sink writes with")
 
 print("bucketlens ready: pyspark", pyspark.__version__, "torch", torch.__version__,
       "torchvision", torchvision.__version__)
