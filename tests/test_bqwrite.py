@@ -66,6 +66,21 @@ def test_append_requests_carry_the_schema_once_and_split_big_batches() -> None:
     assert bqwrite.default_stream("p.d.t") == "projects/p/datasets/d/tables/t/streams/_default"
 
 
+def test_append_requests_are_cut_on_their_serialized_size() -> None:
+    from google.cloud.bigquery_storage_v1 import types
+
+    rows = [row(Settings(), f"{i:04d}-" + "n" * 2000) for i in range(100)]
+    batch = bqwrite.record_batch(rows, FIELDS)
+    reqs = bqwrite.append_requests("projects/p/datasets/d/tables/t/streams/_default", batch,
+                                   max_bytes=50_000)
+    assert max(types.AppendRowsRequest.pb(r).ByteSize() for r in reqs) <= 50_000
+    assert sum(r.arrow_rows.rows.row_count for r in reqs) == 100 and len(reqs) >= 5
+    assert reqs[0].arrow_rows.writer_schema.serialized_schema
+    assert not any(r.arrow_rows.writer_schema.serialized_schema for r in reqs[1:])
+    with pytest.raises(ValueError, match="alone is .* over the 3000-byte limit"):
+        bqwrite.append_requests("s", batch, max_bytes=3000)  # no request could carry one row
+
+
 def test_in_band_append_errors_become_retryable_exceptions() -> None:
     from google.cloud.bigquery_storage_v1 import types
     from google.rpc import status_pb2

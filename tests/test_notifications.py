@@ -110,3 +110,16 @@ def test_dedupe_keeps_first_per_key_and_distinct_generations() -> None:
     c = parse("m3", {**ATTRS, "objectGeneration": "2"}, b"")
     out = dedupe([a, b, c])
     assert [n.message_id for n in out] == ["m1", "m3"]
+
+
+def test_publish_time_in_any_form_is_the_same_instant() -> None:
+    """Aware in any zone, naive (UTC) or epoch microseconds (how the source carries it)."""
+    from datetime import timedelta, timezone
+
+    instant = datetime(2026, 11, 21, 20, 42, 31, tzinfo=UTC)
+    forms = [instant, instant.astimezone(timezone(timedelta(hours=9))),
+             instant.replace(tzinfo=None), 1795293751000000, 1795293751000000.0]
+    got = {parse("m", ATTRS, b"", form).publish_time for form in forms}
+    assert got == {instant}
+    with pytest.raises(PoisonMessage, match="publish_time"):
+        parse("m", ATTRS, b"", 10**20)  # beyond year 9999

@@ -43,6 +43,30 @@ def test_options_parse_and_validate(monkeypatch) -> None:
     with pytest.raises(ValueError, match="between 10 and 600"):
         PubSubOptions.parse({"subscription": "projects/p/subscriptions/s",
                              "ackDeadlineSeconds": "5"})
+    assert o.max_buffered_bytes == source.MAX_BUFFERED_BYTES == 256 * 1024 * 1024
+    assert PubSubOptions.parse({"subscription": "projects/p/subscriptions/s",
+                                "maxBufferedBytes": "1024"}).max_buffered_bytes == 1024
+    with pytest.raises(ValueError, match="maxBufferedBytes must be >= 1"):
+        PubSubOptions.parse({"subscription": "projects/p/subscriptions/s",
+                             "maxBufferedBytes": "0"})
+
+
+def test_publish_time_travels_as_epoch_micros_that_no_time_zone_converts() -> None:
+    """A Spark TIMESTAMP reaches Python as naive local or session-zone time; a number does not
+    (the stream test runs the whole job in two zones)."""
+    from datetime import UTC, datetime
+
+    from google.pubsub_v1 import types
+
+    from pipeline.times import utc
+
+    published = datetime(2026, 11, 21, 20, 42, 31, 123456, tzinfo=UTC)
+    received = types.ReceivedMessage(ack_id="a", message=types.PubsubMessage(
+        data=b"{}", message_id="m", attributes={"k": "v"}, publish_time=published))
+    row = source.message_row(received)
+    assert row[1] == 1795293751123456 and utc(row[1]) == published
+    assert source.SCHEMA.split(", ")[1] == "publish_time long"
+    assert source.message_size(row) == len(b"{}") + len("m") + len("kv")
 
 
 # -- with the emulator and Spark ------------------------------------------------------------
