@@ -37,7 +37,9 @@ class CustomRole:
 
 # roles/dataproc.worker's permissions (IAM roles reference; the seven dataproc.* ones are what
 # Dataproc checks a VM service account for). Its storage.objects.* reach every bucket of the
-# project; the custom worker role below keeps all of it except the object writes.
+# project; the custom worker role below keeps all of it except those: objects are read and
+# written only where a bucket-level grant says so (the watched bucket, the staging bucket, the
+# JSONL output), so no other bucket of the project is readable by the job.
 DATAPROC_WORKER_PERMISSIONS = (
     "dataproc.agents.create", "dataproc.agents.delete", "dataproc.agents.get",
     "dataproc.agents.list", "dataproc.agents.update", "dataproc.tasks.lease",
@@ -50,14 +52,15 @@ DATAPROC_WORKER_PERMISSIONS = (
     "storage.objects.update",
 )
 OBJECT_WRITES = frozenset({"storage.objects.create", "storage.objects.delete", "storage.objects.update"})
+STORAGE_OBJECTS = frozenset(p for p in DATAPROC_WORKER_PERMISSIONS if p.startswith("storage.objects."))
 WORKER_ROLE_ID = "bucketlensDataprocWorker"
 WORKER_ROLE = "projects/{project}/roles/" + WORKER_ROLE_ID  # ``grants`` fills in the project
 CUSTOM_ROLES: Mapping[str, CustomRole] = {
     WORKER_ROLE: CustomRole(
         WORKER_ROLE_ID, "bucketlens Dataproc worker",
-        "roles/dataproc.worker without storage.objects.create/delete/update (made by bucketlens "
-        "deploy): the job writes objects only where a bucket-level grant allows it",
-        tuple(p for p in DATAPROC_WORKER_PERMISSIONS if p not in OBJECT_WRITES)),
+        "roles/dataproc.worker without storage.objects.* (made by bucketlens deploy): the job "
+        "reads and writes objects only where a bucket-level grant allows it",
+        tuple(p for p in DATAPROC_WORKER_PERMISSIONS if p not in STORAGE_OBJECTS)),
 }
 # Granted by deploy/dataproc/create_cluster.sh on the staging bucket it creates (Dataproc's
 # staging and temp files, driver output, the checkpoints): the worker role cannot write them.
@@ -79,12 +82,17 @@ ROLES: Mapping[str, Mapping[str, Mapping[str, str]]] = {
             "roles/pubsub.subscriber": "pull, ack and extend ack deadlines of notifications",
         },
         "dataset": {
-            "roles/bigquery.dataEditor": "create/drop staging tables, load rows, MERGE into targets",
+            "roles/bigquery.dataEditor": "append rows through the Storage Write API and read "
+                                         "keys back (sink_mode append, the default); with "
+                                         "sink_mode merge, create/drop staging tables, load "
+                                         "and MERGE",
         },
         "project": {
-            "roles/bigquery.jobUser": "run the load and MERGE query jobs (billed to the project)",
+            "roles/bigquery.jobUser": "run the key-lookup queries (and, with sink_mode merge, "
+                                      "the load and MERGE jobs), billed to the project",
             WORKER_ROLE: "run as a Dataproc VM (agent, task leases, logs, metrics): "
-                         "`roles/dataproc.worker` minus object create/delete/update",
+                         "`roles/dataproc.worker` minus every `storage.objects.*` permission "
+                         "(objects: bucket-level grants only)",
         },
     },
     GCS_AGENT: {

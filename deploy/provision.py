@@ -170,6 +170,16 @@ def targets(settings: Settings) -> dict[str, str]:
             **({"jsonl_output": iam.jsonl_output(s)} if s.sink == "jsonl" else {})}
 
 
+def tables_row(settings: Settings) -> str:
+    """deploy/README.md's row of the resource table for the tables, from the catalog (a test
+    keeps the two in step): names, day partitioning and clustering on real BigQuery."""
+    layouts = table_layouts(settings).items()
+    parts = [f"`{table_id.rsplit('.', 1)[1]}` (day-partitioned on `{layout.partition_by}`"
+             + (f", clustered by {', '.join(layout.cluster_by)})" if layout.cluster_by else ")")
+             for table_id, layout in layouts]
+    return f"| dataset, table ×{len(parts)} | {'; '.join(parts)} | created |"
+
+
 def view_ids(settings: Settings) -> list[str]:
     """The views ``sink.create_views`` makes, one per ``schemas/views/*.sql``."""
     from pipeline import sink
@@ -391,17 +401,22 @@ def notification_resource(settings: Settings, c: _Clients, *, skip: str = "") ->
     )
 
 
-def resources(settings: Settings, c: _Clients | None = None, *,
-              emulator: bool | None = None) -> list[Resource]:
-    """Every resource bucketlens needs, in creation order (destroy walks it backwards)."""
+def resources(settings: Settings, c: _Clients | None = None, *, emulator: bool | None = None,
+              deployment: Mapping[str, str] | None = None) -> list[Resource]:
+    """Every resource bucketlens needs, in creation order (destroy walks it backwards).
+
+    ``deployment``: the Dataproc scripts' own variables (BUCKETLENS_NETWORK, ...), which are no
+    Settings fields; by default the process environment, as the scripts read it."""
     c = c or _Clients(settings)
+    deployment = os.environ if deployment is None else deployment
     no_gcs_api = on_emulator(settings) if emulator is None else emulator
     no_iam = emulated(settings) if emulator is None else emulator
     return [
         *core_resources(settings, c),
         *iam_resources(settings, c, skip=EMULATOR_IAM if no_iam else ""),
         notification_resource(settings, c, skip=EMULATOR_NOTIFICATION if no_gcs_api else ""),
-        *([] if no_iam else [egress_resource(settings)]),
+        *([] if no_iam else [egress_resource(settings, deployment),
+                             firewall_resource(deployment)]),
     ]
 
 
@@ -416,6 +431,19 @@ def egress_resource(settings: Settings, env: Mapping[str, str] = os.environ) -> 
         note = "create_cluster.sh creates it if missing; --public-ip-address yes instead skips it"
     return Resource("egress", name, exists=lambda: False, create=lambda: None, delete=lambda: None,
                     skip=note)
+
+
+def firewall_resource(env: Mapping[str, str] = os.environ) -> Resource:
+    """The ingress rule between the cluster's VMs that any network but ``default`` lacks,
+    shown by ``plan``; ``deploy/dataproc/create_cluster.sh`` makes it, from the same variables."""
+    name = (f"{env.get('BUCKETLENS_FIREWALL_RULE') or 'bucketlens-internal'} on network "
+            f"{env.get('BUCKETLENS_NETWORK') or 'default'}: tcp, udp, icmp between the VMs "
+            f"tagged {FIREWALL_TAG}")
+    return Resource("firewall", name, exists=lambda: False, create=lambda: None,
+                    delete=lambda: None, skip="create_cluster.sh creates it if missing")
+
+
+FIREWALL_TAG = "bucketlens"  # deploy/dataproc/common.sh NETWORK_TAG (a test keeps them equal)
 
 
 def plan_resources(rs: Sequence[Resource]) -> list[Action]:

