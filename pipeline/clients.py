@@ -93,7 +93,11 @@ def _pubsub_emulator(settings: Settings | None, transport_class: type) -> dict[s
         return {}
     import grpc
 
-    return {"transport": transport_class(host=host, channel=grpc.insecure_channel(host))}
+    # no message-size caps, as the library's own channels have (Pub/Sub messages reach 10 MB,
+    # a pull carries many; gRPC's default receive cap is 4 MiB)
+    options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+    return {"transport": transport_class(host=host,
+                                         channel=grpc.insecure_channel(host, options=options))}
 
 
 def subscriber_client(settings: Settings | None = None) -> pubsub_v1.SubscriberClient:
