@@ -65,7 +65,8 @@ MANIFEST_BYTES = 64 * 1024 * 1024  # a 1,000-class validation confusion matrix i
 # image becomes at most MAX_SIDE x images.MAX_ASPECT * MAX_SIDE pixels before the crop.
 MAX_SIDE = 1024
 INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic")  # what tensors resize with
-MIN_STD = 0.01  # mean and std are of pixel values in [0, 1]; a tiny std blows values up
+MIN_STD = 0.001  # mean and std are of pixel values in [0, 1]; a tiny std blows values up
+# (the smallest a torchvision model uses is 1/255: VGG16_Weights.IMAGENET1K_FEATURES)
 MAX_LABELS = 100_000
 MAX_LABEL_CHARS = 1024
 
@@ -372,7 +373,7 @@ def check_version(version: str, where: str) -> str:
     """``version`` if it is a plain version id; else one sentence (never a path: ``../..``
     in CURRENT or on a command line must not reach outside the location)."""
     if not VERSION_ID.fullmatch(version):
-        raise BundleError(f"{where} names {printable(version, 80)!r}, which is not a model "
+        raise BundleError(f"{where} names '{printable(version, 80)}', which is not a model "
                           "version (12 lowercase hex digits).")
     return version
 

@@ -468,8 +468,10 @@ def plot_embedding_map(m: EmbeddingMap, path: Path) -> dict[str, list]:
            xlabel=f"PC1 ({pc1:.1f} % of variance)", ylabel=f"PC2 ({pc2:.1f} % of variance)")
     ax.grid(alpha=0.3)
     # handles and labels given: a label starting with "_" would otherwise be left out
-    ax.legend(ax.collections, [c.get_label() for c in ax.collections], fontsize=7, loc="best")
-    plotted: dict[str, list] = {"labels": [], "x": [], "y": []}
+    legend = ax.legend(ax.collections, [c.get_label() for c in ax.collections], fontsize=7,
+                       loc="best")
+    plotted: dict[str, list] = {"labels": [], "x": [], "y": [],
+                                "legend": [t.get_text() for t in legend.get_texts()]}
     for collection in ax.collections:
         for x, y in collection.get_offsets():
             plotted["labels"].append(collection.get_label())

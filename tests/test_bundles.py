@@ -146,6 +146,76 @@ def test_watcher_checks_at_most_every_interval_and_keeps_the_model_on_a_broken_v
     assert checked == [Path(v1).name, m2["version"]]  # each accepted version checked once
 
 
+def test_watcher_refuses_a_current_that_leaves_the_location(tmp_path, caplog) -> None:
+    """CURRENT rewritten to reach a good bundle of another location: refused with one log line
+    however often it is read, and the model in use kept."""
+    location = tmp_path / "m"
+    v1, _ = make_bundle(location)
+    make_bundle(tmp_path / "elsewhere", bias=1.0)
+    other = bundles.current_version(str(tmp_path / "elsewhere"), S)
+    clock = Clock()
+    watcher = bundles.Watcher(str(location), S, 1.0, check=lambda uri: bundles.load(uri, S),
+                              clock=clock)
+    assert watcher.current() == v1
+    (location / "CURRENT").write_text(f"../elsewhere/{other}\n")
+    with caplog.at_level(logging.ERROR, logger="bucketlens.bundles"):
+        for step in range(1, 4):
+            clock.now = float(step)
+            assert watcher.current() == v1
+    refusals = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(refusals) == 1 and "which is not a model version" in refusals[0], refusals
+
+
+def test_promote_takes_a_version_id_only(tmp_path) -> None:
+    location = tmp_path / "m"
+    _, m1 = make_bundle(location)
+    make_bundle(tmp_path / "elsewhere", bias=1.0)
+    other = bundles.current_version(str(tmp_path / "elsewhere"), S)
+    with pytest.raises(bundles.BundleError, match="'../elsewhere/[0-9a-f]{12}', which is not a "
+                                                  "model version"):
+        bundles.promote(str(location), f"../elsewhere/{other}", S)
+    assert bundles.current_version(str(location), S) == m1["version"]  # unchanged
+
+
+def test_preprocessing_bounds_admit_every_torchvision_model() -> None:
+    """The bounds refuse what no model needs, and nothing a torchvision model uses."""
+    import torchvision.models as tvm
+
+    from pipeline.images import Preprocess
+
+    seen = 0
+    for name in tvm.list_models():
+        try:
+            enum = tvm.get_model_weights(name)
+        except (ValueError, KeyError):
+            continue
+        for weights in enum:
+            transforms = weights.transforms()
+            if hasattr(transforms, "crop_size"):
+                spec = Preprocess.from_transforms(transforms)
+                assert bundles.preprocess_from_json(bundles.preprocess_to_json(spec)) == spec
+                seen += 1
+    assert seen > 100
+    with pytest.raises(bundles.ManifestError, match="resize must be an integer from 1 to 1024"):
+        bundles.preprocess_from_json({**PRE, "resize": 4096})
+
+
+def test_models_list_shows_an_odd_manifest_rather_than_crashing(tmp_path, capsys) -> None:
+    """Fields only `models list` shows (validation, created) are not part of the version: a
+    hand edit of them still loads, and the list takes them only when of the right type."""
+    from pipeline import cli
+
+    uri, _ = make_bundle(tmp_path / "m", name="pets\x1b[2J")
+    _rewrite(uri, validation=["not", "an", "object"], created={"deep": [[[]]]})
+    assert cli.main(["models", "list", "--json", str(tmp_path / "m")]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert (row["name"], row["created"], row["val_top1"], row["error"]) == (
+        "pets\x1b[2J", None, None, None)
+    assert cli.main(["models", "list", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    assert "pets\\x1b[2J  3 labels  created None  val top-1 None" in out and "\x1b" not in out
+
+
 def test_watcher_without_a_good_version_fails_at_start(tmp_path) -> None:
     location = tmp_path / "m"
     broken, _ = make_bundle(location)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import cli, clients, report
+from pipeline import cli, clients, display, report
 from pipeline.config import Settings
 from tests.helpers.views import T0, load, model_rows, quality_rows, select, timing_rows
 
@@ -120,6 +120,44 @@ def test_tables_format_and_escape() -> None:
     dist = [{"percentile": p, "latency_s": float(p)} for p in range(101)]
     assert [r["percentile"] for r in report.shown_rows("latency_distribution", dist)] == [
         0, 50, 90, 95, 99, 100]
+
+
+def test_markdown_cells_escape_what_a_renderer_would_act_on() -> None:
+    assert display.markdown("no_imagenet_class") == "no_imagenet_class"  # inside a word: literal
+    assert display.markdown("_it_ *b* `c` a|b") == "\\_it\\_ \\*b\\* \\`c\\` a\\|b"
+    assert display.markdown("[x](y) <i> &amp; :skull: $x$ ~~s~~") == (
+        "\\[x\\](y) \\<i\\> \\&amp; \\:skull\\: \\$x\\$ \\~\\~s\\~\\~")
+    assert display.markdown("a\\b\x1b[2J\n") == "a\\\\b\\\\x1b\\[2J\\\\n"
+    # numbers and times are ours: not escaped; strings from a view are
+    row = {"label": "*x*", "n": 0.5, "t": datetime(2024, 1, 2, 3, 4, tzinfo=UTC), "v": None}
+    assert report.markdown_table([row]).splitlines()[-1] == "| \\*x\\* | 0.500 | 2024-01-02 03:04 | n/a |"
+
+
+def test_confusion_rows_past_the_cap_fold_into_other_by_position() -> None:
+    """The most frequent true labels get rows; the rest one "(other)" row. A label that is
+    itself "(other)" keeps its own counts (cells are found by position, not by name)."""
+    rows = [{"true_label": "a", "predicted_label": "x", "images": 5},
+            {"true_label": "b", "predicted_label": "(other)", "images": 3},
+            {"true_label": "(other)", "predicted_label": "y", "images": 1},
+            {"true_label": "c", "predicted_label": "z", "images": 1}]
+    assert report.confusion_matrix(rows, max_columns=2, max_rows=3) == (
+        ["(other)", "a", "b", report.OTHER], ["x", "(other)", report.OTHER],
+        [[0, 0, 1], [5, 0, 0], [0, 3, 0], [0, 0, 1]])
+    assert report.confusion_note(rows, max_columns=2, max_rows=3) == (
+        'Shows 3 of 4 true labels (those with the most images); the other 1 are summed in the '
+        '"(other)" row. Shows 2 of 4 predicted classes (the shown labels\' own, then the most '
+        'frequent); the other 2 are summed in the "(other)" column.')
+    assert report.confusion_note(rows) == ""  # all shown: nothing to say
+
+
+def test_accuracy_bars_and_version_steps_are_bounded() -> None:
+    rows = [acc_row(f"l{i}", "own_label", 1 + i, 1, 1) for i in range(5)]
+    assert report.accuracy_bars(rows, max_labels=2)[0] == ["l3", "l4"]  # most classified
+    assert report.accuracy_note(rows, max_labels=2).startswith("Shows 2 of 5 scored labels")
+    versions = [{"model": "m", "model_version": f"v{i}", "first_processed_at": minute(i),
+                 "top1_accuracy": 0.5} for i in range(5)]
+    assert report.version_steps(versions, max_versions=2)[0] == ["m v3", "m v4"]  # newest
+    assert report.versions_note(versions, max_versions=2).startswith("Shows 2 of 5 model versions")
 
 
 def test_select_sql_names_the_view_and_limits() -> None:
