@@ -18,17 +18,21 @@ import subprocess
 import sys
 import time
 import zlib
+from datetime import timedelta
 from functools import cache
+from html import unescape
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from pipeline import images, stream
+from pipeline import bundles, display, images, report, similar, stream
 from pipeline.config import Settings
-from pipeline.names import InvalidName, InvalidSetting
+from pipeline.names import InvalidName, InvalidSetting, printable
 from pipeline.sink import EVENT_KEY, build_row, dead_letter_record, event_record, to_ndjson
 from tests.helpers import hostile_images as hi
 from tests.helpers.hostile import BUCKET, NOTIFICATIONS
+from tests.helpers.views import T0
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -620,3 +624,329 @@ def test_bucketlens_classify_refuses_a_progressive_jpeg_within_2_s(tmp_path) -> 
           f"(photo alone {baseline_rss / 2**20:.0f} MiB)")
     assert t1 - t0 < 2.0  # the done-when's bound, from the photo's row to the bomb's
     assert rss <= baseline_rss + EXTRA_RSS
+
+
+# ------ uploader- and bundle-chosen text, and tampered bundles (issue 24, items 5 and 6)
+
+# (case, text): a true label (folder name or x-goog-meta-true_label) an uploader chose, and as
+# well the model name and labels a bundle's manifest chose. Every one is shown as typed in the
+# terminal tables, the plots and report.md (control characters as \x1b etc., pipeline.names).
+LABELS: list[tuple[str, str]] = [
+    ("rich closing tag", "[/x]"),
+    ("rich style", "[bold red]alarm[/]"),
+    ("rich link", "[link=https://evil.example]click me[/link]"),
+    ("emoji code", ":skull:"),
+    ("mathtext", r"$\foo$"),
+    ("deep braces", "$" + "{" * 500 + "x" + "}" * 500 + "$"),
+    ("terminal escapes", "\x1b[2J\x1b[31mred"),
+    ("OSC 8 hyperlink", "\x1b]8;;https://evil.example\x07x\x1b]8;;\x07"),
+    ("bidi override", "abc\u202edef"),
+    ("newline", "two\nlines"),
+    ("markdown code and pipe", "`rm -rf /` | x"),
+    ("markdown link", "[x](https://evil.example)"),
+    ("markdown image", "![x](https://evil.example/t.png)"),
+    ("inline html", "<img src=x onerror=alert(1)>"),
+    ("html entity", "&lt;b&gt; &amp;"),
+    ("emphasis", "*bold* _it_"),
+    ("legend-hidden", "_nolegend_"),
+]
+LABEL_IDS = [c[0] for c in LABELS]
+
+
+def label_results(label: str) -> dict[str, list[dict]]:
+    """The report's views as if ``label`` were a true label, a model's own label and its name."""
+    results: dict[str, list[dict]] = {q.view: [] for q in report.QUERIES}
+    results["accuracy_by_label"] = [{"true_label": label, "mapping": "own_label", "images": 2,
+                                     "classified": 2, "top1_correct": 1, "top5_correct": 2}]
+    results["accuracy_by_model_version"] = [{"model": label, "model_version": label,
+                                             "first_processed_at": T0, "top1_accuracy": 0.5}]
+    results["confusion_counts"] = [
+        {"true_label": label, "true_model_label": label, "predicted_label": label, "images": 1},
+        {"true_label": label, "true_model_label": label, "predicted_label": "cat", "images": 1}]
+    return results
+
+
+def rendered(page: str) -> tuple[list[str], list[str]]:
+    """The text of every table cell and every emphasised paragraph as a Markdown renderer
+    shows them (CommonMark and tables; rich depends on markdown-it-py)."""
+    from markdown_it import MarkdownIt
+
+    html = MarkdownIt("commonmark").enable("table").render(page)
+    cells = re.findall(r"<td>(.*?)</td>", html, flags=re.S)
+    notes = re.findall(r"<p><em>(.*?)</em></p>", html, flags=re.S)
+    assert all("<" not in c for c in cells + notes), html  # no tag: no link, image, code, em
+    return [unescape(c) for c in cells], [unescape(n) for n in notes]
+
+
+@pytest.mark.parametrize(("case", "label"), LABELS, ids=LABEL_IDS)
+def test_hostile_label_is_shown_literally_by_every_renderer(case: str, label: str,
+                                                            tmp_path: Path) -> None:
+    from rich.console import Console
+
+    results = label_results(label)
+    shown = printable(label)
+
+    buf = io.StringIO()
+    report.print_tables(results, Console(file=buf, width=4000))
+    terminal = buf.getvalue()
+    assert shown in terminal and not re.search(r"[\x00-\x08\x0b-\x1f\x7f\u202e]", terminal)
+
+    plots = {p.name: p.plotted for p in report.render_plots(results, tmp_path)}
+    assert set(plots) == {"accuracy", "accuracy_by_version", "confusion"}
+    assert {p.name for p in tmp_path.iterdir()} == {f"{n}.png" for n in plots}
+    drawn = display.plot_label(label)
+    assert plots["accuracy"]["labels"] == [drawn]
+    assert plots["confusion"]["rows"] == [drawn] and drawn in plots["confusion"]["columns"]
+    assert plots["accuracy_by_version"]["versions"] == [
+        display.plot_label(report.version_label(label, label))]
+    emb = similar.EmbeddingMap(rows=[{"label": label, "model": label, "model_version": "v"}] * 3,
+                               points=np.zeros((3, 2)), explained=np.array([0.5, 0.25]), total=3)
+    assert report.plot_embedding_map(emb, tmp_path / "map.png")["legend"] == [drawn]
+
+    page = report.markdown_report(results, [], Settings(), T0, map_text=f"model {label}")
+    cells, emphasised = rendered(page)
+    assert cells[0] == shown  # accuracy by true label: the label's own cell
+    assert cells.count(shown) == 1 + 2 + 5  # and model/version, and the confusion counts
+    note = printable(f"model {label}", 2000)  # the map's note (and "no rows" of empty tables)
+    assert set(emphasised) == {note, "no rows"}
+
+
+def labelled_rows(settings: Settings, labels: list[str]) -> list[dict]:
+    """Two rows per label, as the sink builds them: a hit and a miss by a model (a bundle)
+    whose own labels, and name, are ``labels``; each label the objects' x-goog-meta-true_label."""
+    from pipeline.labels import OWN_LABELS, ModelInfo
+    from pipeline.notifications import Notification, ObjectKey
+
+    model = ModelInfo(labels[0], "0123456789ab", OWN_LABELS, tuple(labels))
+    rows = []
+    for i, label in enumerate(labels):
+        for j, predicted in enumerate((i, (i + 1) % len(labels))):
+            at = T0 + timedelta(seconds=10 * i + j)
+            note = Notification(ObjectKey(settings.bucket, f"up/{i}-{j}.jpg", 1), "OBJECT_FINALIZE",
+                                event_time=at - timedelta(seconds=2), publish_time=at,
+                                metadata={"true_label": label})
+            rows.append(build_row(note, status="ok", model=model, batch_id=0, processed_at=at,
+                                  topk=[(predicted, labels[predicted], 0.9)]))
+    return rows
+
+
+@pytest.mark.integration
+def test_report_on_hostile_labels_writes_every_file_plain_labels_do(
+        isolated: Settings, tmp_path: Path, monkeypatch, capsys) -> None:
+    """`bucketlens report` against bqemulator, on a table whose true labels, model name and
+    model labels are LABELS, and on one with plain labels: the same files, nothing raw printed."""
+    from deploy import provision
+    from pipeline import cli
+    from tests.helpers.views import load
+
+    plain = isolated.replace(dataset=f"{isolated.dataset}_plain")
+    provision.apply(plain)
+    written = {}
+    for settings, labels in ((plain, [f"label{i}" for i in range(len(LABELS))]),
+                             (isolated, [text for _, text in LABELS])):
+        load(settings, labelled_rows(settings, labels))
+        for k, v in settings.as_env().items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.setenv("COLUMNS", "200")
+        out = tmp_path / settings.dataset
+        args = cli.build_parser().parse_args(["report", "--out", str(out)])
+        assert args.func(args) == 0
+        printed = capsys.readouterr().out
+        assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f\u202e]", printed), printed
+        written[settings is plain] = sorted(p.name for p in out.iterdir())
+        assert {"report.md", "accuracy.png", "confusion.png"} <= set(written[settings is plain])
+    assert written[False] == written[True]
+    page = (tmp_path / isolated.dataset / "report.md").read_text()
+    cells, _ = rendered(page)
+    assert {printable(text) for _, text in LABELS} <= set(cells)
+
+
+# (case, file name): what `bucketlens classify` prints in its table, as it is on disk.
+FILE_NAMES: list[tuple[str, str]] = [
+    ("rich closing tag", "[/x].jpg"),
+    ("rich link", "[link=https://evil.example]cat[/link].jpg"),
+    ("emoji code", ":skull:.jpg"),
+    ("terminal escapes", "\x1b[2J\x1b[31mred.jpg"),
+    ("bidi override", "gpj.\u202eexe"),
+]
+
+
+@pytest.mark.parametrize(("case", "name"), FILE_NAMES, ids=[c[0] for c in FILE_NAMES])
+def test_hostile_file_name_in_the_classify_table(case: str, name: str, monkeypatch,
+                                                 capsys) -> None:
+    from pipeline import classify
+
+    monkeypatch.setenv("COLUMNS", "1000")
+    classify._print_table([{"path": f"/in/{name}", "status": "ok", "top1_label": name,
+                            "top1_prob": 0.9, "top5": [(name, 0.9), (name, 0.05)],
+                            "reason": None}])
+    out = capsys.readouterr().out
+    assert out.count(printable(name)) == 3 and not re.search(r"[\x00-\x1f\u202e]", out.replace(
+        "\n", "")), out
+
+
+# (case, --prefix): the backfill's progress line shows it; it once was the column's format.
+PREFIXES: list[tuple[str, str]] = [
+    ("format index", "{0}/"),
+    ("format field", "{task.fields[listed]}/"),
+    ("rich closing tag", "[/x]/"),
+    ("rich style", "[red]x[/]/"),
+    ("rich link", "[link=https://evil.example]x[/link]/"),
+    ("terminal escapes", "\x1b[2Jx/"),
+]
+
+
+@pytest.mark.parametrize(("case", "prefix"), PREFIXES, ids=[c[0] for c in PREFIXES])
+def test_hostile_backfill_prefix_is_shown_literally(case: str, prefix: str, monkeypatch,
+                                                    capsys) -> None:
+    from pipeline import backfill
+
+    monkeypatch.setenv("COLUMNS", "1000")
+    with backfill._progress(f"backfill gs://b/{prefix}", enabled=True) as show:
+        show(backfill.BackfillSummary(listed=7), "listing")
+    err = capsys.readouterr().err
+    assert f"backfill gs://b/{printable(prefix)} 7 listed" in err, err
+
+
+def test_many_labels_are_bounded_and_the_caption_says_so(tmp_path: Path) -> None:
+    """1,500 distinct labels (uploaders choose how many): the plots draw the most frequent and
+    say so, in a figure of bounded size (before, one heatmap took 12 s or more)."""
+    n = 1500
+    results: dict[str, list[dict]] = {q.view: [] for q in report.QUERIES}
+    results["confusion_counts"] = [{"true_label": f"l{i}", "true_model_label": f"p{i}",
+                                    "predicted_label": f"p{i}", "images": 1 + i % 7}
+                                   for i in range(n)]
+    results["accuracy_by_label"] = [{"true_label": f"l{i}", "mapping": "own_label",
+                                     "classified": 1 + i % 7, "top1_correct": 1,
+                                     "top5_correct": 1} for i in range(n)]
+    plots = {p.name: p for p in report.render_plots(results, tmp_path)}
+    conf, acc = plots["confusion"], plots["accuracy"]
+    assert len(conf.plotted["rows"]) == report.MAX_PLOT_LABELS + 1
+    assert conf.plotted["rows"][-1] == report.OTHER
+    assert sum(map(sum, conf.plotted["matrix"])) == sum(1 + i % 7 for i in range(n))
+    assert len(acc.plotted["labels"]) == report.MAX_PLOT_LABELS
+    assert "Shows 30 of 1,500 true labels" in conf.caption
+    assert "Shows 30 of 1,500 scored labels" in acc.caption
+    for p in (conf, acc):
+        width, height = struct.unpack(">II", p.path.read_bytes()[16:24])  # PNG IHDR
+        assert width * height < 8_000_000, (p.name, width, height)
+    page = report.markdown_report(results, list(plots.values()), Settings(), T0)
+    assert "Shows 30 of 1,500 true labels" in page and page.count("| l") == 2 * n  # tables: all
+
+
+# (case, how a model location is tampered with, a part of the one sentence that refuses it).
+# A location holds two good versions (CURRENT names the first) and a good one elsewhere; each
+# tampering is refused where the stream, `classify --model` and `backfill` start: resolve+load.
+
+
+def _manifest(location: Path, version: str) -> tuple[Path, dict]:
+    path = location / version / "bundle.json"
+    return path, json.loads(path.read_text())
+
+
+def _edit(**fields: object):
+    """Change manifest fields of CURRENT's version in place, under its old version id."""
+    def tamper(location: Path, versions: list[str], elsewhere: Path) -> None:
+        path, m = _manifest(location, versions[0])
+        for dotted, value in fields.items():
+            *parents, key = dotted.split("__")
+            target = m
+            for p in parents:
+                target = target[p]
+            if value is DELETE:
+                del target[key]
+            else:
+                target[key] = value
+        path.write_text(json.dumps(m))
+    return tamper
+
+
+def _raw_manifest(text: str):
+    def tamper(location: Path, versions: list[str], elsewhere: Path) -> None:
+        (location / versions[0] / "bundle.json").write_text(text)
+    return tamper
+
+
+def _current(text: str | bytes):
+    def tamper(location: Path, versions: list[str], elsewhere: Path) -> None:
+        data = text.encode() if isinstance(text, str) else text
+        (location / "CURRENT").write_bytes(data)
+    return tamper
+
+
+def _current_outside(location: Path, versions: list[str], elsewhere: Path) -> None:
+    other = bundles.current_version(str(elsewhere), Settings())
+    (location / "CURRENT").write_text(f"../{elsewhere.name}/{other}\n")
+
+
+def _head_outside(location: Path, versions: list[str], elsewhere: Path) -> None:
+    """head.file reaches another bundle's weights (its digest copied: the checksum holds)."""
+    other = bundles.current_version(str(elsewhere), Settings())
+    path, m = _manifest(location, versions[0])
+    _, theirs = _manifest(elsewhere, other)
+    m["head"] = {"file": f"../../{elsewhere.name}/{other}/head.safetensors",
+                 "sha256": theirs["head"]["sha256"]}
+    path.write_text(json.dumps(m))
+
+
+def _renamed(location: Path, versions: list[str], elsewhere: Path) -> None:
+    """The second version copied under the first's id (CURRENT still names the first)."""
+    import shutil
+
+    shutil.rmtree(location / versions[0])
+    shutil.copytree(location / versions[1], location / versions[0])
+
+
+DELETE = object()
+BUNDLES: list[tuple[str, object, str]] = [
+    ("labels changed under the old version", _edit(labels=["cat", "dog", "wolf"]),
+     "not the {v0} its manifest claims"),
+    ("preprocessing changed under the old version", _edit(preprocess__crop=200),
+     "not the {v0} its manifest claims"),
+    ("base changed under the old version", _edit(base__model="resnet152"),
+     "not the {v0} its manifest claims"),
+    ("resize of 10^9", _edit(preprocess__resize=10**9),
+     "preprocess.resize must be an integer from 1 to 1024"),
+    ("resize of infinity", _edit(preprocess__resize=float("inf")),
+     "preprocess.resize must be an integer from 1 to 1024, not Infinity"),
+    ("crop beyond resize", _edit(preprocess__crop=512), "preprocess.crop must be an integer"),
+    ("two-channel mean", _edit(preprocess__mean=[0.5, 0.5]), "preprocess.mean must be 3 numbers"),
+    ("zero std", _edit(preprocess__std=[0.0, 0.5, 0.5]), "preprocess.std must be 3 numbers"),
+    ("NaN std", _edit(preprocess__std=[float("nan"), 0.5, 0.5]), "preprocess.std must be 3 numbers"),
+    ("PIL-only interpolation", _edit(preprocess__interpolation="lanczos"),
+     "preprocess.interpolation must be one of"),
+    ("duplicate labels", _edit(labels=["cat", "cat", "dog"]), "distinct strings"),
+    ("no name", _edit(name=DELETE), "name must be a string"),
+    ("not an object", _raw_manifest("[]"), "not a JSON object"),
+    ("deeply nested", _raw_manifest("[" * 100_000 + "]" * 100_000), "nested too deeply"),
+    ("head file outside the bundle", _head_outside, "head.file must be a plain file name"),
+    ("another version under this id", _renamed, "not the {v0} its directory is named for"),
+    ("CURRENT climbs out", _current_outside, "which is not a model version"),
+    ("CURRENT is a path", _current("../../../etc\n"), "which is not a model version"),
+    ("CURRENT with escapes", _current("\x1b[2J\x1b]8;;x\x07"), "\\x1b[2J"),
+    ("CURRENT of a megabyte", _current(b"0" * 2**20), "larger than 1,024 bytes"),
+]
+
+
+@pytest.mark.parametrize(("case", "tamper", "says"), BUNDLES, ids=[c[0] for c in BUNDLES])
+def test_tampered_bundle_is_refused_in_one_sentence(case, tamper, says, tmp_path: Path,
+                                                    monkeypatch, capsys) -> None:
+    from pipeline import cli
+    from tests.test_bundles import make_bundle
+
+    location, elsewhere = tmp_path / "m", tmp_path / "elsewhere"
+    versions = [make_bundle(location)[1]["version"], make_bundle(location, bias=1.0)[1]["version"]]
+    make_bundle(elsewhere, bias=2.0)
+    tamper(location, versions, elsewhere)
+    with pytest.raises(bundles.BundleError) as caught:
+        bundles.load(bundles.resolve(str(location), Settings()).uri, Settings())
+    message = str(caught.value)
+    assert says.format(v0=versions[0]) in message, message
+    assert message.isprintable() and message.endswith("."), message  # one sentence, escaped
+
+    # `models list` still lists every version, one line each, escapes shown as \x1b
+    monkeypatch.delenv("BUCKETLENS_MODEL", raising=False)
+    assert cli.main(["models", "list", str(location)]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == len(bundles.list_versions(str(location), Settings()))
+    assert out.replace("\n", "").isprintable() and err.replace("\n", "").isprintable()
