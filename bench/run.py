@@ -52,6 +52,8 @@ from pathlib import Path
 from typing import Any
 
 import classify_bench  # bench/ is sys.path[0]: `python bench/run.py`
+import fieldproxy
+import rehearsal
 import seed_style
 from pyspark import cloudpickle
 from rich.console import Console
@@ -154,25 +156,34 @@ def tree_cpu_seconds(stats: dict[int, tuple[int, int]], roots: set[int]) -> floa
 
 class CpuShare:
     """Shares of the machine's cores used by the emulators, by this process (driver Python and
-    producer) and by its descendants (Spark's JVM and Python workers), from /proc."""
+    producer) and by its descendants (Spark's JVM and Python workers), from /proc.
+
+    ``others``: helper processes of the bench (the field rehearsal's proxy and producer) whose
+    trees are neither the product nor the emulators; with them apart, ``product`` is the
+    driver's Python (foreachBatch), Spark's JVM and its Python workers only."""
 
     def __init__(self, emulator_pids: set[int], cores: int) -> None:
         self.emulators, self.cores = emulator_pids, cores
+        self.others: set[int] = set()
 
-    def snapshot(self) -> tuple[float, float, float, float]:
+    def snapshot(self) -> tuple[float, ...]:
         stats, me = _proc_stats(), os.getpid()
         return (time.monotonic(), tree_cpu_seconds(stats, self.emulators),
-                tree_cpu_seconds(stats, {me}), stats.get(me, (0, 0))[1] / os.sysconf("SC_CLK_TCK"))
+                tree_cpu_seconds(stats, {me}), stats.get(me, (0, 0))[1] / os.sysconf("SC_CLK_TCK"),
+                tree_cpu_seconds(stats, self.others))
 
-    def seconds(self, before: tuple[float, float, float, float]) -> dict[str, float]:
+    def seconds(self, before: tuple[float, ...]) -> dict[str, float]:
         """CPU seconds per group since ``before``, and the wall seconds (``wall``)."""
         after = self.snapshot()
-        emu, tree, own = (after[i] - before[i] for i in (1, 2, 3))
-        return {"emulators": emu,  # they are our children too
-                "driver_and_producer": own,
-                "spark_jvm_and_workers": tree - own - emu, "wall": after[0] - before[0]}
+        emu, tree, own, others = (after[i] - before[i] for i in (1, 2, 3, 4))
+        out = {"emulators": emu,  # they are our children too
+               "driver_and_producer": own,
+               "spark_jvm_and_workers": tree - own - emu - others, "wall": after[0] - before[0]}
+        if self.others:  # the producer runs apart: this process is the driver alone
+            out.update(bench_helpers=others, product=tree - emu - others)
+        return out
 
-    def since(self, before: tuple[float, float, float, float]) -> dict[str, float]:
+    def since(self, before: tuple[float, ...]) -> dict[str, float]:
         used = self.seconds(before)
         capacity = used.pop("wall") * self.cores
         return {k: round(v / capacity, 3) for k, v in used.items()}
@@ -223,11 +234,13 @@ def r3(x: float | None) -> float | None:
     return None if x is None else round(float(x), 3)
 
 
-def sample_blobs() -> tuple[list, list[bytes]]:
-    """The bundled sample photos: replay items and their JPEG bytes (what GCS will serve)."""
+def sample_blobs(mix: Path | None = None) -> tuple[list, list[bytes]]:
+    """The bundled sample photos — or, with ``mix`` (a directory to write), the field mix: those
+    photos and as many camera-sized JPEGs made from them — as replay items and their JPEG bytes
+    (what GCS will serve)."""
     from producer.datasets import discover, sample_dataset
 
-    items = discover(sample_dataset())
+    items = discover(rehearsal.field_mix(mix, sample_dataset()) if mix else sample_dataset())
     return items, [i.path.read_bytes() for i in items]
 
 
@@ -258,15 +271,15 @@ def _ceiling_worker(index: int, settings: Settings, blobs: list[bytes], barrier:
     out.put({"ready": index})
     while (cmd := commands.get()) is not None:
         barrier.wait()
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         n = 0
         while time.perf_counter() - started < cmd["seconds"]:
             handler.run_inference(blobs)
             n += len(blobs)
-        elapsed = time.perf_counter() - started
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
         decode = classify_bench.per_call(lambda: [handler.preprocess(b) for b in blobs], 1.0,
                                          rounds=1)
-        result = {"index": index, "img_s": n / elapsed, "threads": threads,
+        result = {"index": index, "img_s": n / elapsed, "threads": threads, "n": n, "cpu_s": cpu,
                   "decode_ms": 1000 * decode / len(blobs)}
         barrier.wait()  # every slot has finished measuring
         if index == 0 and cmd["single"]:
@@ -325,6 +338,8 @@ class Ceiling:
             "img_s": sum(r["img_s"] for r in results),
             "per_process_img_s": [round(r["img_s"], 2) for r in results],
             "decode_ms": sum(r["decode_ms"] for r in results) / len(results),
+            # CPU of decode + preprocess + model per image (process time: all its threads)
+            "cpu_s_per_image": sum(r["cpu_s"] for r in results) / sum(r["n"] for r in results),
             "threads": results[0]["threads"], "processes": len(results), "loadavg": loadavg(),
         }
         if single:
@@ -354,24 +369,25 @@ class TimedSink:
         self._lookup = 0.0
         self.by_batch: dict[int, dict[str, float]] = {}
 
-    def existing_keys(self, keys: Sequence[Any]) -> set:
+    def existing_keys(self, keys: Sequence[Any], **kwargs: Any) -> set:
         started = time.perf_counter()
         try:
-            return self.inner.existing_keys(keys)
+            return self.inner.existing_keys(keys, **kwargs)
         finally:
             self._lookup = time.perf_counter() - started
 
-    def write(self, rows: Sequence[dict], batch_id: int) -> int:
+    def write(self, rows: Sequence[dict], batch_id: int, **kwargs: Any) -> int:
         started = time.perf_counter()
         try:
-            return self.inner.write(rows, batch_id)
+            return self.inner.write(rows, batch_id, **kwargs)
         finally:
             self.by_batch[batch_id] = {"lookup_s": self._lookup,
                                        "merge_s": time.perf_counter() - started}
             self._lookup = 0.0
 
-    def write_dead_letters(self, records: Sequence[dict], batch_id: int) -> int:
-        return self.inner.write_dead_letters(records, batch_id)
+    def __getattr__(self, name: str) -> Any:
+        """Every other call of the sink (dead letters, events, …) goes to the real one."""
+        return getattr(self.inner, name)
 
 
 class TimedBatches:
@@ -620,10 +636,13 @@ def event_latencies(seen: Seen) -> list[float]:
 
 
 def probe_rate(items: list, settings: Settings, poller: Poller, query: Any, batches: Any,
-               cpu: CpuShare, rate_: float, seconds: float, prefix: str, timeout: float
-               ) -> dict[str, Any]:
+               cpu: CpuShare, rate_: float, seconds: float, prefix: str, timeout: float,
+               producer: rehearsal.ProducerProcess | None = None,
+               proxy: fieldproxy.FieldProxy | None = None) -> dict[str, Any]:
     """Upload at ``rate_`` for ``seconds``; kept up = p95 latency < P95_BOUND_S and the backlog
-    (uploaded − inserted) never passed BEHIND_S seconds of uploads (the probe then stops)."""
+    (uploaded − inserted) never passed BEHIND_S seconds of uploads (the probe then stops).
+    With ``producer`` the uploads come from that process (the CPU of this one is then the
+    driver's alone); with ``proxy`` its call counts over the probe are reported."""
     from pipeline.metrics import percentile
 
     since, stop, done = batches.inserted, threading.Event(), threading.Event()
@@ -635,34 +654,48 @@ def probe_rate(items: list, settings: Settings, poller: Poller, query: Any, batc
 
     def produce() -> None:
         try:
-            box["summary"] = upload(items, settings, prefix, rate_=rate_, duration=seconds,
-                                    seed=7, on_result=on_result, stop=stop)
+            if producer is not None:
+                box["summary"] = producer.run(prefix, rate_, seconds, seed=7)
+            else:
+                s = upload(items, settings, prefix, rate_=rate_, duration=seconds, seed=7,
+                           on_result=on_result, stop=stop)
+                box["summary"] = {"uploaded": s.uploaded, "seconds": s.seconds}
         except BaseException as exc:  # noqa: BLE001 — re-raised below
             box["error"] = exc
         finally:
             done.set()
 
+    def count() -> int:
+        return producer.uploaded if producer is not None else uploaded[0]
+
     before, max_backlog = cpu.snapshot(), 0
+    calls_before = proxy.counts() if proxy else {}
     threading.Thread(target=produce, name="bench-sustain-producer", daemon=True).start()
     while not done.wait(0.2):
-        backlog = uploaded[0] - (batches.inserted - since)
+        backlog = count() - (batches.inserted - since)
         max_backlog = max(max_backlog, backlog)
         if backlog > rate_ * BEHIND_S:
             stop.set()
+            if producer is not None:
+                producer.stop.set()
     if "error" in box:
         raise box["error"]
     summary, seen = box["summary"], Seen()
-    poller.wait(prefix, seen, summary.uploaded, query, batches, since, timeout, label=prefix)
+    poller.wait(prefix, seen, summary["uploaded"], query, batches, since, timeout, label=prefix)
     used = cpu.seconds(before)
     lat = event_latencies(seen)
     p95 = percentile(lat, 95)
-    offered = rate(summary.uploaded, min(seconds, max(1e-9, summary.seconds)))
+    offered = rate(summary["uploaded"], min(seconds, max(1e-9, summary["seconds"])))
     kept = (not stop.is_set() and p95 is not None and p95 < P95_BOUND_S
-            and summary.uploaded >= 0.9 * rate_ * seconds)
-    return {"rate": round(rate_, 2), "kept_up": kept, "uploaded": summary.uploaded,
-            "offered_img_s": r3(offered), "p50_s": r3(percentile(lat, 50)), "p95_s": r3(p95),
-            "max_backlog": max_backlog, "stopped_early": stop.is_set(),
-            "cpu_s": {k: round(v, 2) for k, v in used.items()}}
+            and summary["uploaded"] >= 0.9 * rate_ * seconds)
+    out = {"rate": round(rate_, 2), "kept_up": kept, "uploaded": summary["uploaded"],
+           "offered_img_s": r3(offered), "p50_s": r3(percentile(lat, 50)), "p95_s": r3(p95),
+           "max_backlog": max_backlog, "stopped_early": stop.is_set(),
+           "cpu_s": {k: round(v, 2) for k, v in used.items()}}
+    if proxy is not None:  # calls the stream made while this probe's rows went through
+        out["batches"] = len({int(r["batch_id"]) for r in seen.rows.values()})
+        out["calls"] = fieldproxy.diff(proxy.counts(), calls_before)
+    return out
 
 
 def find_sustained(probe: Callable[[float], dict[str, Any]], estimate: float, probes: int
@@ -923,8 +956,18 @@ class Bench:
         self.run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="bucketlens-bench-"))
         console.rule("[bold]bucketlens bench")
         console.log(f"machine: {self.o['machine']}; load {self.o['loadavg_start']}")
-        self.items, self.blobs = sample_blobs()
+        self.items, self.blobs = sample_blobs(self.run_dir / "field-mix" if args.field else None)
         self.settings = Settings.from_env()
+        self.stream_settings = self.settings  # the stream's endpoints (the proxy's, in --field)
+        if args.field:
+            camera = [len(b) for i, b in zip(self.items, self.blobs, strict=True)
+                      if re.search(r"-\d+x\d+$", i.path.stem)]
+            self.o["field_mix"] = {
+                "uploads": len(self.items), "camera_sized": len(camera),
+                "camera_sizes": [f"{w}x{h}" for w, h in rehearsal.CAMERA_SIZES],
+                "camera_kb": [round(min(camera) / 1024), round(max(camera) / 1024)]}
+        self.proxy: fieldproxy.FieldProxy | None = None
+        self.producer: rehearsal.ProducerProcess | None = None
         self.slots = task_slots(self.settings.spark_master)
         # The ceiling's processes import torch while the emulators start.
         s = self.settings
@@ -948,6 +991,9 @@ class Bench:
         self.stop_query()
         if self.spark is not None:
             self.spark.stop()
+        for helper in (self.producer, self.proxy):
+            if helper is not None:
+                helper.close()
         localstack.down(self.run_dir)
         if self.own_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -966,12 +1012,38 @@ class Bench:
         stack = localstack.up(self.run_dir, self.settings)  # stops what it started if it fails
         self.cpu = CpuShare({svc.pid for svc in stack.services.values()}, os.cpu_count() or 1)
         self.environment.enter_context(localstack.environment(stack.env()))
-        self.settings = Settings.from_env()
+        self.settings = self.stream_settings = Settings.from_env()
+        if self.args.field:
+            self.start_field()
         self.r.phase("stack", t)
         self.o["model"] = self.settings.model
         self.o["settings"] = {k: getattr(self.settings, k) for k in (
             "spark_master", "trigger_seconds", "max_messages_per_batch", "batch_size",
             "fetch_threads", "num_partitions", "torch_threads")}
+
+    def start_field(self) -> None:
+        """The field rehearsal's helpers: the latency proxy in front of fake-gcs-server and
+        bqemulator (REST and Storage Write), whose ports the stream's settings then name, and
+        the producer's own process. The producer and the poller keep the direct endpoints."""
+        from urllib.parse import urlsplit
+
+        s = self.settings
+        gcs, bq = urlsplit(s.storage_emulator_host), urlsplit(s.bq_endpoint)
+        grpc_host, _, grpc_port = s.bq_storage_endpoint.rpartition(":")
+        self.proxy = fieldproxy.FieldProxy({"gcs": (gcs.hostname, gcs.port),
+                                            "bq": (bq.hostname, bq.port),
+                                            "grpc": (grpc_host, int(grpc_port))},
+                                           {**fieldproxy.LATENCY, **self.args.field_latency}
+                                           ).start()
+        ports = self.proxy.ports
+        self.stream_settings = s.replace(
+            storage_emulator_host=f"http://127.0.0.1:{ports['gcs']}",
+            bq_endpoint=f"http://127.0.0.1:{ports['bq']}",
+            bq_storage_endpoint=f"127.0.0.1:{ports['grpc']}")
+        self.producer = rehearsal.ProducerProcess(self.items, s)
+        self.cpu.others = {self.proxy.process.pid, self.producer.process.pid}
+        self.o["field_latency_added_s"] = self.proxy.latency
+        console.log(f"field proxy on {ports} (latency per call {self.proxy.latency})")
 
     def ceiling_before_spark(self) -> dict[str, Any]:
         """(a) the ceiling, first taken before any JVM of ours runs."""
@@ -990,13 +1062,14 @@ class Bench:
 
         t = time.monotonic()
         console.log("starting Spark and the stream …")
-        s = self.settings
+        s = self.stream_settings
         self.spark = session(s.spark_master, app="bucketlens-bench",
                              conf={"spark.sql.streaming.numRecentProgressUpdates": "1000",
                                    "spark.ui.showConsoleProgress": "false"})
         self.sink = TimedSink(make_sink(s.sink, s))
         self.batches = TimedBatches(stream.BatchProcessor(s, sink=self.sink))
         self.query, _ = stream.start(s, spark=self.spark, processor=self.batches)
+        s = self.settings  # uploads and polls go straight to the emulators
         self.poller = Poller(s)
         warm = max(2 * self.slots, min(len(self.items), 10))
         upload(self.items, s, "warmup", limit=warm, rate_=1000, seed=1)
@@ -1078,7 +1151,7 @@ class Bench:
         from pipeline import stream
 
         self.stop_query()
-        s = self.settings
+        s = self.stream_settings
         self.query = (stream.messages(self.spark, s).writeStream.foreachBatch(foreach)
                       .option("checkpointLocation", str(self.run_dir / f"checkpoint-{name}"))
                       .trigger(processingTime=f"{s.trigger_seconds} seconds")
@@ -1117,7 +1190,8 @@ class Bench:
         def probe(rate_: float) -> dict[str, Any]:
             return probe_rate(self.items, self.settings, self.poller, self.query, foreach,
                               self.cpu, rate_, self.args.sustain_seconds,
-                              f"sustain-{name}-{next(count)}", self.args.timeout)
+                              f"sustain-{name}-{next(count)}", self.args.timeout,
+                              producer=self.producer, proxy=self.proxy)
 
         best, probes = find_sustained(probe, estimate, self.args.sustain_probes)
         self.r.phase(f"sustained-{name}", t, img_s=r3(best))
@@ -1133,7 +1207,10 @@ class Bench:
             naive_classifier(self.settings.model, self.ceiling.threads)
             times.append(time.perf_counter() - started)
         self.o["seed_style_model_load_s"] = r3(statistics.median(times[1:]))
-        return SeedStyleBatches(self.settings, self.slots, self.ceiling.threads, sink=self.sink)
+        s = self.stream_settings
+        # in the field the seeds' write is what they had: an append, no dedupe, no query
+        sink = seed_style.NoDedupeSink(s) if self.args.field else self.sink
+        return SeedStyleBatches(s, self.slots, self.ceiling.threads, sink=sink)
 
     def small_batch_anatomy(self, objects: Sequence[tuple[str, int]]) -> dict[str, float]:
         t = time.monotonic()
@@ -1210,6 +1287,139 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     o = report(bench.o, bench.r, args, f)
     show(o, f.profile_pipeline, f.profile_latency)
     return o
+
+
+def run_field(args: argparse.Namespace) -> dict[str, Any]:
+    """The field rehearsal: the stream behind the latency proxy, on the field mix — the model's
+    CPU per image, latency at a steady 2 uploads/s, then the sustained-rate search for
+    bucketlens and the seed-style stream (each after its backlog drain)."""
+    f = Figures()
+    with Bench(args) as bench:
+        bench.start_stack()
+        t = time.monotonic()
+        console.log(f"(a) model CPU on the field mix: {bench.slots} processes, "
+                    f"{args.ceiling_seconds:g}s …")
+        f.ceiling = bench.ceiling.measure(args.ceiling_seconds)
+        bench.ceiling.close()
+        bench.r.phase("ceiling", t, img_s=r3(f.ceiling["img_s"]))
+        bench.start_stream()
+        calls = bench.proxy.counts()
+        f.latency = bench.latency()
+        bench.o["field_latency_calls"] = fieldproxy.diff(bench.proxy.counts(), calls)
+        f.profile_pipeline, f.profile_latency, _ = bench.stop_stream(Seen(), f.latency["seen"])
+        f.drain = bench.drain("bucketlens", bench.batches, args.drain_images)
+        f.sustained, f.probes = bench.sustained("bucketlens", bench.batches, f.drain["img_s"])
+        seed = bench.seed_style()
+        f.seed_drain = bench.drain("seed-style", seed, args.seed_drain_images)
+        f.seed_sustained, f.seed_probes = bench.sustained("seed-style", seed,
+                                                          f.seed_drain["img_s"])
+        bench.stop_query()
+        bench.o["field_calls_total"] = bench.proxy.counts()
+    o = report_field(bench.o, bench.r, args, f)
+    show_field(o)
+    return o
+
+
+FIELD_KEYS = ("field_max_sustained_img_s", "field_seed_style_max_sustained_img_s",
+              "field_ratio_to_seed_style", "field_latency_p50_s", "field_latency_p95_s",
+              "queries_per_batch", "product_cpu_s_per_image", "model_cpu_s_per_image",
+              "cost_per_million_usd_27", "cost_per_million_usd_1")
+FIELD_TARGETS = {
+    "field_ratio_to_seed_style": (">=", 3.0),
+    "field_latency_p50_s": ("<", 1.0),
+    "field_latency_p95_s": ("<", 2.0),
+    "queries_per_batch": ("<", 1e-9),
+    "cost_per_million_usd_27": ("<=", 2.0),
+    "cost_per_million_usd_1": ("<=", 2.0),
+}
+
+
+def highest_kept(probes: list[dict[str, Any]], best: float) -> dict[str, Any] | None:
+    """The probe at the sustained rate (the highest kept up with), else None."""
+    kept = [p for p in probes if p["kept_up"] and p["rate"] == round(best, 2)]
+    return kept[0] if kept else None
+
+
+def report_field(o: dict[str, Any], r: Run, args: argparse.Namespace, f: Figures
+                 ) -> dict[str, Any]:
+    """The field rehearsal's figures (bench/README.md "Field rehearsal" defines each)."""
+    lat = f.latency
+    at = highest_kept(f.probes, f.sustained)
+    steady = at or (f.probes[-1] if f.probes else None)  # the calls of a steady stretch
+    calls = steady["calls"] if steady else {}
+    batches = steady["batches"] if steady else 0
+    queries = rate(calls.get("bq_query", 0), batches) if batches else None
+    product = rate(at["cpu_s"]["product"], at["uploaded"]) if at else None
+    model = f.ceiling["cpu_s_per_image"]
+    gets = rate(calls.get("gcs_get", 0) + calls.get("gcs_other", 0), steady["uploaded"]
+                ) if steady and steady["uploaded"] else 1.0
+    trigger = o["settings"]["trigger_seconds"]
+    costs = {u: rehearsal.cost_per_million(product, u, trigger, queries or 0.0, gets)
+             for u in (27, 1)} if product is not None else {}
+    o.update({
+        "field": True,
+        "field_max_sustained_img_s": r3(f.sustained),
+        "field_seed_style_max_sustained_img_s": r3(f.seed_sustained),
+        "field_ratio_to_seed_style": r3(rate(f.sustained, f.seed_sustained))
+        if f.seed_sustained else None,
+        "field_latency_p50_s": r3(lat["p50"]),
+        "field_latency_p95_s": r3(lat["p95"]),
+        "queries_per_batch": r3(queries),
+        "product_cpu_s_per_image": r3(product),
+        "model_cpu_s_per_image": r3(model),
+        "cost_per_million_usd_27": r3(costs[27].total) if costs else None,
+        "cost_per_million_usd_1": r3(costs[1].total) if costs else None,
+        # detail
+        "product_to_model_cpu": r3(rate(product, model)) if product else None,
+        "cost_breakdown_27": {k: r3(v) for k, v in vars(costs[27]).items()} if costs else None,
+        "cost_breakdown_1": {k: r3(v) for k, v in vars(costs[1]).items()} if costs else None,
+        "appends_per_batch": r3(rate(calls.get("append_rows", 0), batches)) if batches else None,
+        "append_calls_per_batch": r3(rate(calls.get("append_calls", 0), batches))
+        if batches else None,
+        "gcs_calls_per_image": r3(gets),
+        "field_model_img_s": r3(f.ceiling["img_s"]),
+        "field_drain_img_s": r3(f.drain["img_s"]),
+        "field_seed_style_drain_img_s": r3(f.seed_drain["img_s"]),
+        "field_sustained_probes": f.probes,
+        "field_seed_style_probes": f.seed_probes,
+        "field_latency_images": lat["n"],
+        "field_classified_latency_p50_s": r3(lat["classified_p50"]),
+        "field_classified_latency_p95_s": r3(lat["classified_p95"]),
+        "field_latency_in_batch_p50_s": r3(lat["in_batch_p50"]),
+        "profile_field_latency": summarize_profile(f.profile_latency),
+        "sustain_seconds": args.sustain_seconds,
+        "sustain_p95_bound_s": P95_BOUND_S,
+        "phases": r.phases,
+        "seconds": round(time.monotonic() - r.started, 1),
+        "loadavg_end": loadavg(),
+    })
+    return o
+
+
+def show_field(o: dict[str, Any]) -> None:
+    table = Table(title=f"bucketlens field rehearsal — {o['model']}, {o['machine']['cores']} "
+                        f"cores, added latency {o['field_latency_added_s']}")
+    for col in ("figure", "value", "target"):
+        table.add_column(col, justify="left" if col == "figure" else "right")
+    for k in FIELD_KEYS:
+        target, mark = FIELD_TARGETS.get(k), ""
+        if target and o[k] is not None:
+            ok = {">=": o[k] >= target[1], "<": o[k] < target[1], "<=": o[k] <= target[1]
+                  }[target[0]]
+            mark = f"{target[0]} {target[1]:g} " + ("[green]met[/]" if ok else "[red]missed[/]")
+        table.add_row(k, f"{o[k]}", mark)
+    console.print(table)
+    t = Table(title=f"(f) field: steady upload rates, {o['sustain_seconds']:g}s each")
+    for c in ("stream", "rate", "kept_up", "p50_s", "p95_s", "uploaded", "batches", "calls"):
+        t.add_column(c, justify="right")
+    for name, probes in (("bucketlens", o["field_sustained_probes"]),
+                         ("seed-style", o["field_seed_style_probes"])):
+        for pr in probes:
+            t.add_row(name, *(str(pr.get(c)) for c in ("rate", "kept_up", "p50_s", "p95_s",
+                                                       "uploaded", "batches", "calls")))
+    console.print(t)
+    console.log(f"load average: start {o['loadavg_start']}, end {o['loadavg_end']}; "
+                f"{o['seconds']}s in all")
 
 
 def report(o: dict[str, Any], r: Run, args: argparse.Namespace, f: Figures) -> dict[str, Any]:
@@ -1366,6 +1576,25 @@ def show(o: dict[str, Any], profile_b: list[dict], profile_d: list[dict]) -> Non
                 f"{o['seconds']}s in all")
 
 
+def field_latency(text: str) -> dict[str, float]:
+    """``KIND=SECONDS,…`` → {kind: seconds}, for the proxy's per-call latency."""
+    out = {}
+    for part in filter(None, text.split(",")):
+        kind, _, value = part.partition("=")
+        if kind.strip() not in fieldproxy.LATENCY:
+            raise argparse.ArgumentTypeError(f"unknown call kind {kind.strip()!r}; one of "
+                                             + ", ".join(fieldproxy.LATENCY))
+        try:
+            out[kind.strip()] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r}: the seconds are not a number") from None
+    return out
+
+
+FIELD_DEFAULTS = {"latency_seconds": 30, "sustain_seconds": 30, "sustain_probes": 2,
+                  "drain_images": 400, "seed_drain_images": 60}
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=400,
@@ -1393,7 +1622,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed-drain-images", type=int, default=300,
                    help="(f) backlog the seed-style stream drains (its probes start from it)")
     p.add_argument("--run-dir", help="local stack directory (default: a new temporary one)")
+    p.add_argument("--field", action="store_true",
+                   help="the field rehearsal instead: the stream behind a latency-injecting "
+                        "proxy, on photos + camera-sized JPEGs; shorter (f) defaults: "
+                        + ", ".join(f"--{k.replace('_', '-')} {v:g}"
+                                    for k, v in FIELD_DEFAULTS.items()))
+    p.add_argument("--field-latency", type=field_latency, default={}, metavar="KIND=S,…",
+                   help="--field: seconds added per call, overriding "
+                        + ", ".join(f"{k}={v:g}" for k, v in fieldproxy.LATENCY.items()))
     args = p.parse_args(argv)
+    if args.field:  # fewer, shorter probes: the rehearsal must fit next to the lab run
+        for k, v in FIELD_DEFAULTS.items():
+            if getattr(args, k) == p.get_default(k):
+                setattr(args, k, type(p.get_default(k))(v))
     if (args.images < 2 or args.rss_images < 1 or args.latency_seconds <= 0
             or args.baseline_rounds < 1 or args.pipeline_rounds < 1 or args.camera_images < 0
             or args.sustain_seconds <= 0 or args.sustain_probes < 1 or args.drain_images < 1
@@ -1407,9 +1648,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    out = run(args)
+    out = run_field(args) if args.field else run(args)
     if not args.json:
-        print(json.dumps({k: out[k] for k in KEYS}, indent=2))
+        print(json.dumps({k: out[k] for k in (FIELD_KEYS if args.field else KEYS)}, indent=2))
     print(json.dumps(out, default=str), flush=True)
     return 0
 

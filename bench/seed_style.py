@@ -119,3 +119,21 @@ class SeedStyleBatches:
                               batch_id=batch_id, processed_at=now) for n in notes]
             self.inserted += self.sink.write(rows, batch_id)
         self.finished[batch_id] = time.time()
+
+
+class NoDedupeSink:
+    """The seeds' write, for the field rehearsal: the batch's rows appended to the predictions
+    table's default stream as they are — no key lookup, no re-check, no query job — over one
+    kept-open connection: the cheapest write possible, so the comparison is conservative."""
+
+    def __init__(self, settings: Settings) -> None:
+        from pipeline import clients
+        from pipeline.bqwrite import StorageWriter
+        from pipeline.catalog import schema_json
+
+        self.table_id = settings.table_id
+        self.fields = schema_json("predictions")
+        self.writer = StorageWriter(clients.bigquery_write_client(settings))
+
+    def write(self, rows: list[dict], batch_id: int) -> int:
+        return self.writer.append(self.table_id, rows, self.fields)
