@@ -112,8 +112,9 @@ def extension_flood_gif(extensions: int) -> bytes:
 
 def gzip_expanding(expanded: int) -> bytes:
     """A valid JPEG padded with zeros to ``expanded`` bytes, gzip-compressed (about 1/1000 of
-    that): stored with ``Content-Encoding: gzip`` the notification's size is the small stored
-    size, while a plain download is served decompressed."""
+    that). Stored with ``Content-Encoding: gzip``, fake-gcs-server (as GCS) notifies the stored
+    size (``"size"``, with ``"contentEncoding": "gzip"``) and serves a plain download
+    decompressed; it decodes ``ok`` unless the download stops at the notified size."""
     data = small_jpeg()
     return gzip.compress(data + b"\x00" * (expanded - len(data)), compresslevel=9, mtime=0)
 
