@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-EXTRAS ?= local,offline,samples,dev
+EXTRAS ?= local,offline,samples,dashboard,dev
 PYTEST_ARGS ?=
 # The Spark versions users deploy on besides the newest: Dataproc image 3.0.0-RC1 and Serverless
 # runtime 3.0 run Spark 4.0.0; images 3.0.0–3.0.2 run 4.1.1/4.1.2. Each gets its own virtualenv

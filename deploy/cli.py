@@ -84,8 +84,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     job_cli.add_lazy_command(sub, "produce", "producer.cli", "add_produce_parser", "run_produce")
     job_cli.add_job_commands(sub, extend={"train": _add_train_download})
+
+    dash = sub.add_parser("dashboard", help="a live web page of the newest predictions",
+                          description="Newest uploads with thumbnails, labels and confidence, "
+                                      "throughput and latency, class mix, dead letters and a "
+                                      "low-confidence review list, over the configured tables; "
+                                      "the page updates itself.")
+    dash.add_argument("--port", type=_port, default=8000, help="(default %(default)s)")
+    dash.add_argument("--host", default="127.0.0.1",
+                      help="address to listen on (default %(default)s: this machine only)")
+    dash.add_argument("--since", default="24h", metavar="AGE",
+                      type=lambda raw: (job_cli.since(raw), raw)[1],
+                      help="show objects created within this age (the partition bound of every "
+                           "query; default %(default)s)")
+    dash.add_argument("--minutes", type=job_cli.positive_int, default=15,
+                      help="minutes in the throughput chart (default %(default)s)")
+    dash.add_argument("--review-below", type=float, default=0.5, metavar="P",
+                      help="list classified images whose top-1 confidence is below P "
+                           "(default %(default)s)")
+    dash.set_defaults(func=job_cli.runner("pipeline.dashboard:run_dashboard"))
     job_cli.add_global_flags(p)
     return p
+
+
+def _port(raw: str) -> int:
+    port = int(raw)
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"a TCP port is 1-65535, got {raw}")
+    return port
 
 
 def _add_train_download(parser: argparse.ArgumentParser) -> None:
