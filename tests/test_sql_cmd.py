@@ -53,3 +53,18 @@ def test_a_bad_query_is_one_line_and_exit_2(env_of, capsys) -> None:
     assert cli.main(["sql", "SELECT nope FROM no_such_table"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("bucketlens: the query failed:") and "\n" not in err
+
+
+def test_demo_keep_says_what_to_run_next_with_commands_that_exist() -> None:
+    from pathlib import Path
+
+    from deploy.demo import next_steps
+
+    text = next_steps(Path(".bucketlens/demo"))
+    assert 'eval "$(bucketlens local env --run-dir .bucketlens/demo)"' in text
+    commands = cli.build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    for line in text.splitlines()[1:]:
+        words = line.split()
+        if words[0] == "bucketlens":
+            assert words[1] in commands, line
+    assert "bucketlens sql" in text and "bucketlens dashboard" in text and "local down" in text
