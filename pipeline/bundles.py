@@ -99,13 +99,15 @@ def read_bytes(uri: str, settings: Settings, limit: int | None = None) -> bytes 
     """The object or file at ``uri``; ``None`` when there is none. With a ``limit``, at most
     ``limit + 1`` bytes are read, and a longer one is refused."""
     if uri.startswith("gs://"):
-        from google.api_core.exceptions import NotFound
+        from google.api_core.exceptions import NotFound, RequestRangeNotSatisfiable
 
         try:  # ``end`` is inclusive: one byte past the limit tells "too long" from "exactly"
             data = _gs(uri, settings).download_as_bytes(
                 **({"start": 0, "end": limit} if limit is not None else {}))
         except NotFound:
             return None
+        except RequestRangeNotSatisfiable:  # a range of a zero-byte object (HTTP 416)
+            data = b""
     else:
         path = Path(uri)
         if not path.is_file():
