@@ -81,9 +81,9 @@ def test_status_follows_a_stream_and_fails_once_it_stops_with_messages_waiting(
         query.stop()
 
     upload_samples(settings, 3)  # nobody reads these now
-    wait_until(lambda: sr.peek_backlog(settings).count >= 3, 30, "3 messages waiting")
+    wait_until(lambda: sr.peek_backlog(settings).count >= 3, 90, "3 messages waiting")
     capsys.readouterr()
-    code = wait_until(lambda: cli.main(["status", "--json", "--max-lag", "3"]) or None, 30,
+    code = wait_until(lambda: cli.main(["status", "--json", "--max-lag", "3"]) or None, 90,
                       "a failing status")
     assert code == 1
     out, err = capsys.readouterr()
