@@ -52,9 +52,32 @@ def _no_time_travel_copies() -> None:
     snapshots.SnapshotManager.capture = lambda self, *a, **k: None  # type: ignore[method-assign]
 
 
+def _many_write_connections(workers: int = 512) -> None:
+    """bqemulator runs its (synchronous) AppendRows handler on grpc.aio's thread pool, by
+    default asyncio's (min(32, cores + 4) threads: 6 here), and a kept-open connection holds
+    its thread for as long as it is open. The sink keeps one connection per table open for a
+    run, as Google recommends, so a handful of runs starved the emulator and the next append
+    waited forever. Real BigQuery allows thousands of concurrent connections per project
+    (https://cloud.google.com/bigquery/quotas#write-api-limits): give the emulator a pool
+    that behaves like it for a test session's worth of runs (threads start on demand)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc.aio
+
+    real = grpc.aio.server
+
+    def with_pool(*args, **kwargs):  # type: ignore[no-untyped-def]
+        kwargs.setdefault("migration_thread_pool",
+                          ThreadPoolExecutor(workers, thread_name_prefix="bqemulator-rpc"))
+        return real(*args, **kwargs)
+
+    grpc.aio.server = with_pool  # bqemulator's build_grpc_server calls grpc.aio.server(...)
+
+
 def main(argv: list[str] | None = None) -> None:
     _optional_spatial()
     _write_api_nested_fields()
+    _many_write_connections()
     if os.environ.get("BUCKETLENS_BQ_EMULATOR_NO_SNAPSHOTS") == "1":
         _no_time_travel_copies()
     from bqemulator.cli import main as bq_main

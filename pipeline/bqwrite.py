@@ -20,7 +20,12 @@ only does I/O.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import queue
+import threading
+import weakref
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from pipeline.times import iso_time
@@ -34,6 +39,9 @@ if TYPE_CHECKING:
 # limit, for the call's headers and a server that counts 10 MB as 10 * 2**20 or 10**7.
 REQUEST_BYTES = 9_000_000
 ROWS_PER_REQUEST = 2000  # and at most this many rows, however small they are
+# How long one AppendRows response may take before the connection is dropped and the sink's
+# retry (which re-checks keys first) takes over.
+APPEND_TIMEOUT = 60.0
 
 
 def default_stream(table_id: str) -> str:
@@ -159,12 +167,65 @@ def raise_for_response(response: types.AppendRowsResponse) -> None:
             f"{len(response.row_errors)} rows refused; row {first.index}: {first.message}")
 
 
-class StorageWriter:
-    """Appends rows to tables' default streams, one bidi AppendRows call per ``append``."""
+class Connection:
+    """One kept-open AppendRows call to one table's default stream.
 
-    def __init__(self, client: BigQueryWriteClient) -> None:
+    Requests go in through a queue the gRPC call reads from; each gets exactly one response, in
+    order, read here by the caller (with a timeout, so a lost response cannot hang a batch).
+    The writer schema rides on the first request only, as the API asks
+    (https://cloud.google.com/bigquery/docs/write-api#arrow_format). Written here rather than
+    with the library's ``AppendRowsStream``, whose opening loop spins until its own 600 s
+    timeout when a call ends while opening (seen against the emulator).
+    """
+
+    def __init__(self, client: BigQueryWriteClient, table_id: str) -> None:
         self.client = client
-        self.calls = 0  # AppendRows round trips made (the benchmark reports it)
+        self.stream = default_stream(table_id)
+        self._requests: queue.Queue[types.AppendRowsRequest | None] = queue.Queue()
+        self._call: Any = None  # opened by the first send (the client waits for a response)
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="bucketlens-append")
+
+    def _open(self) -> types.AppendRowsResponse:
+        # retry=None: a retried call would find the request queue drained; the sink retries
+        self._call = self.client.append_rows(
+            iter(self._requests.get, None), retry=None,
+            metadata=(("x-goog-request-params", f"write_stream={self.stream}"),))
+        return next(self._call)
+
+    def send(self, request: types.AppendRowsRequest, timeout: float) -> types.AppendRowsResponse:
+        """Send one request and wait for its response."""
+        if self._call is not None:  # the connection's first request carried the schema
+            type(request).pb(request).arrow_rows.ClearField("writer_schema")
+        self._requests.put(request)
+        read = self._open if self._call is None else partial(next, self._call)
+        return self._reader.submit(read).result(timeout=timeout)
+
+    def close(self) -> None:
+        self._requests.put(None)  # ends the request stream: the server closes the call
+        if self._call is not None:
+            self._call.cancel()
+        self._reader.shutdown(wait=False, cancel_futures=True)
+
+
+class StorageWriter:
+    """Appends rows to tables' default streams over one kept-open connection per table.
+
+    Google recommends one long-lived connection for many appends rather than one per batch
+    (a connection costs a round trip and counts against the concurrent-connection quota:
+    https://cloud.google.com/bigquery/docs/write-api-best-practices). An append that fails or
+    times out closes its table's connection, so the next append (the sink's retry, which first
+    looks up what the failed one sent) starts on a fresh one.
+    """
+
+    def __init__(self, client: BigQueryWriteClient, timeout: float = APPEND_TIMEOUT) -> None:
+        self.client = client
+        self.timeout = timeout
+        self.calls = 0  # AppendRows requests sent (the benchmark reports it)
+        self.connections = 0  # connections opened: one per table while nothing fails
+        self._open: dict[str, Connection] = {}
+        self._lock = threading.Lock()  # one batch's requests at a time, in order
+        # a writer dropped without close() still ends its calls (the server holds them open)
+        weakref.finalize(self, _close_all, self._open)
 
     def append(self, table_id: str, rows: Sequence[Mapping[str, Any]],
                fields: Sequence[Mapping[str, Any]]) -> int:
@@ -175,11 +236,32 @@ class StorageWriter:
         """
         if not rows:
             return 0
-        stream = default_stream(table_id)
-        requests = append_requests(stream, record_batch(rows, fields))
-        self.calls += 1
-        responses: Iterator[types.AppendRowsResponse] = iter(self.client.append_rows(
-            iter(requests), metadata=(("x-goog-request-params", f"write_stream={stream}"),)))
-        for _ in requests:
-            raise_for_response(next(responses))
+        requests = append_requests(default_stream(table_id), record_batch(rows, fields))
+        with self._lock:
+            connection = self._open.get(table_id)
+            if connection is None:
+                connection = self._open[table_id] = Connection(self.client, table_id)
+                self.connections += 1
+            try:
+                for request in requests:
+                    self.calls += 1
+                    raise_for_response(connection.send(request, self.timeout))
+            except BaseException:
+                self._drop(table_id)
+                raise
         return len(rows)
+
+    def _drop(self, table_id: str) -> None:
+        connection = self._open.pop(table_id, None)
+        if connection is not None:
+            connection.close()
+
+    def close(self) -> None:
+        """Close every connection."""
+        with self._lock:
+            _close_all(self._open)
+
+
+def _close_all(connections: dict[str, Connection]) -> None:
+    while connections:
+        connections.popitem()[1].close()

@@ -4,8 +4,9 @@
     results = work_df.mapInPandas(classify_partitions(settings), RESULT_SCHEMA)  # a key list
 
 The stream's micro-batch is one Spark job: each task triages the notifications its source
-partition carries (``pipeline.triage``, pure) and classifies the objects they name, returning
-the messages and the results together, so a small batch pays one scheduling round, not two.
+partition carries (``pipeline.triage``, pure, run once: here) and classifies the objects they
+name, returning a verdict per message and the results together, so a small batch pays one
+scheduling round, and no message payload travels back to the driver.
 Inside each partition: generation-pinned downloads of ``CHUNK`` objects at a time (bounded in
 bytes too), the next chunk downloading while this one is classified, with the model and the
 storage client cached once per Python worker. The driver side (triage, the batch processor,
@@ -18,6 +19,7 @@ import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime
 from typing import TypeVar
 
 import numpy as np
@@ -27,8 +29,8 @@ from pipeline import classify, fetch
 from pipeline.clients import shared_storage_client
 from pipeline.config import Settings
 from pipeline.notifications import Notification, ObjectKey
-from pipeline.source import SCHEMA as MESSAGE_SCHEMA
-from pipeline.triage import triage
+from pipeline.sink import dead_letter_record
+from pipeline.triage import Triage, triage
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -44,9 +46,16 @@ WORK_COLUMNS = ["bucket", "name", "generation", "size"]
 RESULT_COLUMNS = ["bucket", "name", "generation", "status", "reason", "topk", "worker_pid",
                   "model_loads", "model_version", "embedding"]
 MESSAGE_COLUMNS = ["message_id", "publish_time", "attributes", "data", "delivery_attempt"]
-# one row per message (result columns null) and one per classified object (message columns null)
-BATCH_SCHEMA = f"{MESSAGE_SCHEMA}, {RESULT_SCHEMA}"
-BATCH_COLUMNS = MESSAGE_COLUMNS + RESULT_COLUMNS
+# One verdict per message, decided where the message is (``triage``): what the driver needs and
+# nothing more: no payload travels back. ``record`` is JSON: the parsed notification for
+# todo / event / ignored, the dead-letter row for dead; null for an in-partition duplicate.
+VERDICT_SCHEMA = ("message_id string, verdict string, why string, record string, "
+                  "delivery_attempt int")
+VERDICT_COLUMNS = ["message_id", "verdict", "why", "record", "delivery_attempt"]
+TODO, DEAD, EVENT, IGNORED, DUPLICATE = "todo", "dead", "event", "ignored", "duplicate"
+# one row per message (result columns null) and one per classified object (verdict columns null)
+BATCH_SCHEMA = f"{VERDICT_SCHEMA}, {RESULT_SCHEMA}"
+BATCH_COLUMNS = VERDICT_COLUMNS + RESULT_COLUMNS
 
 
 PartitionFn = Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]
@@ -109,21 +118,67 @@ def message_rows(frame: pd.DataFrame) -> list[tuple]:
 
 
 def classify_messages(settings: Settings) -> PartitionFn:
-    """The stream's one job per micro-batch: triage each source partition's messages here and
-    classify the objects they name. Yields every message (for the driver's dead letters,
-    events and cross-partition de-duplication) and then a result per classified object."""
+    """The stream's one job per micro-batch: triage each source partition's messages here,
+    once, and classify the objects they name. Yields a verdict per message (the driver
+    dead-letters, records events and de-duplicates across partitions from these alone) and
+    then a result per classified object."""
     classify_work = classify_partitions(settings)
 
     def run(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         work = []
         for frame in frames:
-            yield _batch_frame(frame)
-            work.append(work_frame(triage(message_rows(frame), settings).todo))
+            rows = message_rows(frame)
+            t = triage(rows, settings)
+            yield _batch_frame(verdict_frame(rows, t))
+            work.append(work_frame(t.todo))
         if any(len(w) for w in work):
             for result in classify_work(iter(work)):
                 yield _batch_frame(result)
 
     return run
+
+
+def verdict_frame(rows: list[tuple], t: Triage) -> pd.DataFrame:
+    """One VERDICT_SCHEMA row per message row of ``t`` (pure). A message triage dropped as an
+    in-partition duplicate of another is a ``duplicate``."""
+    attempts = {r[0]: r[4] if len(r) > 4 else None for r in rows}
+    out = [(r[0], DEAD, why, json.dumps(dead_letter_record(r[0], why, r[2] or {}, r[3], r[1],
+                                                           None)), attempts[r[0]])
+           for r, why in t.dead_letters]
+    out += [(n.message_id, TODO, None, note_json(n), attempts[n.message_id]) for n in t.todo]
+    out += [(n.message_id, EVENT, None, note_json(n), attempts[n.message_id]) for n in t.events]
+    out += [(n.message_id, IGNORED, why, note_json(n), attempts[n.message_id])
+            for n, why in t.ignored]
+    seen = {v[0] for v in out}
+    out += [(r[0], DUPLICATE, None, None, attempts[r[0]]) for r in rows if r[0] not in seen]
+    return pd.DataFrame(out, columns=VERDICT_COLUMNS)
+
+
+def note_json(n: Notification) -> str:
+    """A parsed notification as JSON: what a verdict carries back instead of the message."""
+    def t(v: datetime | None) -> str | None:
+        return v.isoformat() if v is not None else None
+
+    return json.dumps({
+        "bucket": n.key.bucket, "name": n.key.name, "generation": n.key.generation,
+        "event_type": n.event_type, "message_id": n.message_id, "event_time": t(n.event_time),
+        "publish_time": t(n.publish_time), "size": n.size, "content_type": n.content_type,
+        "metadata": dict(n.metadata) if n.metadata is not None else None,
+        "metageneration": n.metageneration, "created": t(n.created)})
+
+
+def note_from_json(text: str) -> Notification:
+    """``note_json``'s inverse: the same Notification, naive or aware times as they were."""
+    d = json.loads(text)
+
+    def t(v: str | None) -> datetime | None:
+        return datetime.fromisoformat(v) if v is not None else None
+
+    return Notification(
+        key=ObjectKey(d["bucket"], d["name"], int(d["generation"])), event_type=d["event_type"],
+        message_id=d["message_id"], event_time=t(d["event_time"]),
+        publish_time=t(d["publish_time"]), size=d["size"], content_type=d["content_type"],
+        metadata=d["metadata"], metageneration=d["metageneration"], created=t(d["created"]))
 
 
 def _batch_frame(frame: pd.DataFrame) -> pd.DataFrame:

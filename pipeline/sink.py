@@ -35,7 +35,7 @@ import re
 import sys
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
@@ -429,25 +429,37 @@ def run_query(client: bigquery.Client, sql: str, config: bigquery.QueryJobConfig
 
 # --- sinks ------------------------------------------------------------------------------------
 
+# the keys a write must look up before its first append (None: all of them)
+Verify = Collection[tuple] | None
+
+
 class Sink(Protocol):
     def existing_keys(self, keys: Sequence[ObjectKey | Notification]) -> set[ObjectKey]:
         """Keys already written, whose classification can be skipped. Pass notifications
         where you have them: their creation day bounds BigQuery's lookup."""
         ...
 
-    def write(self, rows: Sequence[dict], batch_id: int) -> int:
-        """Idempotent on the row key; returns the rows newly inserted."""
+    def write(self, rows: Sequence[dict], batch_id: int, *, verify: Verify = None) -> int:
+        """Idempotent on the row key; returns the rows newly inserted.
+
+        ``verify``: the keys (tuples in the table's key order) that may already be in the table
+        and must be looked up before the first append; None = every row's key. A caller that
+        knows which keys it has not written (the stream's in-run memory) passes only the rest,
+        so a steady batch costs no query. A retried append always re-checks what it tried."""
         ...
 
-    def write_dead_letters(self, records: Sequence[dict], batch_id: int) -> int:
+    def write_dead_letters(self, records: Sequence[dict], batch_id: int, *,
+                           verify: Verify = None) -> int:
         """Idempotent on (message_id, reason); returns the records newly inserted."""
         ...
 
-    def write_events(self, records: Sequence[dict], batch_id: int) -> int:
+    def write_events(self, records: Sequence[dict], batch_id: int, *,
+                     verify: Verify = None) -> int:
         """Idempotent on (bucket, name, generation, event_type); returns records inserted."""
         ...
 
-    def write_embeddings(self, records: Sequence[dict], batch_id: int) -> int:
+    def write_embeddings(self, records: Sequence[dict], batch_id: int, *,
+                         verify: Verify = None) -> int:
         """Idempotent on (bucket, name, generation, model_version); returns records inserted."""
         ...
 
@@ -540,37 +552,48 @@ class BigQuerySink(Sink):
                                               classified, bound), patience)
         return classified - embedded
 
-    def write(self, rows: Sequence[dict], batch_id: int) -> int:
-        return self._write(rows, self.settings.table_id, PREDICTIONS, batch_id)
+    def write(self, rows: Sequence[dict], batch_id: int, *, verify: Verify = None) -> int:
+        return self._write(rows, self.settings.table_id, PREDICTIONS, batch_id, verify)
 
-    def write_dead_letters(self, records: Sequence[dict], batch_id: int) -> int:
-        return self._write(records, self.settings.dead_letter_table_id, DEAD_LETTERS, batch_id)
+    def write_dead_letters(self, records: Sequence[dict], batch_id: int, *,
+                           verify: Verify = None) -> int:
+        return self._write(records, self.settings.dead_letter_table_id, DEAD_LETTERS, batch_id,
+                           verify)
 
-    def write_events(self, records: Sequence[dict], batch_id: int) -> int:
-        return self._write(records, self.settings.events_table_id, EVENTS, batch_id)
+    def write_events(self, records: Sequence[dict], batch_id: int, *,
+                     verify: Verify = None) -> int:
+        return self._write(records, self.settings.events_table_id, EVENTS, batch_id, verify)
 
-    def write_embeddings(self, records: Sequence[dict], batch_id: int) -> int:
-        return self._write(records, embeddings_table_id(self.settings), EMBEDDINGS, batch_id)
+    def write_embeddings(self, records: Sequence[dict], batch_id: int, *,
+                         verify: Verify = None) -> int:
+        return self._write(records, embeddings_table_id(self.settings), EMBEDDINGS, batch_id,
+                           verify)
 
-    def _write(self, rows: Sequence[dict], table_id: str, spec: TableSpec, batch_id: int) -> int:
+    def _write(self, rows: Sequence[dict], table_id: str, spec: TableSpec, batch_id: int,
+               verify: Verify = None) -> int:
         if not rows:
             return 0
         if self.settings.sink_mode == "merge":
             return self._merge(rows, table_id, spec, batch_id)
-        return self._append(rows, table_id, spec)
+        return self._append(rows, table_id, spec, verify)
 
-    def _append(self, rows: Sequence[dict], table_id: str, spec: TableSpec) -> int:
-        """Bounded key lookup, then one AppendRows call with the rows the table lacks; both
-        are retried together, so an append committed before its error is found, not redone."""
+    def _append(self, rows: Sequence[dict], table_id: str, spec: TableSpec,
+                verify: Verify = None) -> int:
+        """Key lookup (of ``verify``'s keys only, bounded to their partitions), then AppendRows
+        with the rows the table lacks; both are retried together, and a retry looks up every
+        key an earlier attempt sent, so an append committed before its error is found, not
+        redone."""
         rows = first_per_key(rows, spec)
-        bound = row_bound(spec, rows)
         fields = schema_json(spec.schema)
 
         keys = [tuple(r[c] for c in spec.key) for r in rows]
+        check = set(keys) if verify is None else set(keys) & set(verify)
         tried: set[tuple] = set()  # keys of appends that failed but may have committed
 
         def attempt() -> int:
-            have = self._existing(table_id, spec, keys, bound)
+            look = check | tried
+            bound = row_bound(spec, [r for r, k in zip(rows, keys, strict=True) if k in look])
+            have = self._existing(table_id, spec, look, bound) if look else set()
             fresh = [r for r, k in zip(rows, keys, strict=True) if k not in have]
             for part in byte_parts(fresh):  # one part, unless the rows carry embeddings
                 self.calls["append"] += 1
@@ -657,19 +680,22 @@ class JsonLinesSink(Sink):
     def existing_keys(self, keys: Sequence[ObjectKey | Notification]) -> set[ObjectKey]:
         return set()
 
-    def write(self, rows: Sequence[dict], batch_id: int) -> int:
+    def write(self, rows: Sequence[dict], batch_id: int, *, verify: Verify = None) -> int:
         own = f"{self.prefix}/" if self.prefix else ""
         kept = [r for r in rows
                 if not (r["bucket"] == self.bucket_name and r["name"].startswith(own))]
         return self._put(kept, self.object_name(batch_id))
 
-    def write_dead_letters(self, records: Sequence[dict], batch_id: int) -> int:
+    def write_dead_letters(self, records: Sequence[dict], batch_id: int, *,
+                           verify: Verify = None) -> int:
         return self._put(records, self.object_name(batch_id, "dead_letters"))
 
-    def write_events(self, records: Sequence[dict], batch_id: int) -> int:
+    def write_events(self, records: Sequence[dict], batch_id: int, *,
+                     verify: Verify = None) -> int:
         return self._put(records, self.object_name(batch_id, "object_events"))
 
-    def write_embeddings(self, records: Sequence[dict], batch_id: int) -> int:
+    def write_embeddings(self, records: Sequence[dict], batch_id: int, *,
+                         verify: Verify = None) -> int:
         return self._put(records, self.object_name(batch_id, "embeddings"))
 
     def _put(self, rows: Sequence[dict], name: str) -> int:
@@ -691,16 +717,19 @@ class ConsoleSink(Sink):
     def existing_keys(self, keys: Sequence[ObjectKey | Notification]) -> set[ObjectKey]:
         return set()
 
-    def write(self, rows: Sequence[dict], batch_id: int) -> int:
+    def write(self, rows: Sequence[dict], batch_id: int, *, verify: Verify = None) -> int:
         return self._print(rows, batch_id, "prediction")
 
-    def write_dead_letters(self, records: Sequence[dict], batch_id: int) -> int:
+    def write_dead_letters(self, records: Sequence[dict], batch_id: int, *,
+                           verify: Verify = None) -> int:
         return self._print(records, batch_id, "dead_letter")
 
-    def write_events(self, records: Sequence[dict], batch_id: int) -> int:
+    def write_events(self, records: Sequence[dict], batch_id: int, *,
+                     verify: Verify = None) -> int:
         return self._print(records, batch_id, "event")
 
-    def write_embeddings(self, records: Sequence[dict], batch_id: int) -> int:
+    def write_embeddings(self, records: Sequence[dict], batch_id: int, *,
+                         verify: Verify = None) -> int:
         return self._print(records, batch_id, "embedding")
 
     def _print(self, rows: Sequence[dict], batch_id: int, kind: str) -> int:

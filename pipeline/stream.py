@@ -6,12 +6,14 @@
     query.awaitTermination()
 
 Per micro-batch (``foreachBatch``) one Spark job does the data plane where the messages are:
-each task triages its partition's notifications (``pipeline.triage``), downloads the objects
-generation-pinned and in parallel, and classifies them in batches with a model cached once per
-Python worker (``pipeline.executor``). The driver does the control plane on what comes back —
-dead-letter poison messages, record events, de-duplicate across partitions, drop keys the sink
-already holds — and makes one idempotent write per batch. Only after that returns does Spark
-commit the batch, and only then does the source acknowledge the messages.
+each task triages its partition's notifications once (``pipeline.triage``), downloads the
+objects generation-pinned and in parallel, and classifies them in batches with a model cached
+once per Python worker (``pipeline.executor``). The driver does the control plane on the
+verdicts that come back — dead-letter poison messages, record events, de-duplicate across
+partitions, drop keys this run already wrote (``pipeline.recent``), ask BigQuery only about
+keys its memory cannot vouch for — and makes one idempotent write per table per batch over
+kept-open connections. Only after that returns does Spark commit the batch, and only then
+does the source acknowledge the messages.
 """
 
 from __future__ import annotations
@@ -27,15 +29,22 @@ from pipeline.batches import BatchReport
 from pipeline.config import Settings
 from pipeline.executor import (
     BATCH_SCHEMA,
-    MESSAGE_COLUMNS,
+    DEAD,
+    DUPLICATE,
+    EVENT,
+    IGNORED,
     RESULT_SCHEMA,
+    TODO,
     WORK_SCHEMA,
     classify_messages,
     classify_partitions,
+    note_from_json,
 )
 from pipeline.labels import ModelInfo
 from pipeline.names import printable
-from pipeline.notifications import Notification, ObjectKey
+from pipeline.notifications import Notification, ObjectKey, dedupe
+from pipeline.recent import Recent
+from pipeline.sink import DEAD_LETTER_KEY, EVENT_KEY, Verify, event_record
 from pipeline.status import CLASSIFIED
 from pipeline.triage import Triage, triage  # noqa: F401  (stream.triage: the driver's half)
 
@@ -96,8 +105,10 @@ def classify_and_write(spark, todo: Sequence[Notification], settings: Settings, 
 
 
 def write_results(todo: Sequence[Notification], results: Sequence, settings: Settings, sink,
-                  batch_id: int, model: ModelInfo, report: BatchReport) -> BatchReport:
-    """Rows for ``todo`` from the executors' results (one per key), then the sink write.
+                  batch_id: int, model: ModelInfo, report: BatchReport,
+                  verify: Verify = None) -> BatchReport:
+    """Rows for ``todo`` from the executors' results (one per key), then the sink write
+    (``verify``: the keys the sink must look up first; None = all, see ``Sink.write``).
 
     With ``settings.embeddings`` each classified row's embedding (same forward pass) goes to
     the embeddings table first, so a prediction row written implies its embedding was.
@@ -128,10 +139,10 @@ def write_results(todo: Sequence[Notification], results: Sequence, settings: Set
     report.classified = len(report.rows)
     report.errors = sum(v for s, v in report.statuses.items() if s not in CLASSIFIED)
     if embeddings:
-        added = sink.write_embeddings(embeddings, batch_id)
+        added = sink.write_embeddings(embeddings, batch_id, verify=verify)
         log.info("batch %d: %d embeddings, %d inserted", batch_id, len(embeddings), added)
     if report.rows:
-        report.inserted = sink.write(report.rows, batch_id)
+        report.inserted = sink.write(report.rows, batch_id, verify=verify)
     return report
 
 
@@ -147,44 +158,58 @@ class BatchProcessor:
         self.sink = sink if sink is not None else make_sink(settings.sink, settings)
         self.on_batch = on_batch  # e.g. metrics.MetricsRecorder.record
         self.reports: list[BatchReport] = []
+        # keys this run wrote: most batches need no BigQuery lookup (pipeline.recent)
+        self.recent = Recent(settings.ack_deadline_seconds, settings.trigger_seconds)
+        self.lookups = 0  # sink writes or lookups that had to ask BigQuery first
 
     def __call__(self, batch_df, batch_id: int) -> None:
         self.process(batch_df, batch_id)
 
     def process(self, batch_df, batch_id: int) -> BatchReport:
-        """One Spark job: the executors triage and classify the messages their partitions
-        hold; the driver then triages the same messages again (pure, milliseconds) to
-        dead-letter, record events and de-duplicate across partitions, drops keys the sink
-        already holds, and writes. A redelivered object is classified again, never written
-        twice (the sink is idempotent on the key)."""
-        from pipeline.sink import dead_letter_record
-
+        """One Spark job: the executors triage the messages their partitions hold (once) and
+        classify what they name; from their verdicts the driver dead-letters, records events,
+        de-duplicates across partitions, drops keys this run already wrote (``self.recent``),
+        looks up in BigQuery only the keys its memory cannot vouch for — none in a steady
+        batch — and writes."""
         started = time.monotonic()
         settings, model = self.models.for_batch()
         out = batch_df.mapInPandas(classify_messages(settings), BATCH_SCHEMA).collect()
-        rows = [tuple(r[c] for c in MESSAGE_COLUMNS) for r in out if r.status is None]
+        verdicts = [r for r in out if r.verdict is not None]
         results = [r for r in out if r.status is not None]
-        report = BatchReport(batch_id, messages=len(rows))
-        t = triage(rows, settings)
-        report.poison, report.ignored, report.duplicates = (
-            len(t.dead_letters), len(t.ignored), t.duplicates)
-        if t.dead_letters:
-            records = [dead_letter_record(r[0], why, r[2] or {}, r[3], r[1], batch_id)
-                       for r, why in t.dead_letters]
-            self.sink.write_dead_letters(records, batch_id)
-        report.events = len(t.events)
-        if t.events:
-            from pipeline.sink import event_record
+        report = BatchReport(batch_id, messages=len(verdicts))
+        by_kind: dict[str, list] = {}
+        for v in verdicts:
+            by_kind.setdefault(v.verdict, []).append(v)
+        report.ignored = len(by_kind.get(IGNORED, []))
+        for v in by_kind.get(IGNORED, []):
+            log.debug("batch %d: %s ignored: %s", batch_id, printable(v.message_id), v.why)
+        dead = [{**json.loads(v.record), "batch_id": batch_id} for v in by_kind.get(DEAD, [])]
+        report.poison = len(dead)
+        self._write_once(dead, DEAD_LETTER_KEY, by_kind.get(DEAD, []),
+                         self.sink.write_dead_letters, batch_id)
+        events = [(v, note_from_json(v.record)) for v in by_kind.get(EVENT, [])]
+        report.events = len(events)
+        self._write_once([event_record(n, batch_id) for _, n in events], EVENT_KEY,
+                         [v for v, _ in events], self.sink.write_events, batch_id)
 
-            self.sink.write_events([event_record(n, batch_id) for n in t.events], batch_id)
-        for n, why in t.ignored:
-            log.debug("batch %d: %s/%s#%d ignored: %s", batch_id, *_k(n.key), why)
-        todo = t.todo
-        if todo:
-            done = self.sink.existing_keys(todo)  # notifications: their day bounds the lookup
-            report.already_done = len(done)
-            todo = [n for n in todo if n.key not in done]
-        write_results(todo, results, settings, self.sink, batch_id, model, report)
+        todo_verdicts = by_kind.get(TODO, [])
+        notes = [note_from_json(v.record) for v in todo_verdicts]
+        todo = dedupe(notes)
+        report.duplicates = len(by_kind.get(DUPLICATE, [])) + len(notes) - len(todo)
+        attempts: dict[ObjectKey, int | None] = {}
+        for v, n in zip(todo_verdicts, notes, strict=True):
+            attempts[n.key] = _worst(attempts.get(n.key, 1), v.delivery_attempt)
+        if any(_worst(1, v.delivery_attempt) != 1 for v in by_kind.get(DUPLICATE, [])):
+            attempts = dict.fromkeys(attempts)  # a redelivered copy of some key: verify all
+        known = [n for n in todo if n.key in self.recent]
+        todo = [n for n in todo if n.key not in self.recent]
+        verify = self.recent.to_verify({n.key: attempts[n.key] for n in todo})
+        done = self.sink.existing_keys([n for n in todo if n.key in verify]) if verify else set()
+        self.lookups += bool(verify)
+        report.already_done = len(known) + len(done)
+        todo = [n for n in todo if n.key not in done]
+        write_results(todo, results, settings, self.sink, batch_id, model, report, verify=())
+        self.recent.remember([*done, *(n.key for n in todo)])
         report.model_version = model.version
         report.seconds = time.monotonic() - started
         self.reports.append(report)
@@ -196,6 +221,29 @@ class BatchProcessor:
                  report.classified, report.inserted, report.errors, report.poison,
                  report.ignored, report.already_done, report.seconds)
         return report
+
+    def _write_once(self, records: list[dict], key: Sequence[str], verdicts: Sequence,
+                    write: Callable[..., int], batch_id: int) -> None:
+        """Dead letters or events: drop what this run wrote, verify what only BigQuery knows
+        (warm-up, redelivered messages), append the rest, remember their keys."""
+        if not records:
+            return
+        keyed = [(tuple(r[c] for c in key), r, v) for r, v in zip(records, verdicts, strict=True)]
+        fresh = [(k, r, v) for k, r, v in keyed if ("table", key, k) not in self.recent]
+        if not fresh:
+            return
+        attempts: dict[tuple, int | None] = {}
+        for k, _, v in fresh:
+            attempts[k] = _worst(attempts.get(k, 1), v.delivery_attempt)
+        verify = self.recent.to_verify(attempts)
+        self.lookups += bool(verify)
+        write([r for _, r, _ in fresh], batch_id, verify=verify)
+        self.recent.remember(("table", key, k) for k, _, _ in fresh)
+
+
+def _worst(a: int | None, b: int | None) -> int | None:
+    """The delivery attempt that says most about redelivery: unknown (None) beats any count."""
+    return None if a is None or b is None else max(a, b)
 
 
 def describe_key(key: ObjectKey) -> str:

@@ -299,3 +299,53 @@ def test_sink_bench_runs_at_tiny_sizes_and_reports_every_figure() -> None:
     assert out["billed_new_large"] == 2 * 10 * 2**20  # a small partition: the 10 MB minimum twice
     assert out["billed_old_large"] >= out["billed_new_large"]
     assert out["table_key_bytes_large"] > out["table_key_bytes_small"]
+
+
+@pytest.mark.integration
+def test_one_kept_open_connection_per_table_reopened_after_an_error(isolated: Settings) -> None:
+    writer = bqwrite.StorageWriter(clients.bigquery_write_client(isolated))
+    for i in range(3):
+        writer.append(isolated.table_id, [row(isolated, f"{i}.jpg")], FIELDS)
+    assert (writer.connections, writer.calls) == (1, 3)  # three batches, one connection
+    later = f"{isolated.project}.{isolated.dataset}.later"
+    with pytest.raises(api_exceptions.GoogleAPICallError):
+        writer.append(later, [row(isolated, "x.jpg")], FIELDS)  # no such table yet
+    from google.cloud import bigquery
+
+    clients.bigquery_client(isolated).create_table(
+        bigquery.Table(later, schema=catalog.load_schema("predictions")))
+    writer.append(later, [row(isolated, "x.jpg")], FIELDS)  # the failed connection was dropped
+    writer.append(isolated.table_id, [row(isolated, "3.jpg")], FIELDS)
+    assert writer.connections == 3  # predictions once; `later` twice: opened, failed, reopened
+    assert len(select(isolated, f"SELECT name FROM `{isolated.table_id}`")) == 4
+    assert [r["name"] for r in select(isolated, f"SELECT name FROM `{later}`")] == ["x.jpg"]
+
+
+def test_a_steady_write_sends_no_query_but_a_retried_one_looks_up_what_it_sent(
+        monkeypatch) -> None:
+    """``verify=()``: the caller vouches that no key is in the table (the stream's memory);
+    a retry still looks up every key an earlier attempt sent (pure: fakes for both clients)."""
+    monkeypatch.setattr(retry, "RETRY_WAIT", wait_none())
+    looked: list[set] = []
+
+    class Sink(sink.BigQuerySink):
+        def _existing(self, table_id, spec, keys, bound):
+            looked.append(set(keys))
+            return set(keys)  # the failed attempt had in fact committed
+
+    class Writer:
+        attempts = 0
+
+        def append(self, table_id, rows, fields) -> int:
+            Writer.attempts += 1
+            if Writer.attempts == 1:
+                raise api_exceptions.ServiceUnavailable("connection reset")
+            return len(rows)
+
+    s = Settings(project="p", dataset="d")
+    rows = [row(s, f"{i}.jpg") for i in range(2)]
+    assert Sink(s, writer=Writer()).write(rows, 0, verify=()) == 2
+    assert Writer.attempts == 1 and looked == [{(r["bucket"], r["name"], 1) for r in rows}]
+    looked.clear()
+    Writer.attempts = 1  # appends succeed from now on
+    assert Sink(s, writer=Writer()).write(rows, 0, verify=()) == 2 and looked == []

@@ -199,3 +199,41 @@ def test_a_micro_batch_is_one_spark_job(spark, isolated) -> None:
     assert (report.messages, report.classified, report.inserted) == (5, 3, 3)
     assert (report.duplicates, report.poison) == (1, 1)
     assert keys(rows_of(isolated)) == {(isolated.bucket, n, g) for n, g in summary.objects}
+
+
+def test_a_steady_batch_asks_bigquery_nothing(spark, isolated) -> None:
+    """Past the warm-up, the driver's memory replaces the key lookup: no query job for fresh
+    or repeated keys, one for redelivered messages; a restarted run looks everything up."""
+    from pipeline.source import SCHEMA
+
+    items = discover(sample_dataset())[:4]
+    objects = replay(items, isolated, rate=50, limit=4, progress=False).objects
+
+    def batch(objs, attempt: int | None, prefix: str, poison: bool = False):
+        msgs = [(f"{prefix}{i}", None, {"eventType": "OBJECT_FINALIZE",
+                                        "bucketId": isolated.bucket, "objectId": name,
+                                        "objectGeneration": str(gen)}, b"", attempt)
+                for i, (name, gen) in enumerate(objs)]
+        if poison:
+            msgs.append(("poison", None, {"eventType": "OBJECT_FINALIZE"}, b"\x00", attempt))
+        return spark.createDataFrame(msgs, SCHEMA)
+
+    processor = stream.BatchProcessor(isolated)
+    processor.recent.started -= processor.recent.warmup_seconds  # as if long running
+    calls = processor.sink.calls
+    first = processor.process(batch(objects[:2], 1, "a", poison=True), 1)
+    assert (first.inserted, first.poison, calls["query"]) == (2, 1, 0)
+    again = processor.process(batch(objects[:2], 1, "b", poison=True), 2)  # republished copies
+    assert (again.inserted, again.already_done, calls["query"]) == (0, 2, 0)
+    redelivered = processor.process(batch(objects[2:], 2, "c"), 3)
+    assert (redelivered.inserted, calls["query"]) == (2, 1)  # only BigQuery can vouch for these
+    unmarked = processor.process(batch(objects[:1], None, "d"), 4)  # no dead-letter policy
+    assert (unmarked.inserted, unmarked.already_done, calls["query"]) == (0, 1, 1)  # memory
+    assert processor.sink.writer.connections == 2  # predictions, dead letters: kept open
+
+    restarted = stream.BatchProcessor(isolated)  # warming up: a predecessor may have written
+    late = restarted.process(batch(objects, 1, "e", poison=True), 5)
+    assert (late.inserted, late.already_done) == (0, 4)
+    assert restarted.sink.calls["query"] == 2  # predictions and dead letters, looked up once
+    assert len(rows_of(isolated)) == 4
+    assert len(rows_of(isolated, table=isolated.dead_letter_table)) == 1

@@ -1,0 +1,68 @@
+"""What this run has written: the driver's memory that spares a BigQuery query per batch.
+
+    memory = Recent(ack_deadline_seconds=60, trigger_seconds=5)
+    check = memory.to_verify(keys, attempts)   # the keys only BigQuery can vouch for
+    ...write, then memory.remember(keys)
+
+A key lookup is a query job: on real BigQuery ~0.5–2 s and at least 10 MB billed per table
+read (https://cloud.google.com/bigquery/pricing#on_demand_pricing), so one per micro-batch sets
+both the stream's latency and most of its bill. Most batches need none: a duplicate of a key
+this run wrote is caught here, and BigQuery is asked only where a copy can come from outside
+this run's memory:
+
+* the first batches after a start (the warm-up): a predecessor that died between its write and
+  its ack leaves messages that Pub/Sub redelivers once their ack deadline runs out, at most one
+  ack deadline after it died — so at most one after this run started;
+* a message Pub/Sub marks as redelivered (``delivery_attempt`` > 1, set where the subscription
+  has a dead-letter policy; without one it is unknown, and every key is looked up);
+* a key this run forgot (the memory holds the newest ``capacity`` keys).
+
+What stays possible — GCS publishing one generation's notification twice far apart, two
+writers racing — is absorbed by the views (one row per key) and ``bucketlens compact``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable, Iterable
+
+CAPACITY = 500_000  # keys; about 100 bytes each on top of the key's own strings
+
+
+class Recent:
+    """A bounded, insertion-ordered set of keys written by this run, plus the warm-up clock."""
+
+    def __init__(self, ack_deadline_seconds: float, trigger_seconds: float = 0.0,
+                 capacity: int = CAPACITY, clock: Callable[[], float] = time.monotonic) -> None:
+        self.capacity = capacity
+        self.clock = clock
+        self.started = clock()
+        # a predecessor's leases run out within one ack deadline of its death; the second
+        # deadline and two triggers cover messages pulled at the end of that time
+        self.warmup_seconds = 2 * ack_deadline_seconds + 2 * trigger_seconds
+        self._keys: dict[Hashable, None] = {}
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    @property
+    def warming_up(self) -> bool:
+        return self.clock() - self.started < self.warmup_seconds
+
+    def remember(self, keys: Iterable[Hashable]) -> None:
+        """Keys now in the table (written, or found there); the oldest are forgotten first."""
+        for k in keys:
+            self._keys.pop(k, None)
+            self._keys[k] = None
+        while len(self._keys) > self.capacity:
+            del self._keys[next(iter(self._keys))]
+
+    def to_verify(self, attempts: dict[Hashable, int | None]) -> set[Hashable]:
+        """Of the keys (with their messages' highest delivery attempt), those only BigQuery can
+        vouch for: all of them while warming up, else the redelivered or unknown ones."""
+        if self.warming_up:
+            return set(attempts)
+        return {k for k, a in attempts.items() if a is None or a > 1}
