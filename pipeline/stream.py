@@ -263,6 +263,7 @@ def messages(spark, settings: Settings):
               .option("subscription", settings.subscription_path)
               .option("maxMessagesPerBatch", settings.max_messages_per_batch)
               .option("numPartitions", max(1, partitions))
+              .option("maxBufferedBytes", settings.max_buffered_bytes)
               .option("ackDeadlineSeconds", settings.ack_deadline_seconds))
     if settings.pubsub_emulator_host:
         reader = reader.option("emulatorHost", settings.pubsub_emulator_host)

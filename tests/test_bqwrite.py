@@ -293,11 +293,13 @@ def test_sink_bench_runs_at_tiny_sizes_and_reports_every_figure() -> None:
     assert list(out)[:6] == ["rows_small", "rows_large", "batch_s_small", "batch_s_large",
                              "growth", "statements_per_batch"]
     assert (out["rows_small"], out["rows_large"]) == (50, 400)
-    assert out["statements_per_batch"] == 3 and out["old_statements_per_batch"] == 5
-    assert out["calls_per_batch"] == {"query": 2, "append": 1}
+    assert out["statements_per_batch"] == 1 and out["old_statements_per_batch"] == 5
+    assert out["calls_per_batch"] == {"append": 1}  # a steady batch: no query job
+    assert out["start_statements_per_batch"] == 2  # after a start: one bounded lookup too
     assert out["growth"] == pytest.approx(out["batch_s_large"] / out["batch_s_small"], abs=1e-3)
-    assert out["billed_new_large"] == 2 * 10 * 2**20  # a small partition: the 10 MB minimum twice
-    assert out["billed_old_large"] >= out["billed_new_large"]
+    assert out["billed_new_large"] == 0
+    assert out["billed_start_large"] == 10 * 2**20  # a small partition: the 10 MB minimum
+    assert out["billed_old_large"] >= out["billed_start_large"]
     assert out["table_key_bytes_large"] > out["table_key_bytes_small"]
 
 
