@@ -105,10 +105,17 @@ def classify_partitions(settings: Settings) -> PartitionFn:
     return run
 
 
+def work_row(n: Notification) -> tuple[str, str, int, int | None]:
+    """A notification as a row of WORK_SCHEMA. The size, when it describes the download,
+    bounds it and its chunk's budget; a content-encoded (gzip) object is served decompressed,
+    so it is charged ``max_bytes`` instead (size unknown) and classified like any other."""
+    size = n.size if n.content_encoding in (None, "", "identity") else None
+    return n.key.bucket, n.key.name, n.key.generation, size
+
+
 def work_frame(todo: Iterable[Notification]) -> pd.DataFrame:
-    """Notifications as rows of WORK_SCHEMA (the size, when known, bounds each download)."""
-    return pd.DataFrame([(n.key.bucket, n.key.name, n.key.generation, n.size) for n in todo],
-                        columns=WORK_COLUMNS)
+    """Notifications as rows of WORK_SCHEMA (``work_row``)."""
+    return pd.DataFrame([work_row(n) for n in todo], columns=WORK_COLUMNS)
 
 
 def message_rows(frame: pd.DataFrame) -> list[tuple]:
@@ -164,7 +171,8 @@ def note_json(n: Notification) -> str:
         "event_type": n.event_type, "message_id": n.message_id, "event_time": t(n.event_time),
         "publish_time": t(n.publish_time), "size": n.size, "content_type": n.content_type,
         "metadata": dict(n.metadata) if n.metadata is not None else None,
-        "metageneration": n.metageneration, "created": t(n.created)})
+        "metageneration": n.metageneration, "created": t(n.created),
+        "content_encoding": n.content_encoding})
 
 
 def note_from_json(text: str) -> Notification:
@@ -178,7 +186,8 @@ def note_from_json(text: str) -> Notification:
         key=ObjectKey(d["bucket"], d["name"], int(d["generation"])), event_type=d["event_type"],
         message_id=d["message_id"], event_time=t(d["event_time"]),
         publish_time=t(d["publish_time"]), size=d["size"], content_type=d["content_type"],
-        metadata=d["metadata"], metageneration=d["metageneration"], created=t(d["created"]))
+        metadata=d["metadata"], metageneration=d["metageneration"], created=t(d["created"]),
+        content_encoding=d["content_encoding"])
 
 
 def _batch_frame(frame: pd.DataFrame) -> pd.DataFrame:

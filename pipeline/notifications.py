@@ -55,6 +55,9 @@ class Notification:
     # payload timeCreated: the same in every copy of one generation's notification, so the
     # predictions table is partitioned on it (pipeline.catalog); None without a JSON payload
     created: datetime | None = None
+    # payload contentEncoding: a "gzip" object is stored (and its size notified) compressed,
+    # but served decompressed, so its notified size says nothing about the download's
+    content_encoding: str | None = None
 
     @property
     def is_finalize(self) -> bool:
@@ -217,6 +220,7 @@ def parse(message_id: str, attributes: Mapping[str, str], data: bytes | None,
         publish_time=published,
         size=_int(size, "size") if size not in (None, "") else None,
         content_type=_str(payload.get("contentType"), "contentType"),
+        content_encoding=_str(payload.get("contentEncoding"), "contentEncoding"),
         metadata=_metadata(payload.get("metadata")),
         metageneration=(_int(metageneration, "metageneration", minimum=1)
                         if metageneration not in (None, "") else None),

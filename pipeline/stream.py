@@ -39,6 +39,7 @@ from pipeline.executor import (
     classify_messages,
     classify_partitions,
     note_from_json,
+    work_row,
 )
 from pipeline.labels import ModelInfo
 from pipeline.names import printable
@@ -94,9 +95,7 @@ def classify_and_write(spark, todo: Sequence[Notification], settings: Settings, 
         return done
     cores = settings.num_partitions or spark.sparkContext.defaultParallelism
     # parallelize, not createDataFrame(...).repartition(n): the same split without a shuffle
-    rows = spark.sparkContext.parallelize(
-        [(n.key.bucket, n.key.name, n.key.generation, n.size) for n in todo],
-        min(len(todo), cores))
+    rows = spark.sparkContext.parallelize([work_row(n) for n in todo], min(len(todo), cores))
     results = (spark.createDataFrame(rows, WORK_SCHEMA)
                .mapInPandas(classify_partitions(settings), RESULT_SCHEMA)
                .collect())

@@ -82,3 +82,18 @@ def test_every_message_gets_exactly_one_verdict_and_no_payload_travels_back() ->
             assert json.loads(v.record)["reason"] == v.why and v.why
         else:
             assert v.record is None or pd.isna(v.record)
+
+
+def test_a_gzip_encoded_object_is_charged_max_bytes_not_its_stored_size() -> None:
+    """GCS notifies a ``Content-Encoding: gzip`` object's stored (compressed) size and serves
+    it decompressed: that size cannot budget the download, so it is charged max_bytes (a
+    legitimate ``gsutil cp -Z`` photo is classified; a bomb stops at max_bytes)."""
+    from pipeline.notifications import parse
+
+    attrs = {"eventType": "OBJECT_FINALIZE", "bucketId": "b", "objectId": "a/cat/1.jpg",
+             "objectGeneration": "3"}
+    plain = parse("m1", attrs, json.dumps({"size": "5126"}).encode())
+    gz = parse("m2", attrs, json.dumps({"size": "5126", "contentEncoding": "gzip"}).encode())
+    assert gz.content_encoding == "gzip"
+    assert executor.work_row(plain)[3] == 5126 and executor.work_row(gz)[3] is None
+    assert executor.note_from_json(executor.note_json(gz)) == gz  # survives the trip back

@@ -128,6 +128,7 @@ STREAM_UPLOADS: list[tuple[str, bytes, dict, str]] = [
     ("hostile/comment-flood.jpg", marker_flood_jpeg(10_001), {}, "too_large"),  # 40 KB
     ("hostile/chunk-flood.png", chunk_flood_png(10_001), {}, "too_large"),  # 120 KB
     ("hostile/extension-flood.gif", extension_flood_gif(10_001), {}, "too_large"),  # 50 KB
-    ("hostile/gzip-4MiB.jpg", gzip_expanding(4 * MiB), {"content_encoding": "gzip"},
+    # a gzip object is charged max_bytes (32 MiB): one that expands past it stops there
+    ("hostile/gzip-40MiB.jpg", gzip_expanding(40 * MiB), {"content_encoding": "gzip"},
      "too_large"),
 ]
