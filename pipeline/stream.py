@@ -138,7 +138,9 @@ def write_results(todo: Sequence[Notification], results: Sequence, settings: Set
     report.classified = len(report.rows)
     report.errors = sum(v for s, v in report.statuses.items() if s not in CLASSIFIED)
     if embeddings:
-        added = sink.write_embeddings(embeddings, batch_id, verify=verify)
+        added = sink.write_embeddings(  # the embeddings table's key adds the model version
+            embeddings, batch_id,
+            verify=None if verify is None else {(*k, model.version) for k in verify})
         log.info("batch %d: %d embeddings, %d inserted", batch_id, len(embeddings), added)
     if report.rows:
         report.inserted = sink.write(report.rows, batch_id, verify=verify)
@@ -185,11 +187,11 @@ class BatchProcessor:
         dead = [{**json.loads(v.record), "batch_id": batch_id} for v in by_kind.get(DEAD, [])]
         report.poison = len(dead)
         self._write_once(dead, DEAD_LETTER_KEY, by_kind.get(DEAD, []),
-                         self.sink.write_dead_letters, batch_id)
+                         "write_dead_letters", batch_id)
         events = [(v, note_from_json(v.record)) for v in by_kind.get(EVENT, [])]
         report.events = len(events)
         self._write_once([event_record(n, batch_id) for _, n in events], EVENT_KEY,
-                         [v for v, _ in events], self.sink.write_events, batch_id)
+                         [v for v, _ in events], "write_events", batch_id)
 
         todo_verdicts = by_kind.get(TODO, [])
         notes = [note_from_json(v.record) for v in todo_verdicts]
@@ -207,7 +209,11 @@ class BatchProcessor:
         self.lookups += bool(verify)
         report.already_done = len(known) + len(done)
         todo = [n for n in todo if n.key not in done]
-        write_results(todo, results, settings, self.sink, batch_id, model, report, verify=())
+        # the keys only BigQuery can vouch for are looked up again right before their append:
+        # another writer (a backfill) may have added them while this batch was classified
+        keys = {(k.bucket, k.name, k.generation) for k in verify} - {
+            (k.bucket, k.name, k.generation) for k in done}
+        write_results(todo, results, settings, self.sink, batch_id, model, report, verify=keys)
         self.recent.remember([*done, *(n.key for n in todo)])
         report.model_version = model.version
         report.seconds = time.monotonic() - started
@@ -222,7 +228,7 @@ class BatchProcessor:
         return report
 
     def _write_once(self, records: list[dict], key: Sequence[str], verdicts: Sequence,
-                    write: Callable[..., int], batch_id: int) -> None:
+                    write: str, batch_id: int) -> None:
         """Dead letters or events: drop what this run wrote, verify what only BigQuery knows
         (warm-up, redelivered messages), append the rest, remember their keys."""
         if not records:
@@ -236,7 +242,7 @@ class BatchProcessor:
             attempts[k] = _worst(attempts.get(k, 1), v.delivery_attempt)
         verify = self.recent.to_verify(attempts)
         self.lookups += bool(verify)
-        write([r for _, r, _ in fresh], batch_id, verify=verify)
+        getattr(self.sink, write)([r for _, r, _ in fresh], batch_id, verify=verify)
         self.recent.remember(("table", key, k) for k, _, _ in fresh)
 
 

@@ -204,13 +204,13 @@ class GatedSink:
     def existing_keys(self, keys):
         return self.inner.existing_keys(keys)
 
-    def write(self, rows, batch_id):
+    def write(self, rows, batch_id, **kw):
         self.writing.set()
         self.release.wait(120)
-        return self.inner.write(rows, batch_id)
+        return self.inner.write(rows, batch_id, **kw)
 
-    def write_dead_letters(self, records, batch_id):
-        return self.inner.write_dead_letters(records, batch_id)
+    def write_dead_letters(self, records, batch_id, **kw):
+        return self.inner.write_dead_letters(records, batch_id, **kw)
 
 
 @pytest.mark.integration
