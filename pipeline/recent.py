@@ -10,9 +10,10 @@ both the stream's latency and most of its bill. Most batches need none: a duplic
 this run wrote is caught here, and BigQuery is asked only where a copy can come from outside
 this run's memory:
 
-* the first batches after a start (the warm-up): a predecessor that died between its write and
-  its ack leaves messages that Pub/Sub redelivers once their ack deadline runs out, at most one
-  ack deadline after it died — so at most one after this run started;
+* the first batches after a start (the warm-up, counted from the first batch): a predecessor
+  that died between its write and its ack leaves messages that Pub/Sub redelivers once their
+  ack deadline runs out, at most one ack deadline after it died — so at most one after this
+  run's first pull;
 * a message Pub/Sub marks as redelivered (``delivery_attempt`` > 1, set where the subscription
   has a dead-letter policy; without one it is unknown, and every key is looked up);
 * a key this run forgot (the memory holds the newest ``capacity`` keys).
@@ -36,7 +37,9 @@ class Recent:
                  capacity: int = CAPACITY, clock: Callable[[], float] = time.monotonic) -> None:
         self.capacity = capacity
         self.clock = clock
-        self.started = clock()
+        # from the first batch, not from construction: a start spends tens of seconds on
+        # Spark and the model, while a predecessor's leases keep running out
+        self.started: float | None = None
         # a predecessor's leases run out within one ack deadline of its death; the second
         # deadline and two triggers cover messages pulled at the end of that time
         self.warmup_seconds = 2 * ack_deadline_seconds + 2 * trigger_seconds
@@ -50,7 +53,7 @@ class Recent:
 
     @property
     def warming_up(self) -> bool:
-        return self.clock() - self.started < self.warmup_seconds
+        return self.started is None or self.clock() - self.started < self.warmup_seconds
 
     def remember(self, keys: Iterable[Hashable]) -> None:
         """Keys now in the table (written, or found there); the oldest are forgotten first."""
@@ -63,6 +66,8 @@ class Recent:
     def to_verify(self, attempts: dict[Hashable, int | None]) -> set[Hashable]:
         """Of the keys (with their messages' highest delivery attempt), those only BigQuery can
         vouch for: all of them while warming up, else the redelivered or unknown ones."""
+        if self.started is None:
+            self.started = self.clock()  # the first batch starts the warm-up
         if self.warming_up:
             return set(attempts)
         return {k for k, a in attempts.items() if a is None or a > 1}

@@ -141,7 +141,9 @@ def test_ten_percent_503s_on_gcs_and_bigquery_lose_and_duplicate_nothing(stack, 
         return "/o/" in path or "/download/" in path or "/queries" in path or "/jobs" in path
 
     gcs = start_proxy(stack.storage_host, sometimes(0.10, seed=1, only=objects_and_jobs))
-    bq = start_proxy(stack.bq_endpoint, sometimes(0.10, seed=2, only=objects_and_jobs))
+    # seed 31 fails BigQuery's first job call: steady batches now make none (the stream's
+    # memory), so the few lookups of its first batches are where a 503 can land
+    bq = start_proxy(stack.bq_endpoint, sometimes(0.10, seed=31, only=objects_and_jobs))
     pipe = Pipeline(isolated.replace(bq_endpoint=bq.url, storage_emulator_host=gcs.url),
                     tmp_path / "run.log")
     try:
@@ -162,5 +164,5 @@ def test_ten_percent_503s_on_gcs_and_bigquery_lose_and_duplicate_nothing(stack, 
         stop_proxy(bq)
     injected = {name: sum(1 for s in p.seen if s[2] == 503) for name, p in
                 (("gcs", gcs), ("bigquery", bq))}
-    assert injected["gcs"] >= 3 and injected["bigquery"] >= 1, injected
+    assert injected["gcs"] >= 3 and injected["bigquery"] >= 1, (injected, bq.seen)
     assert counts(isolated) == (60, 60, 0), pipe.tail()

@@ -219,7 +219,7 @@ def test_a_steady_batch_asks_bigquery_nothing(spark, isolated) -> None:
         return spark.createDataFrame(msgs, SCHEMA)
 
     processor = stream.BatchProcessor(isolated)
-    processor.recent.started -= processor.recent.warmup_seconds  # as if long running
+    processor.recent.started = time.monotonic() - processor.recent.warmup_seconds  # long running
     calls = processor.sink.calls
     first = processor.process(batch(objects[:2], 1, "a", poison=True), 1)
     assert (first.inserted, first.poison, calls["query"]) == (2, 1, 0)
