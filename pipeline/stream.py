@@ -161,7 +161,6 @@ class BatchProcessor:
         self.reports: list[BatchReport] = []
         # keys this run wrote: most batches need no BigQuery lookup (pipeline.recent)
         self.recent = Recent(settings.ack_deadline_seconds, settings.trigger_seconds)
-        self.lookups = 0  # sink writes or lookups that had to ask BigQuery first
 
     def __call__(self, batch_df, batch_id: int) -> None:
         self.process(batch_df, batch_id)
@@ -206,7 +205,6 @@ class BatchProcessor:
         todo = [n for n in todo if n.key not in self.recent]
         verify = self.recent.to_verify({n.key: attempts[n.key] for n in todo})
         done = self.sink.existing_keys([n for n in todo if n.key in verify]) if verify else set()
-        self.lookups += bool(verify)
         report.already_done = len(known) + len(done)
         todo = [n for n in todo if n.key not in done]
         # the keys only BigQuery can vouch for are looked up again right before their append:
@@ -241,7 +239,6 @@ class BatchProcessor:
         for k, _, v in fresh:
             attempts[k] = _worst(attempts.get(k, 1), v.delivery_attempt)
         verify = self.recent.to_verify(attempts)
-        self.lookups += bool(verify)
         getattr(self.sink, write)([r for _, r, _ in fresh], batch_id, verify=verify)
         self.recent.remember(("table", key, k) for k, _, _ in fresh)
 
