@@ -267,3 +267,50 @@ def test_python_workers_run_this_interpreter_without_pyspark_python(tmp_path) ->
                          timeout=280, cwd=ROOT, env={**env, "SPARK_LOCAL_IP": "127.0.0.1"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split()[-2:] == [sys.executable, "0"]
+
+
+# --------------------------------------------------------------------------- README's table
+
+
+def readme_configuration_rows() -> list[tuple[str, str, str]]:
+    """(variable, default, meaning) of each row of README's "Configuration" table; the table
+    ends at its first line that is not a table row (a blank line cuts it there)."""
+    text = (ROOT / "README.md").read_text()
+    lines = text[text.index("\n## Configuration\n"):].splitlines()
+    start = lines.index("| variable | default | meaning |") + 2  # past the header's rule
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        variable, default, meaning = (cell.strip() for cell in line.strip(" |").split(" | "))
+        rows.append((variable.strip("`"), default, meaning))
+    return rows
+
+
+def shown(value: object) -> str:
+    """A default as the README writes it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def test_readme_configuration_table_has_each_settings_field_once_with_its_default() -> None:
+    """One row per Settings field (the list comes from the class, so a new field without a row
+    fails here), named by its variable, with the field's default first in the default cell."""
+    from dataclasses import fields
+
+    from pipeline.config import ENV_PREFIX
+
+    rows = readme_configuration_rows()
+    defaults = {ENV_PREFIX + f.name.upper(): f.default for f in fields(Settings)}
+    variables = [variable for variable, _, _ in rows]
+    assert sorted(set(defaults) - set(variables)) == [], "Settings fields with no README row"
+    assert sorted(set(variables) - set(defaults)) == [], "README rows that are no Settings field"
+    assert len(variables) == len(set(variables)), "a variable has two rows"
+    for variable, default, meaning in rows:
+        assert meaning, variable
+        if defaults[variable] == "":
+            assert default.startswith("*(empty"), (variable, default)
+        else:
+            first = default.split("`")[1] if default.startswith("`") else default
+            assert first == shown(defaults[variable]), (variable, default)
