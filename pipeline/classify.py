@@ -9,6 +9,7 @@ one broken upload must not fail (and endlessly replay) a whole micro-batch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import io
 import json
@@ -573,25 +574,30 @@ def run_classify(args: argparse.Namespace) -> int:
     )
     rows: list[dict[str, Any]] = []
     exit_code = 0
-    try:
-        handler = get_handler(settings)
-        for paths in chunked(list(expand_paths(args.paths)), settings.batch_size):
-            readable: list[tuple[Path, bytes]] = []
-            for path in paths:
-                try:
-                    readable.append((path, path.read_bytes()))
-                except OSError as exc:
-                    print(f"bucketlens: cannot read {path}: {exc.strerror}", file=sys.stderr)
-                    exit_code = 1
-            predictions = handler.run_inference([data for _, data in readable])
-            for (path, _), prediction in zip(readable, predictions, strict=True):
-                row = prediction_row(str(path), prediction)
-                if args.json:
-                    print(json.dumps(row), flush=True)
-                rows.append(row)
-    except ModelUnavailableError as exc:
-        print(f"bucketlens: {exc}", file=sys.stderr)
-        return 2
+    # Under --json stdout carries our JSON lines only: whatever a library prints while the
+    # model loads or runs (torch's "Downloading: …" line, for one) goes to stderr instead.
+    out = sys.stdout
+    quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+    with quiet:
+        try:
+            handler = get_handler(settings)
+            for paths in chunked(list(expand_paths(args.paths)), settings.batch_size):
+                readable: list[tuple[Path, bytes]] = []
+                for path in paths:
+                    try:
+                        readable.append((path, path.read_bytes()))
+                    except OSError as exc:
+                        print(f"bucketlens: cannot read {path}: {exc.strerror}", file=sys.stderr)
+                        exit_code = 1
+                predictions = handler.run_inference([data for _, data in readable])
+                for (path, _), prediction in zip(readable, predictions, strict=True):
+                    row = prediction_row(str(path), prediction)
+                    if args.json:
+                        print(json.dumps(row), file=out, flush=True)
+                    rows.append(row)
+        except ModelUnavailableError as exc:
+            print(f"bucketlens: {exc}", file=sys.stderr)
+            return 2
     if not args.json:
         _print_table(rows)
     return exit_code

@@ -27,14 +27,19 @@ print(json.dumps([code, sorted(m for m in {heavy!r} if m in sys.modules)]), file
 """
 
 
+def clean_env(**env: str) -> dict[str, str]:
+    """This environment less every BUCKETLENS_* and emulator variable (a new user's shell),
+    with this checkout's code first on the path, plus ``env``."""
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("BUCKETLENS_", "PUBSUB_", "STORAGE_EMULATOR"))}
+    return {**clean, "PYTHONPATH": str(ROOT), **env}
+
+
 def bucketlens(argv: list[str], cwd: Path, **env: str) -> tuple[int, list[str], str]:
     """(exit code, heavy modules imported, stderr) of ``bucketlens ARGV`` in a fresh process
     with no BUCKETLENS_* or emulator variables."""
-    clean = {k: v for k, v in os.environ.items()
-             if not k.startswith(("BUCKETLENS_", "PUBSUB_", "STORAGE_EMULATOR"))}
     out = subprocess.run([sys.executable, "-c", PROBE.format(heavy=HEAVY), json.dumps(argv)],
-                         cwd=cwd, capture_output=True, text=True, timeout=120,
-                         env={**clean, "PYTHONPATH": str(ROOT), **env})
+                         cwd=cwd, capture_output=True, text=True, timeout=120, env=clean_env(**env))
     code, heavy = json.loads(out.stdout.strip().splitlines()[-1])
     return code, heavy, out.stderr
 
