@@ -95,6 +95,31 @@ def test_view_files_run_after_the_views_they_read() -> None:
     assert made == REPORT_VIEWS
 
 
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_view_columns() -> dict[str, list[str]]:
+    """README's "Every view and its columns" table: view → its columns, or ["*", table] where
+    the row says "every column of `table`"."""
+    text = README.read_text()
+    section = text[text.index("### Every view and its columns"):]
+    section = section[:section.index("\n## ")]
+    found = {}
+    for view, cells in re.findall(r"^\| `(\w+)` \| (.+) \|$", section, re.M):
+        every = re.match(r"every column of `(\w+)`", cells)
+        found[view] = ["*", every.group(1)] if every else [c.strip() for c in cells.split(",")]
+    return found
+
+
+def test_readme_documents_every_view_with_columns_and_a_demo_example() -> None:
+    assert set(readme_view_columns()) == REPORT_VIEWS
+    text = README.read_text()
+    examples = text[text.index("### Every view on the demo data"):]
+    examples = examples[:examples.index("\n## ")]
+    shown = set(re.findall(r"^\$ bucketlens sql \"SELECT .*? FROM (\w+)", examples, re.M))
+    assert shown == REPORT_VIEWS
+
+
 # --- against bqemulator -----------------------------------------------------------------------
 
 @pytest.mark.integration
@@ -231,3 +256,18 @@ def test_timing_views_known_answers(isolated: Settings) -> None:
     assert [r["percentile"] for r in dist] == list(range(101))
     seconds = [r["latency_s"] for r in dist]
     assert seconds == sorted(seconds) and (seconds[0], seconds[-1]) == (1.0, 20.0)
+
+
+@pytest.mark.integration
+def test_readme_view_columns_are_the_views_own(isolated: Settings) -> None:
+    """Each view's columns, in order, as BigQuery (here bqemulator) reports them."""
+    from pipeline import clients
+
+    sink.create_views(isolated)
+    client = clients.bigquery_client(isolated)
+    for view, documented in readme_view_columns().items():
+        sql = f"SELECT * FROM `{isolated.project}.{isolated.dataset}.{view}` LIMIT 0"
+        columns = [f.name for f in client.query(sql).result().schema]
+        if documented[0] == "*":
+            documented = [f["name"] for f in catalog.schema_json(documented[1])]
+        assert columns == documented, view
