@@ -45,6 +45,9 @@ def isolated(stack: localstack.StackState, tmp_path) -> Settings:
         dead_letter_topic=f"dlq-{uid}",
         dataset=f"ds_{uid}",
         checkpoint=str(tmp_path / "checkpoint"),
+        # Pub/Sub's shortest lease: a message a killed or stopped test run held comes back in
+        # 10 s, not the default 60 (the stream's own warm-up shrinks with it)
+        ack_deadline_seconds=10,
     )
     provision.apply(settings)
     return settings

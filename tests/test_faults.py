@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from deploy import provision
 from pipeline import clients
 from pipeline.config import Settings
 from producer.datasets import discover, sample_dataset
@@ -35,7 +34,7 @@ class Pipeline:
 
     def __init__(self, settings: Settings, log: Path, **env: str) -> None:
         self.env = {**os.environ, **settings.as_env(), "PYTHONPATH": str(ROOT),
-                    "BUCKETLENS_TRIGGER_SECONDS": "1", "BUCKETLENS_ACK_DEADLINE_SECONDS": "10",
+                    "BUCKETLENS_TRIGGER_SECONDS": "1",
                     "BUCKETLENS_MAX_MESSAGES_PER_BATCH": "40", **env}
         self.log = log
         self.proc: subprocess.Popen | None = None
@@ -101,10 +100,8 @@ def wait_for(settings: Settings, pipe: Pipeline, at_least: int, timeout: float) 
 
 
 def test_sigkill_three_times_during_300_uploads_gives_exactly_300_rows(isolated, tmp_path) -> None:
-    # The subscription's own ack deadline bounds how long messages a killed driver held wait
-    # before redelivery: give it the 10 s the pipeline leases with, not the default 60 s.
-    isolated = isolated.replace(subscription=isolated.subscription + "-k", ack_deadline_seconds=10)
-    provision.apply(isolated)
+    # the subscription's own ack deadline (10 s, conftest) bounds how long messages a killed
+    # driver held wait before redelivery
     items = discover(sample_dataset())
     pipe = Pipeline(isolated, tmp_path / "run.log")
     uploads: dict = {}

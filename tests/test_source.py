@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from deploy import provision
 from pipeline import clients, source
 from pipeline.source import PubSubOptions, split
 from tests.helpers.stream import publish
@@ -70,7 +69,7 @@ def test_publish_time_travels_as_epoch_micros_that_no_time_zone_converts() -> No
 
 
 # -- with the emulator and Spark ------------------------------------------------------------
-def _stream(spark, settings, handler, *, max_per_batch=50, ack_deadline=60):
+def _stream(spark, settings, handler, *, max_per_batch=50, ack_deadline=10):
     return (spark.readStream.format("pubsub")
             .option("subscription", settings.subscription_path)
             .option("maxMessagesPerBatch", max_per_batch)
@@ -141,8 +140,7 @@ def test_failed_batch_is_not_acked_and_comes_back(spark, isolated) -> None:
 
 
 def test_batch_slower_than_ack_deadline_causes_no_redelivery(spark, isolated) -> None:
-    slow = isolated.replace(subscription=isolated.subscription + "-slow", ack_deadline_seconds=10)
-    provision.apply(slow)  # this subscription's ack deadline: 10 s
+    slow = isolated  # the subscription's ack deadline: 10 s (conftest)
     seen: collections.Counter[str] = collections.Counter()
 
     def handle(df, batch_id):
@@ -152,7 +150,7 @@ def test_batch_slower_than_ack_deadline_causes_no_redelivery(spark, isolated) ->
             time.sleep(25)  # 2.5 x the subscription's ack deadline
 
     publish(slow, _msgs(20, "s"))
-    q = _stream(spark, slow, handle, max_per_batch=10, ack_deadline=10)
+    q = _stream(spark, slow, handle, max_per_batch=10)
     try:
         wait_until(lambda: len(seen) >= 20, 120, "20 messages")
         time.sleep(15)  # long enough for any expired lease to be redelivered
@@ -181,8 +179,8 @@ def test_available_now_trigger_is_refused_and_acks_nothing(spark, isolated) -> N
     else:
         q.awaitTermination(120)
     q.stop()
-    # stop() hands back what the reader held; where Spark skips it, the leases lapse (60 s)
-    left, deadline = 0, time.monotonic() + 90
+    # stop() hands back what the reader held; where Spark skips it, the leases lapse (10 s)
+    left, deadline = 0, time.monotonic() + 60
     while left < 5 and time.monotonic() < deadline:
         left = _left_in_subscription(isolated)
         time.sleep(1)
@@ -243,7 +241,7 @@ def test_sigkill_and_restart_on_same_checkpoint_loses_nothing(stack, isolated, t
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        # unacked messages of the killed runs come back after their ack deadline (60 s)
+        # unacked messages of the killed runs come back after their ack deadline (10 s)
         wait_until(lambda: set(lines()) >= {f"k-{i}" for i in range(200)}, 240, "all 200 messages")
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
