@@ -81,6 +81,9 @@ ROLES: Mapping[str, Mapping[str, Mapping[str, str]]] = {
         "subscription": {
             "roles/pubsub.subscriber": "pull, ack and extend ack deadlines of notifications",
         },
+        "alert_topic": {
+            "roles/pubsub.publisher": "publish alerts (`run --alerts`), on the alert topic only",
+        },
         "dataset": {
             "roles/bigquery.dataEditor": "append rows through the Storage Write API and read "
                                          "keys back (sink_mode append, the default); with "
@@ -88,8 +91,9 @@ ROLES: Mapping[str, Mapping[str, Mapping[str, str]]] = {
                                          "and MERGE",
         },
         "project": {
-            "roles/bigquery.jobUser": "run the key-lookup queries (and, with sink_mode merge, "
-                                      "the load and MERGE jobs), billed to the project",
+            "roles/bigquery.jobUser": "run the key-lookup queries, drift rules' window "
+                                      "queries (and, with sink_mode merge, the load and "
+                                      "MERGE jobs), billed to the project",
             WORKER_ROLE: "run as a Dataproc VM (agent, task leases, logs, metrics): "
                          "`roles/dataproc.worker` minus every `storage.objects.*` permission "
                          "(objects: bucket-level grants only)",
@@ -105,8 +109,8 @@ ROLES: Mapping[str, Mapping[str, Mapping[str, str]]] = {
 }
 
 PRIMITIVE_ROLES = frozenset({"roles/owner", "roles/editor", "roles/viewer"})
-TARGET_KINDS = ("bucket", "jsonl_output", "topic", "dead_letter_topic", "subscription", "dataset",
-                "project")
+TARGET_KINDS = ("bucket", "jsonl_output", "topic", "dead_letter_topic", "alert_topic",
+                "subscription", "dataset", "project")
 
 # BigQuery dataset ACLs report these roles by their legacy names.
 DATASET_LEGACY_ROLES = {"OWNER": "roles/bigquery.dataOwner", "WRITER": "roles/bigquery.dataEditor",

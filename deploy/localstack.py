@@ -107,9 +107,9 @@ class StackState:
     def env(self, base: Settings | None = None) -> dict[str, str]:
         """Everything ``eval "$(bucketlens local env)"`` exports."""
         s = self.settings(base)
-        names = ("project", "bucket", "topic", "subscription", "dead_letter_topic", "dataset",
-                 "table", "dead_letter_table", "bq_endpoint", "bq_storage_endpoint", "model",
-                 "checkpoint")
+        names = ("project", "bucket", "topic", "subscription", "dead_letter_topic", "alert_topic",
+                 "dataset", "table", "dead_letter_table", "bq_endpoint", "bq_storage_endpoint",
+                 "model", "checkpoint")
         env = {
             "PUBSUB_EMULATOR_HOST": self.pubsub_host,
             "STORAGE_EMULATOR_HOST": self.storage_host,

@@ -164,6 +164,7 @@ def targets(settings: Settings) -> dict[str, str]:
     """The full name of each kind of resource IAM roles are granted on."""
     s = settings
     return {"bucket": s.bucket, "topic": s.topic_path, "dead_letter_topic": s.dead_letter_topic_path,
+            "alert_topic": s.alert_topic_path,
             "subscription": s.subscription_path, "dataset": f"{s.project}.{s.dataset}",
             "project": s.project,
             # only the JSONL sink writes objects, and only under its own prefix
@@ -303,6 +304,7 @@ def core_resources(settings: Settings, c: _Clients) -> list[Resource]:
         ),
         topic(s.topic_path),
         topic(s.dead_letter_topic_path),
+        topic(s.alert_topic_path),  # subscribers make their own subscriptions
         subscription(s.dead_letter_subscription_path, {"topic": s.dead_letter_topic_path}),
         subscription(s.subscription_path, subscription_request(
             s, pubsub_emulator=bool(s.pubsub_emulator_host))),
@@ -351,6 +353,7 @@ def iam_resources(settings: Settings, c: _Clients, *, skip: str = "") -> list[Re
         "jsonl_output": lambda name: iam.prefix_policy(c.storage, name),
         "topic": lambda name: iam.PubSubPolicy(c.publisher, name),
         "dead_letter_topic": lambda name: iam.PubSubPolicy(c.publisher, name),
+        "alert_topic": lambda name: iam.PubSubPolicy(c.publisher, name),
         "subscription": lambda name: iam.PubSubPolicy(c.subscriber, name),
         "dataset": lambda name: iam.DatasetAccess(c.bigquery, name),
         "project": lambda name: c.iam.project_policy(),

@@ -186,6 +186,12 @@ RUN_SETTINGS: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "metrics_port": ("serve Prometheus metrics on 127.0.0.1:PORT/metrics", None),
     "embeddings": ("also store each image's embedding, from the same forward pass, for "
                    "`similar` and the report's map", None),
+    "alerts": ("alert rule file (JSON, path or gs:// URI): matching rows and drift go to "
+               "the alert topic", None),
+    "alert_topic": ("Pub/Sub topic alerts are published to", None),
+    "drift_window": ("drift window: minute, hour, day or seconds", None),
+    "drift_baseline": ("a time inside the drift baseline window (default: the second "
+                       "window)", None),
 }
 FLAG_ALIASES = {"spark_master": ("--master",)}
 

@@ -81,6 +81,10 @@ class Settings:
     sink: str = "bigquery"  # bigquery | jsonl | console
     metrics_port: int = 0  # 0 = no Prometheus endpoint
     jsonl_uri: str = ""  # JSON-lines sink target; empty = gs://<bucket>/_bucketlens/<table>
+    alerts: str = ""  # alert rule file (path or gs:// URI); empty = no alerts (README "Alerts")
+    alert_topic: str = "bucketlens-alerts"  # where alerts are published
+    drift_window: str = "hour"  # the drift views' window: minute, hour, day or N seconds
+    drift_baseline: str = ""  # a time inside the drift baseline window; empty = the first window
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -129,6 +133,10 @@ class Settings:
     @property
     def topic_path(self) -> str:
         return f"projects/{self.project}/topics/{self.topic}"
+
+    @property
+    def alert_topic_path(self) -> str:
+        return f"projects/{self.project}/topics/{self.alert_topic}"
 
     @property
     def dead_letter_topic_path(self) -> str:

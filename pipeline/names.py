@@ -242,6 +242,7 @@ def settings_names(settings: Settings) -> list[tuple[str, Callable[[str], str]]]
         (s.bucket, bucket),
         (s.topic, pubsub),
         (s.dead_letter_topic, pubsub),
+        (s.alert_topic, pubsub),
         (s.subscription, lambda n: pubsub(n, "subscription")),
         # provisioning keeps the dead-letter topic's messages in "<dlq>-sub"
         (s.dead_letter_subscription_path.rsplit("/", 1)[1], lambda n: pubsub(n, "subscription")),
@@ -262,6 +263,13 @@ def check_settings(settings: Settings) -> None:
     location(settings.bq_location, "bq_location")
     if settings.jsonl_uri:
         gcs_uri(settings.jsonl_uri)
+    try:
+        from pipeline.drift import parse_baseline, window_seconds
+
+        window_seconds(settings.drift_window)
+        parse_baseline(settings.drift_baseline)
+    except ValueError as exc:
+        raise InvalidSetting(str(exc)) from None
     for f in fields(settings):
         check_value(f.name, getattr(settings, f.name))
 

@@ -384,11 +384,15 @@ def first_per_key(rows: Sequence[dict], spec: TableSpec) -> list[dict]:
 
 def render_view(template: str, settings: Settings) -> str:
     """A ``schemas/views`` file for these settings; ``{classified}`` is the statuses that count
-    as classified (``pipeline.status``), so the SQL never spells them itself."""
+    as classified (``pipeline.status``), so the SQL never spells them itself; the drift
+    views' window and baseline come from ``pipeline.drift``."""
+    from pipeline.drift import template_values
+
     return template.format(project=settings.project, dataset=settings.dataset,
                            table=settings.table, dead_letter_table=settings.dead_letter_table,
                            classified=sql_list(CLASSIFIED), embeddings=EMBEDDINGS_TABLE,
-                           near_duplicate_distance=repr(NEAR_DUPLICATE_DISTANCE))
+                           near_duplicate_distance=repr(NEAR_DUPLICATE_DISTANCE),
+                           **template_values(settings))
 
 
 def view_id(sql: str) -> str:

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 from pipeline import bundles, classify
+from pipeline.alerts import Alerter
 from pipeline.batches import BatchReport
 from pipeline.config import Settings
 from pipeline.executor import (
@@ -112,7 +113,7 @@ def write_results(todo: Sequence[Notification], results: Sequence, settings: Set
     With ``settings.embeddings`` each classified row's embedding (same forward pass) goes to
     the embeddings table first, so a prediction row written implies its embedding was.
     """
-    from pipeline.sink import build_row, embedding_record
+    from pipeline.sink import embedding_record
 
     by_key = {ObjectKey(r.bucket, r.name, r.generation): r for r in results}
     missing = [n.key for n in todo if n.key not in by_key]
@@ -127,9 +128,7 @@ def write_results(todo: Sequence[Notification], results: Sequence, settings: Set
     embeddings = []
     for n in todo:
         r = by_key[n.key]
-        row = build_row(n, status=r.status, reason=r.reason or "", model=model,
-                        topk=[tuple(x) for x in json.loads(r.topk)],
-                        batch_id=batch_id, processed_at=now)
+        row = result_row(n, r, model, batch_id, now)
         report.rows.append(row)
         if settings.embeddings and r.embedding:
             embeddings.append(embedding_record(row, r.embedding, model))
@@ -147,6 +146,15 @@ def write_results(todo: Sequence[Notification], results: Sequence, settings: Set
     return report
 
 
+def result_row(n: Notification, r, model: ModelInfo, batch_id: int, now: datetime) -> dict:
+    """The ``predictions`` row of one executor result."""
+    from pipeline.sink import build_row
+
+    return build_row(n, status=r.status, reason=r.reason or "", model=model,
+                     topk=[tuple(x) for x in json.loads(r.topk)],
+                     batch_id=batch_id, processed_at=now)
+
+
 class BatchProcessor:
     """The ``foreachBatch`` function. Raises on sink failure so the batch is not committed."""
 
@@ -161,6 +169,7 @@ class BatchProcessor:
         self.reports: list[BatchReport] = []
         # keys this run wrote: most batches need no BigQuery lookup (pipeline.recent)
         self.recent = Recent(settings.ack_deadline_seconds, settings.trigger_seconds)
+        self.alerter = Alerter.from_settings(settings)  # None without an alert rule file
 
     def __call__(self, batch_df, batch_id: int) -> None:
         self.process(batch_df, batch_id)
@@ -206,6 +215,7 @@ class BatchProcessor:
         verify = self.recent.to_verify({n.key: attempts[n.key] for n in todo})
         done = self.sink.existing_keys([n for n in todo if n.key in verify]) if verify else set()
         report.already_done = len(known) + len(done)
+        found = [n for n in todo if n.key in done]  # written before: by a predecessor?
         todo = [n for n in todo if n.key not in done]
         # the keys only BigQuery can vouch for are looked up again right before their append:
         # another writer (a backfill) may have added them while this batch was classified
@@ -213,6 +223,12 @@ class BatchProcessor:
             (k.bucket, k.name, k.generation) for k in done}
         write_results(todo, results, settings, self.sink, batch_id, model, report, verify=keys)
         self.recent.remember([*done, *(n.key for n in todo)])
+        if self.alerter is not None:  # after the write, before the commit (pipeline.alerts);
+            # a failure here fails the query, and with it this run's memory of the keys
+            by_key = {ObjectKey(r.bucket, r.name, r.generation): r for r in results}
+            now = datetime.now(UTC)
+            report.alerts = self.alerter.after_batch(
+                report.rows, [result_row(n, by_key[n.key], model, batch_id, now) for n in found])
         report.model_version = model.version
         report.seconds = time.monotonic() - started
         self.reports.append(report)
@@ -220,9 +236,9 @@ class BatchProcessor:
             self.on_batch(report, report.rows)
         report.rows = []  # handed on; the reports a long stream keeps hold only counts
         log.info("batch %d: %d messages, %d classified, %d inserted, %d errors, %d poison, "
-                 "%d ignored, %d already done, %.2fs", batch_id, report.messages,
+                 "%d ignored, %d already done, %d alerts, %.2fs", batch_id, report.messages,
                  report.classified, report.inserted, report.errors, report.poison,
-                 report.ignored, report.already_done, report.seconds)
+                 report.ignored, report.already_done, report.alerts, report.seconds)
         return report
 
     def _write_once(self, records: list[dict], key: Sequence[str], verdicts: Sequence,

@@ -76,9 +76,16 @@ def check_classify(args: argparse.Namespace) -> None:
 
 
 def check_run(args: argparse.Namespace) -> None:
-    settings = Settings.from_env(model=args.model, weights=args.weights)
+    settings = Settings.from_env(model=args.model, weights=args.weights,
+                                 alerts=getattr(args, "alerts", None),
+                                 sink=getattr(args, "sink", None),
+                                 embeddings=getattr(args, "embeddings", None))
     check_model(settings.model)
     check_weights(settings.weights)
+    if settings.alerts and not settings.alerts.startswith("gs://"):
+        from pipeline.alerts import check_fits, load_rules
+
+        check_fits(load_rules(settings.alerts), settings)
 
 
 def check_backfill(args: argparse.Namespace) -> None:

@@ -43,6 +43,7 @@ def isolated(stack: localstack.StackState, tmp_path) -> Settings:
         bucket=f"test-{uid}",
         subscription=f"sub-{uid}",
         dead_letter_topic=f"dlq-{uid}",
+        alert_topic=f"alerts-{uid}",
         dataset=f"ds_{uid}",
         checkpoint=str(tmp_path / "checkpoint"),
         # Pub/Sub's shortest lease: a message a killed or stopped test run held comes back in

@@ -69,6 +69,7 @@ NEEDED = {
     (iam.JOB, "jsonl_output"): {"storage.objects.create",  # JsonLinesSink._put
                                 "storage.objects.delete"},  # ... replacing a replayed batch's file
     (iam.JOB, "subscription"): {"pubsub.subscriptions.consume"},  # source: pull/ack/modack
+    (iam.JOB, "alert_topic"): {"pubsub.topics.publish"},  # alerts.Alerter.publish
     (iam.JOB, "dataset"): {"bigquery.tables.create", "bigquery.tables.updateData",  # sink._merge
                            "bigquery.tables.getData", "bigquery.tables.delete"},
     (iam.JOB, "project"): {"bigquery.jobs.create",  # load + MERGE + key lookup jobs
@@ -520,6 +521,10 @@ def test_real_gcp_path_plans_applies_once_and_destroys_everything(fake_gcp) -> N
     assert _members(pols[s.topic_path], "roles/pubsub.publisher") == {f"serviceAccount:{GCS_AGENT_EMAIL}"}
     agent = iam.pubsub_service_agent("123")
     assert _members(pols[s.dead_letter_topic_path], "roles/pubsub.publisher") == {agent}
+    # the job publishes alerts on the alert topic and nowhere else
+    assert _members(pols[s.alert_topic_path], "roles/pubsub.publisher") == {JOB_MEMBER}
+    assert [t for t, pol in pols.items() if JOB_MEMBER in _members(pol, "roles/pubsub.publisher")] \
+        == [s.alert_topic_path]
     assert _members(pols[s.subscription_path], "roles/pubsub.subscriber") == {JOB_MEMBER, agent}
     assert not [b for b in pols[s.subscription_path].bindings if b.role == "roles/pubsub.viewer"]
     access = fake_gcp.bigquery.datasets[f"{PROJECT}.{s.dataset}"].access_entries

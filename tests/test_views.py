@@ -32,7 +32,7 @@ REPORT_VIEWS = {"class_mapping", "distinct_predictions", "latest_predictions",
                 "accuracy_summary", "confusion_counts", "latency_distribution",
                 "latency_per_minute", "status_counts", "throughput_per_minute",
                 "top_predicted_classes", "distinct_embeddings", "latest_embeddings",
-                "near_duplicates"}
+                "near_duplicates", "drift_windows", "embedding_drift"}
 
 
 # --- pure -------------------------------------------------------------------------------------
