@@ -292,13 +292,13 @@ class Alerter:
         return self._client
 
     def after_batch(self, written: Sequence[Mapping[str, Any]],
-                    found: Sequence[Mapping[str, Any]] = ()) -> int:
+                    found: Sequence[Mapping[str, Any]] = (), warming_up: bool = False) -> int:
         """Row alerts for the batch's rows, then drift alerts for the windows its rows closed
         (``pipeline.drift.Watch``). Call after the write, before the batch commits."""
         sent = self.after_write(written, found)
         if self.watch is not None:
-            span = self.watch.advance(_created(r) for r in [*written, *found]
-                                      if r.get("object_created"))
+            span = self.watch.advance((_created(r) for r in [*written, *found]
+                                       if r.get("object_created")), warming_up)
             if span is not None:
                 sent += self.after_windows(judge(self.settings, self.bigquery, *span))
         return sent

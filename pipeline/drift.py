@@ -98,23 +98,27 @@ def window_sql(view_sql: str, start: datetime, end: datetime) -> str:
 class Watch:
     """Which windows the stream judges: a window once an upload from a later one is written.
 
-    The first batch of a run also judges the window before its newest: a predecessor may have
-    died after writing that window's last rows and before publishing its alert (at-least-once,
-    as for row alerts)."""
+    A restart must not lose a judgement its predecessor died before publishing: the first
+    batch of a run, and every batch while the run warms up (``pipeline.recent``: when a dead
+    predecessor's messages come back), judge every window from the one before the oldest row
+    in the batch up to the newest seen. A window judged twice publishes once per run
+    (``Alerter`` remembers); across a restart it may publish again — at-least-once, as for
+    row alerts."""
 
     seconds: int
     latest: datetime | None = None
 
-    def advance(self, created: Iterable[datetime]) -> tuple[datetime, datetime] | None:
+    def advance(self, created: Iterable[datetime], warming_up: bool = False
+                ) -> tuple[datetime, datetime] | None:
         """The [start, end) of window starts to judge now, given the rows just written."""
         starts = [window_start(t, self.seconds) for t in created]
         if not starts:
             return None
-        newest = max(starts)
-        step = timedelta(seconds=self.seconds)
-        if self.latest is None:
-            self.latest = newest
-            return newest - step, newest
+        oldest, newest = min(starts), max(starts)
+        if self.latest is None or warming_up:
+            end = newest if self.latest is None else max(newest, self.latest)
+            self.latest = end
+            return oldest - timedelta(seconds=self.seconds), end
         if newest <= self.latest:
             return None
         judged, self.latest = (self.latest, newest), newest

@@ -228,7 +228,8 @@ class BatchProcessor:
             by_key = {ObjectKey(r.bucket, r.name, r.generation): r for r in results}
             now = datetime.now(UTC)
             report.alerts = self.alerter.after_batch(
-                report.rows, [result_row(n, by_key[n.key], model, batch_id, now) for n in found])
+                report.rows, [result_row(n, by_key[n.key], model, batch_id, now) for n in found],
+                warming_up=self.recent.warming_up)
         report.model_version = model.version
         report.seconds = time.monotonic() - started
         self.reports.append(report)
