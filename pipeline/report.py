@@ -127,7 +127,12 @@ QUERIES: tuple[ViewQuery, ...] = (
     ViewQuery("latency_distribution", "Latency percentiles (seconds)", "percentile"),
     ViewQuery("confusion_counts", "Confusion counts (true label × top-1 class)",
               "true_label, images DESC, predicted_label"),
+    ViewQuery("drift_windows", "Drift per window against the baseline window", "window_start"),
 )
+DRIFT_METRICS = {"class_mix": "class mix (Jensen–Shannon)",
+                 "confidence_drop": "median confidence drop",
+                 "low_margin_rise": "low-margin share rise",
+                 "embedding_shift": "embedding centroid shift (cosine)"}
 
 
 def select_sql(settings: Settings, q: ViewQuery, limit: int | None = None) -> str:
@@ -138,6 +143,8 @@ def select_sql(settings: Settings, q: ViewQuery, limit: int | None = None) -> st
 
 def fetch(client: bigquery.Client, settings: Settings, top: int | None = None) -> dict[str, Rows]:
     """Every report view's rows, keyed by view name (``top`` limits the class ranking)."""
+    from google.api_core.exceptions import NotFound
+
     from pipeline.sink import run_query
 
     results: dict[str, Rows] = {}
@@ -145,6 +152,12 @@ def fetch(client: bigquery.Client, settings: Settings, top: int | None = None) -
         limit = top if q.view == "top_predicted_classes" else None
         _, rows = run_query(client, select_sql(settings, q, limit))
         results[q.view] = [dict(r.items()) for r in rows]
+    try:  # only where the dataset has the embeddings table
+        _, rows = run_query(client, select_sql(settings, ViewQuery(
+            "embedding_drift", "Embedding drift", "window_start")))
+        results["embedding_drift"] = [dict(r.items()) for r in rows]
+    except NotFound:
+        results["embedding_drift"] = []
     return results
 
 
@@ -337,6 +350,25 @@ class Plot:
     caption: str = ""  # what the plot leaves out, said under it in report.md
 
 
+def drift_series(rows: Rows, shifts: Rows = ()) -> tuple[list[datetime], dict[str, list]]:
+    """Each drift metric over the windows (``drift_windows``, and ``embedding_drift`` where
+    embeddings are stored); a metric with no value in any window is left out."""
+    windows = [r["window_start"] for r in rows]
+    shift = {r["window_start"]: r["embedding_shift"] for r in shifts}
+    series = {m: [shift.get(w) if m == "embedding_shift" else r[m] for w, r in zip(
+        windows, rows, strict=True)] for m in DRIFT_METRICS}
+    return windows, {m: v for m, v in series.items() if any(x is not None for x in v)}
+
+
+def drift_note(rows: Rows) -> str:
+    if not rows:
+        return ""
+    return (f"{len(rows)} windows of {rows[0]['window_start']:%Y-%m-%d %H:%M:%S} onwards, each "
+            f"against the baseline window starting {rows[0]['baseline_start']:%Y-%m-%d %H:%M:%S} "
+            "UTC (BUCKETLENS_DRIFT_WINDOW, BUCKETLENS_DRIFT_BASELINE; `report --create-views` "
+            "re-creates the views with them).")
+
+
 def _pyplot():
     try:
         import matplotlib
@@ -481,6 +513,25 @@ def plot_embedding_map(m: EmbeddingMap, path: Path) -> dict[str, list]:
     return plotted
 
 
+@literal_figure
+def plot_drift(windows: Sequence[datetime], series: Mapping[str, Sequence[float | None]],
+               path: Path) -> dict[str, list]:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    lines = {m: ax.plot(list(windows), [float("nan") if v is None else float(v) for v in values],
+                        marker="o", markersize=3, label=DRIFT_METRICS[m])[0]
+             for m, values in series.items()}
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set(title="Drift against the baseline window", xlabel="window start (UTC, object_created)",
+           ylabel="drift")
+    ax.legend(fontsize=8)
+    fig.autofmt_xdate()
+    plotted = {"x": list(windows),
+               **{m: [float(v) for v in line.get_ydata()] for m, line in lines.items()}}
+    _save(fig, path)
+    return plotted
+
+
 def render_plots(results: Mapping[str, Rows], out: Path) -> list[Plot]:
     """Write every plot that has data; an empty view gets no plot (the table says so)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -498,6 +549,9 @@ def render_plots(results: Mapping[str, Rows], out: Path) -> list[Plot]:
                                 plot_accuracy_by_version, versions_note(versions)),
         "confusion": ("Confusion heatmap", confusion_matrix(confusion), plot_confusion,
                       confusion_note(confusion)),
+        "drift": ("Drift over time", drift_series(results["drift_windows"],
+                                                  results.get("embedding_drift", [])),
+                  plot_drift, drift_note(results["drift_windows"])),
     }
     for name, (title, data, draw, caption) in series.items():
         if not data[0]:

@@ -200,13 +200,20 @@ def check_command_writes_tables_and_page(settings: Settings, out: Path,
 
 def check_plots_show_exactly_the_query_results(settings: Settings, out: Path) -> None:
     results = report.fetch(clients.bigquery_client(settings), settings)
-    assert set(results) == {q.view for q in report.QUERIES}
+    assert set(results) == {q.view for q in report.QUERIES} | {"embedding_drift"}
     plots = {p.name: p for p in report.render_plots(results, out)}
     assert set(plots) == {"throughput", "latency_cdf", "accuracy", "accuracy_by_version",
-                          "confusion"}
+                          "confusion", "drift"}
     for p in plots.values():
         data = p.path.read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000, p.path
+
+    # drift: each metric of each drift_windows row, in window order
+    drift = plots["drift"].plotted
+    windows = select(settings, "drift_windows", "window_start")
+    assert windows and drift["x"] == [w["window_start"] for w in windows]
+    for metric in ("class_mix", "confidence_drop", "low_margin_rise"):
+        assert drift[metric] == pytest.approx([w[metric] for w in windows]), metric
 
     # throughput: quality rows at 07:00 (11) + timing rows (3 at 07:00, 21 at 07:02); 07:01 is 0
     thr = plots["throughput"].plotted
