@@ -7,427 +7,68 @@ lacks. Two ways (``Settings.sink_mode``):
 
 * ``append`` (default): one query for the batch's keys, bounded to the partitions the batch's
   rows fall in by constant timestamp filters, then the missing rows go to the table's default
-  write stream (Storage Write API, ``pipeline.bqwrite``): no load job, staging table or DML, so
+  write stream (Storage Write API, ``pipeline.bigquery.bqwrite``): no load job, staging table or DML, so
   neither the 1,500 load jobs per table per day nor the 2 concurrent DML statements per table
   limit the trigger interval. Lookup and append are retried together, so a retried append
   never adds rows the first try committed. Two writers appending one key in the same instant
   can both add it: views count a key once and ``bucketlens compact`` removes the copy.
 * ``merge``: staging table + load job + insert-only MERGE, its ON clause bounded the same way.
 
-Costs: BigQuery bills a query by the bytes of the partitions it reads, and prunes partitions
-only on constant filters on the partitioning column
-(https://cloud.google.com/bigquery/docs/querying-partitioned-tables,
-https://cloud.google.com/bigquery/pricing#on_demand_pricing); quotas:
-https://cloud.google.com/bigquery/quotas. Legacy streaming inserts are not used: ``insertId``
-dedupe is best-effort (about a minute), and one bad row fails a whole ``insertAll`` request.
-
-Row building and SQL text are pure functions; the classes only do I/O.
+Costs and the SQL: ``pipeline.bigquery.sql``; rows: ``pipeline.bigquery.rows``; tables:
+``pipeline.bigquery.catalog``. Legacy streaming inserts are not used: ``insertId`` dedupe is
+best-effort (about a minute), and one bad row fails a whole ``insertAll`` request. The classes
+here only do I/O.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import io
 import json
 import logging
-import re
 import sys
-import uuid
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Protocol, TextIO
-
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception,
-    stop_after_delay,
-    stop_never,
-)
+from collections.abc import Callable, Collection, Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Protocol, TextIO
 
 from pipeline import clients
-from pipeline.catalog import (
-    EMBEDDING_VIEWS,
-    EMBEDDINGS_TABLE,
-    NEAR_DUPLICATE_DISTANCE,
+from pipeline.bigquery.catalog import (
+    DEAD_LETTERS,
+    EMBEDDED,
+    EMBEDDINGS,
+    EVENTS,
+    PREDICTIONS,
+    TableSpec,
     embeddings_table_id,
     load_schema,
     schema_json,
-    view_templates,
 )
-from pipeline.config import Settings
-from pipeline.labels import ModelInfo
+from pipeline.bigquery.rows import byte_parts, first_per_key, json_default, to_ndjson
+from pipeline.bigquery.sql import (
+    bq_call,
+    existing_keys_sql,
+    merge_sql,
+    partition_days,
+    partition_filter,
+    row_bound,
+    run_query,
+    staging_table_id,
+)
+from pipeline.config import RESULTS_PREFIX, Settings
 from pipeline.notifications import Notification, ObjectKey
-from pipeline.retry import QUOTA_WAIT, call_with_retries, is_bq_transient, is_rate_limited
+from pipeline.retry import call_with_retries
 from pipeline.status import CLASSIFIED, sql_list
-from pipeline.times import iso_time, utc
-from pipeline.triage import RESULTS_PREFIX
 
 if TYPE_CHECKING:
     from google.cloud import bigquery, storage
 
-    from pipeline.bqwrite import StorageWriter
+    from pipeline.bigquery.bqwrite import StorageWriter
 
 log = logging.getLogger(__name__)
 
-PREDICTION_KEY = ("bucket", "name", "generation")
-DEAD_LETTER_KEY = ("message_id", "reason")
-EVENT_KEY = ("bucket", "name", "generation", "event_type", "metageneration")
-EMBEDDING_KEY = ("bucket", "name", "generation", "model_version")
 STAGING_TTL = timedelta(hours=1)  # a crashed batch's staging table cleans itself up
-# How far back a copy of a dead letter or event may have been written: Pub/Sub redelivers an
-# unacknowledged message for up to the subscription's retention (7 days by default), so the
-# lookups of those tables (partitioned by recorded_at) read the last 8 days only. Raise it
-# with the subscription's message_retention_duration.
-REDELIVERY_WINDOW = timedelta(days=8)
 SINK_MODES = ("append", "merge")
-# An AppendRows request carries at most 10 MB (https://cloud.google.com/bigquery/quotas#write-api-limits);
-# a 1280-d embedding row is ~10 kB, so a batch's embeddings go in parts of at most this many bytes.
-# (pipeline.bqwrite.append_requests cuts each part's requests on their real serialized size.)
-APPEND_BYTES = 8 * 1024 * 1024
-# A dead letter keeps the first this many bytes of the message's data, with the whole data's
-# size and SHA-256: a Pub/Sub message may be 10 MB, which base64'd would make the dead-letter
-# write itself an AppendRows request over the 10 MB limit.
-DEAD_LETTER_DATA_BYTES = 1024
 
-
-@dataclass(frozen=True)
-class TableSpec:
-    """What the sink needs to know of a table: its key, which copy wins, how it is partitioned."""
-
-    schema: str  # schemas/<schema>.json
-    key: tuple[str, ...]
-    order_by: str  # of several copies of a key, the one with the smallest value is kept
-    partition_by: str  # the TIMESTAMP column of pipeline.catalog.table_layouts (day partitions)
-
-
-PREDICTIONS = TableSpec("predictions", PREDICTION_KEY, "processed_at", "object_created")
-DEAD_LETTERS = TableSpec("dead_letters", DEAD_LETTER_KEY, "recorded_at", "recorded_at")
-EVENTS = TableSpec("object_events", EVENT_KEY, "recorded_at", "recorded_at")
-EMBEDDINGS = TableSpec("embeddings", EMBEDDING_KEY, "processed_at", "object_created")
-# an object generation's embedding under any model version: what makes a key done when the
-# job runs with embeddings (BigQuerySink.existing_keys)
-EMBEDDED = TableSpec("embeddings", PREDICTION_KEY, "processed_at", "object_created")
-
-
-# --- rows (pure) ------------------------------------------------------------------------------
-
-def _ts(value: datetime | int | None) -> str | None:
-    """ISO-8601 in UTC; naive datetimes are taken to be UTC already, numbers are epoch
-    microseconds (how the source carries publish times, ``pipeline.times.utc``)."""
-    if value is None:
-        return None
-    return utc(value).isoformat()
-
-
-def build_row(n: Notification, *, status: str, reason: str = "",
-              model: ModelInfo | str | None = None, topk: Sequence[tuple[int, str, float]] = (),
-              batch_id: int | None = None, processed_at: datetime | None = None) -> dict:
-    """One ``predictions`` row, JSON-ready; ``topk`` is (class_id, label, prob), best first.
-
-    With a :class:`ModelInfo` the row records the model's version and label set, and which of
-    the model's own labels the true label names (what the accuracy views score directly)."""
-    top = [{"class_id": int(c), "label": str(label), "prob": float(p)} for c, label, p in topk]
-    first = top[0] if top else {}
-    info = model if isinstance(model, ModelInfo) else None
-    return {
-        "bucket": n.key.bucket,
-        "name": n.key.name,
-        "generation": n.key.generation,
-        "status": status,
-        "reason": reason or None,
-        "true_label": n.true_label,
-        "model": info.name if info else model,
-        "model_version": info.version if info else None,
-        "label_set": info.label_set if info else None,
-        "true_model_label": info.own_label(n.true_label) if info else None,
-        "top1_class_id": first.get("class_id"),
-        "top1_label": first.get("label"),
-        "top1_prob": first.get("prob"),
-        "top5": top,
-        "size": n.size,
-        "content_type": n.content_type,
-        "event_time": _ts(n.event_time),
-        "publish_time": _ts(n.publish_time),
-        "processed_at": _ts(processed_at or datetime.now(UTC)),
-        "message_id": n.message_id or None,
-        "batch_id": batch_id,
-        # the partition every copy of this key agrees on: GCS's timeCreated; a notification
-        # without a JSON payload has only eventTime (for OBJECT_FINALIZE the same instant)
-        "object_created": _ts(n.created or n.event_time or processed_at or datetime.now(UTC)),
-    }
-
-
-def embedding_record(prediction: Mapping[str, Any], embedding: Sequence[float],
-                     model: ModelInfo) -> dict:
-    """One ``embeddings`` row, JSON-ready, for the ``predictions`` row built from the same
-    forward pass: same key, partition day, batch and time, plus the model version."""
-    vector = list(map(float, embedding))
-    return {
-        "bucket": prediction["bucket"], "name": prediction["name"],
-        "generation": prediction["generation"], "model_version": model.version,
-        "model": model.name, "dimensions": len(vector), "embedding": vector,
-        "object_created": prediction["object_created"], "processed_at": prediction["processed_at"],
-        "message_id": prediction["message_id"], "batch_id": prediction["batch_id"],
-    }
-
-
-def event_record(n: Notification, batch_id: int | None, *,
-                 recorded_at: datetime | None = None) -> dict:
-    """One ``object_events`` row: a DELETE / ARCHIVE / METADATA_UPDATE, recorded not classified."""
-    return {
-        "bucket": n.key.bucket, "name": n.key.name, "generation": n.key.generation,
-        "event_type": n.event_type, "event_time": _ts(n.event_time), "message_id": n.message_id,
-        "metageneration": n.metageneration or 0,  # 0: not given (a NULL would never match)
-        "recorded_at": _ts(recorded_at or datetime.now(UTC)), "batch_id": batch_id,
-    }
-
-
-def dead_letter_record(message_id: str, reason: str, attributes: Mapping[str, str],
-                       data: bytes | None, publish_time: datetime | int | None,
-                       batch_id: int | None, *, recorded_at: datetime | None = None) -> dict:
-    """One ``dead_letters`` row: why the message failed, its attributes, and its data as the
-    first DEAD_LETTER_DATA_BYTES (base64) with the whole data's size and SHA-256, so the row
-    stays small whatever the message's size (``data_bytes`` > the kept part: truncated)."""
-    return {
-        "message_id": message_id,
-        "reason": reason,
-        "attributes": json.dumps(dict(attributes), sort_keys=True),
-        "data": (base64.b64encode(data[:DEAD_LETTER_DATA_BYTES]).decode("ascii")
-                 if data is not None else None),
-        "data_bytes": len(data) if data is not None else None,
-        "data_sha256": hashlib.sha256(data).hexdigest() if data is not None else None,
-        "publish_time": _ts(publish_time),
-        "recorded_at": _ts(recorded_at or datetime.now(UTC)),
-        "batch_id": batch_id,
-    }
-
-
-def row_key(row: Mapping[str, Any]) -> ObjectKey:
-    return ObjectKey(row["bucket"], row["name"], int(row["generation"]))
-
-
-def to_ndjson(rows: Sequence[Mapping[str, Any]]) -> bytes:
-    return "".join(json.dumps(r, default=_json_default) + "\n" for r in rows).encode()
-
-
-def _json_default(value: object) -> object:
-    if isinstance(value, datetime):
-        return _ts(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-# --- SQL (pure) -------------------------------------------------------------------------------
-
-def staging_table_id(table_id: str, batch_id: int) -> str:
-    """``<project>.<dataset>._staging_<table>_<batch>_<uuid8>``: unique even for a replay."""
-    project_dataset, table = table_id.rsplit(".", 1)
-    batch = str(batch_id) if batch_id >= 0 else f"m{-batch_id}"  # no '-' in table names
-    return f"{project_dataset}._staging_{table}_{batch}_{uuid.uuid4().hex[:8]}"
-
-
-def _order(value: Any) -> Any:
-    return _utc(value) if isinstance(value, str | datetime) else value
-
-
-def merge_sql(target: str, staging: str, columns: Sequence[str], key: Sequence[str],
-              order_by: str, bound: str = "") -> str:
-    """Insert staging rows whose key the target lacks; one row per key from the staging side.
-
-    QUALIFY keeps the earliest ``order_by`` row per key, so duplicates in one batch (or left by
-    a retried load) insert once. Column lists are explicit: ``INSERT ROW`` is not portable.
-    ``bound``, a constant partition filter on ``T``, goes into ON: BigQuery then reads only
-    those partitions of the target (a merge-condition filter prunes; a bare key join does not).
-    """
-    on = " AND ".join([f"T.{k} = S.{k}" for k in key] + ([bound] if bound else []))
-    return (
-        f"MERGE `{target}` AS T\n"
-        f"USING (SELECT * FROM `{staging}` WHERE TRUE\n"
-        f"       QUALIFY ROW_NUMBER() OVER (PARTITION BY {', '.join(key)} "
-        f"ORDER BY {order_by}) = 1) AS S\n"
-        f"ON {on}\n"
-        f"WHEN NOT MATCHED THEN INSERT ({', '.join(columns)})\n"
-        f"VALUES ({', '.join('S.' + c for c in columns)})"
-    )
-
-
-def existing_keys_sql(target: str, key: Sequence[str] = PREDICTION_KEY,
-                      where: str = "") -> str:
-    """The keys of ``@keys`` (an array of structs) that ``target`` holds; ``where`` is a
-    constant partition filter on ``T`` (``partition_filter``) so BigQuery reads only those
-    partitions, not the whole table."""
-    on = " AND ".join(f"T.{k} = K.{k}" for k in key)
-    return (
-        f"SELECT DISTINCT {', '.join('T.' + k for k in key)} FROM `{target}` AS T\n"
-        f"JOIN UNNEST(@keys) AS K\nON {on}" + (f"\nWHERE {where}" if where else "")
-    )
-
-
-def _utc(value: datetime | str) -> datetime:
-    return iso_time(value) if isinstance(value, str) else utc(value)
-
-
-def partition_days(values: Iterable[datetime | str | None]) -> list[date] | None:
-    """The UTC days (day partitions) of ``values``, sorted; None when any value is missing,
-    since a key without a date could be in any partition (pure)."""
-    days = set()
-    for v in values:
-        if v is None:
-            return None
-        days.add(_utc(v).date())
-    return sorted(days)
-
-
-def day_ranges(days: Iterable[date]) -> list[tuple[date, date | None]]:
-    """Consecutive days merged into half-open [first, last + 1 day) ranges (pure); the end is
-    None (open) for a range that reaches date.max, whose next day Python cannot represent."""
-    ranges: list[tuple[date, date | None]] = []
-    for d in sorted(set(days)):
-        end = d + timedelta(days=1) if d < date.max else None
-        if ranges and ranges[-1][1] == d:
-            ranges[-1] = (ranges[-1][0], end)
-        else:
-            ranges.append((d, end))
-    return ranges
-
-
-def ts_literal(t: datetime | date) -> str:
-    """A constant BigQuery TIMESTAMP literal (UTC). Constants, not parameters or expressions
-    over other tables, are what BigQuery prunes partitions with. The year has four digits
-    whatever it is (``strftime('%Y')`` writes year 5 as "5")."""
-    if not isinstance(t, datetime):
-        t = datetime(t.year, t.month, t.day, tzinfo=UTC)
-    stamp = _utc(t).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
-    return f"TIMESTAMP '{stamp}+00'"
-
-
-def partition_filter(column: str, days: Sequence[date] | None, alias: str = "T") -> str:
-    """``alias.column`` within the given days, as ORed constant ranges; "" (no filter) when the
-    days are unknown (pure). https://cloud.google.com/bigquery/docs/querying-partitioned-tables
-    """
-    if days is None:
-        return ""
-    if not days:
-        return "FALSE"
-    parts = [f"({alias}.{column} >= {ts_literal(a)}"
-             + (f" AND {alias}.{column} < {ts_literal(b)})" if b is not None else ")")
-             for a, b in day_ranges(days)]
-    return parts[0] if len(parts) == 1 else "(" + " OR ".join(parts) + ")"
-
-
-def since_filter(column: str, since: datetime | date, alias: str = "T") -> str:
-    """``alias.column >= <constant>``: prunes every partition before ``since`` (pure)."""
-    return f"{alias}.{column} >= {ts_literal(since)}"
-
-
-def row_bound(spec: TableSpec, rows: Sequence[Mapping[str, Any]]) -> str:
-    """The constant partition filter that covers every copy of these rows' keys (pure).
-
-    Predictions: the rows' own object_created days (every copy has the same). Dead letters and
-    events are partitioned by recorded_at, which differs per copy: the earliest row's time
-    minus REDELIVERY_WINDOW, a bound that still does not grow with the table.
-    """
-    if spec.partition_by == "recorded_at":
-        times = [_utc(r[spec.partition_by]) for r in rows if r.get(spec.partition_by)]
-        earliest = min(times, default=datetime.now(UTC))
-        # clamped: a time within the window of year 1 cannot go back a whole window
-        start = max(earliest, datetime.min.replace(tzinfo=UTC) + REDELIVERY_WINDOW)
-        return since_filter(spec.partition_by, (start - REDELIVERY_WINDOW).date())
-    return partition_filter(spec.partition_by, partition_days(
-        r.get(spec.partition_by) for r in rows))
-
-
-def _row_bytes(row: Mapping[str, Any]) -> int:
-    """A generous estimate of a row's encoded size (pure): strings at their UTF-8 size plus
-    an offset, 8 bytes per number, nested records and arrays summed."""
-    return 64 + _value_bytes(row)
-
-
-def _value_bytes(value: Any) -> int:
-    if isinstance(value, str):
-        return 8 + len(value.encode("utf-8", "surrogatepass"))
-    if isinstance(value, bytes | bytearray):
-        return 8 + len(value)
-    if isinstance(value, Mapping):
-        return sum(_value_bytes(v) for v in value.values())
-    if isinstance(value, list | tuple):
-        return 8 + sum(_value_bytes(v) for v in value)
-    return 8
-
-
-def byte_parts(rows: Sequence[dict], limit: int = APPEND_BYTES) -> list[list[dict]]:
-    """Consecutive parts of ``rows`` of at most ``limit`` estimated bytes each (pure)."""
-    parts: list[list[dict]] = []
-    size = 0
-    for r in rows:
-        n = _row_bytes(r)
-        if not parts or size + n > limit:
-            parts.append([])
-            size = 0
-        parts[-1].append(r)
-        size += n
-    return parts
-
-
-def first_per_key(rows: Sequence[dict], spec: TableSpec) -> list[dict]:
-    """One row per key, the smallest ``order_by`` (what the MERGE's QUALIFY keeps) (pure)."""
-    best: dict[tuple, dict] = {}
-    for r in rows:
-        k = tuple(r[c] for c in spec.key)
-        if k not in best or _order(r[spec.order_by]) < _order(best[k][spec.order_by]):
-            best[k] = r
-    return list(best.values())
-
-
-def render_view(template: str, settings: Settings) -> str:
-    """A ``schemas/views`` file for these settings; ``{classified}`` is the statuses that count
-    as classified (``pipeline.status``), so the SQL never spells them itself."""
-    return template.format(project=settings.project, dataset=settings.dataset,
-                           table=settings.table, dead_letter_table=settings.dead_letter_table,
-                           classified=sql_list(CLASSIFIED), embeddings=EMBEDDINGS_TABLE,
-                           near_duplicate_distance=repr(NEAR_DUPLICATE_DISTANCE))
-
-
-def view_id(sql: str) -> str:
-    match = re.search(r"CREATE\s+OR\s+REPLACE\s+VIEW\s+`([^`]+)`", sql, re.IGNORECASE)
-    if not match:
-        raise ValueError("a view file must contain CREATE OR REPLACE VIEW `<id>`")
-    return match.group(1)
-
-
-def _bq(fn: Callable[[], Any], patience: float | None = None) -> Any:
-    """``fn`` under the retry policy (``pipeline.retry``); with ``patience`` (seconds, 0 = no limit) rate and
-    quota errors that outlast it are waited out too, so a stream stalls instead of dying."""
-    def once() -> Any:
-        return call_with_retries(fn, transient=is_bq_transient)
-
-    if patience is None:
-        return once()
-
-    def warn(state: RetryCallState) -> None:
-        log.warning("BigQuery rate/quota limit, retrying (round %d): %r", state.attempt_number,
-                    state.outcome.exception() if state.outcome else None)
-
-    return Retrying(retry=retry_if_exception(is_rate_limited), wait=QUOTA_WAIT,
-                    stop=stop_after_delay(patience) if patience > 0 else stop_never,
-                    before_sleep=warn, reraise=True)(once)
-
-
-def run_query(client: bigquery.Client, sql: str, config: bigquery.QueryJobConfig | None = None,
-              patience: float | None = None) -> tuple[bigquery.QueryJob, list]:
-    """Run to completion with retries (a retry is a new job: callers' SQL is idempotent)."""
-
-    def attempt() -> tuple[bigquery.QueryJob, list]:
-        job = client.query(sql, job_config=config, retry=None, job_retry=None)
-        return job, list(job.result(retry=None, job_retry=None))
-
-    return _bq(attempt, patience)
-
-
-# --- sinks ------------------------------------------------------------------------------------
 
 # the keys a write must look up before its first append (None: all of them)
 Verify = Collection[tuple] | None
@@ -501,7 +142,7 @@ class BigQuerySink(Sink):
     def writer(self) -> StorageWriter:
         """The Storage Write API client, made on first append."""
         if self._writer is None:
-            from pipeline.bqwrite import StorageWriter
+            from pipeline.bigquery.bqwrite import StorageWriter
 
             self._writer = StorageWriter(clients.bigquery_write_client(self.settings))
         return self._writer
@@ -530,7 +171,7 @@ class BigQuerySink(Sink):
         if not items:
             return set()
         bound = partition_filter(PREDICTIONS.partition_by, partition_days(t for _, t in items))
-        found = _bq(lambda: self._existing(self.settings.table_id, PREDICTIONS,
+        found = bq_call(lambda: self._existing(self.settings.table_id, PREDICTIONS,
                                            [(k.bucket, k.name, k.generation) for k, _ in items],
                                            bound), self.settings.bq_quota_patience_seconds)
         if self.settings.embeddings and found:
@@ -543,12 +184,12 @@ class BigQuerySink(Sink):
         as it is (a run or backfill with ``--embeddings`` over objects classified without)."""
         patience = self.settings.bq_quota_patience_seconds
         status = f"T.status IN ({sql_list(CLASSIFIED)})"
-        classified = _bq(lambda: self._existing(
+        classified = bq_call(lambda: self._existing(
             self.settings.table_id, PREDICTIONS, keys,
             f"{bound} AND {status}" if bound else status), patience)
         if not classified:
             return set()
-        embedded = _bq(lambda: self._existing(embeddings_table_id(self.settings), EMBEDDED,
+        embedded = bq_call(lambda: self._existing(embeddings_table_id(self.settings), EMBEDDED,
                                               classified, bound), patience)
         return classified - embedded
 
@@ -601,7 +242,7 @@ class BigQuerySink(Sink):
                 self.writer.append(table_id, part, fields)
             return len(fresh) + len(have & tried)  # ours, committed by an attempt that "failed"
 
-        return _bq(attempt, self.settings.bq_quota_patience_seconds)
+        return bq_call(attempt, self.settings.bq_quota_patience_seconds)
 
     def _merge(self, rows: Sequence[dict], table_id: str, spec: TableSpec, batch_id: int) -> int:
         from google.cloud import bigquery
@@ -619,9 +260,9 @@ class BigQuerySink(Sink):
         patience = self.settings.bq_quota_patience_seconds
         try:
             self.calls["create_table"] += 1
-            _bq(lambda: self.client.create_table(staging, exists_ok=True, retry=None), patience)
+            bq_call(lambda: self.client.create_table(staging, exists_ok=True, retry=None), patience)
             self.calls["load"] += 1
-            _bq(lambda: self.client.load_table_from_file(
+            bq_call(lambda: self.client.load_table_from_file(
                 io.BytesIO(payload), staging_id, job_config=load_config).result(retry=None),
                 patience)
             self.calls["query"] += 1
@@ -629,7 +270,7 @@ class BigQuerySink(Sink):
         finally:
             try:
                 self.calls["delete_table"] += 1
-                _bq(lambda: self.client.delete_table(staging_id, not_found_ok=True, retry=None))
+                bq_call(lambda: self.client.delete_table(staging_id, not_found_ok=True, retry=None))
             except Exception as exc:  # noqa: BLE001 — the table expires by itself within the TTL
                 log.warning("could not drop %s (expires in %s): %r", staging_id, STAGING_TTL, exc)
         return inserted_count(job)
@@ -735,7 +376,7 @@ class ConsoleSink(Sink):
     def _print(self, rows: Sequence[dict], batch_id: int, kind: str) -> int:
         stream = self.stream or sys.stdout
         for r in rows:
-            print(json.dumps({"kind": kind, **r, "batch_id": batch_id}, default=_json_default),
+            print(json.dumps({"kind": kind, **r, "batch_id": batch_id}, default=json_default),
                   file=stream)
         return len(rows)
 
@@ -755,25 +396,3 @@ def make_sink(kind: str, settings: Settings) -> Sink:
     return factory(settings)
 
 
-def create_views(settings: Settings, client: bigquery.Client | None = None) -> list[str]:
-    """Render and run every ``schemas/views/*.sql`` (CREATE OR REPLACE: safe to repeat).
-
-    A dataset provisioned before the embeddings table existed gets every other view: the
-    ``similar_*`` views are left out, with a warning, until ``python -m deploy apply`` adds it.
-    """
-    from google.api_core.exceptions import NotFound
-
-    client = client or clients.bigquery_client(settings)
-    created = []
-    for name, template in view_templates():
-        sql = render_view(template, settings)
-        try:
-            run_query(client, sql)
-        except NotFound as exc:
-            if not name.startswith(EMBEDDING_VIEWS):
-                raise
-            log.warning("view %s not created: %s (`python -m deploy apply` creates the "
-                        "embeddings table)", view_id(sql), getattr(exc, "message", exc))
-            continue
-        created.append(view_id(sql))
-    return created
