@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class Pipeline:
-    """`python -m pipeline.cli run` as a child process, with its own log."""
+    """`python -m pipeline.commands.cli run` as a child process, with its own log."""
 
     def __init__(self, settings: Settings, log: Path, **env: str) -> None:
         self.port = free_port()  # its Prometheus endpoint: what it has read, batch by batch
@@ -45,7 +45,7 @@ class Pipeline:
     def start(self) -> None:
         with open(self.log, "ab") as fh:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.cli", "run"], env=self.env, cwd=ROOT,
+                [sys.executable, "-m", "pipeline.commands.cli", "run"], env=self.env, cwd=ROOT,
                 stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True)
 

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import clients, stream
+from pipeline import clients
 from pipeline.config import Settings
+from pipeline.stream import job as stream
 from tests.helpers.hostile import ATTRS, BUCKET, NOTIFICATIONS
 from tests.helpers.hostile_images import STREAM_UPLOADS
 from tests.helpers.stream import drained, keys, publish, rows_of, upload_samples, wait_rows
