@@ -20,8 +20,10 @@ import torch
 import torchvision
 from PIL import Image
 
-from pipeline import classify, images
 from pipeline.config import Settings
+from pipeline.model import handler as model_handler
+from pipeline.model import images, specs
+from pipeline.model import weights as model_weights
 
 BATCH_SIZES = (1, 4, 8, 16, 32, 64)
 
@@ -45,8 +47,8 @@ def per_call(fn: Callable[[], object], seconds: float, rounds: int = 3) -> float
 
 def build(name: str) -> torch.nn.Module:
     """Trained weights where bundled; otherwise random ones with calibrated batch norm."""
-    if name == classify.EFFICIENTNET_LITE0:
-        return classify.build_model(name, classify.WeightsSource("default"), Settings())
+    if name == specs.EFFICIENTNET_LITE0:
+        return model_weights.build_model(name, specs.WeightsSource("default"), Settings())
     model = torchvision.models.get_model(name, weights=None)
     # Fresh batch-norm statistics shrink activations to ~1e-9 by the logits: denormal floats,
     # which run far slower than a trained model's. A few train-mode passes fix the statistics.
@@ -90,7 +92,7 @@ def sample_jpegs() -> dict[str, bytes]:
 
 
 def bench_decoders(seconds: float) -> None:
-    spec = classify.model_spec(classify.DEFAULT_MODEL, classify.WeightsSource("default"))
+    spec = specs.model_spec(specs.DEFAULT_MODEL, specs.WeightsSource("default"))
     limits = {"max_bytes": Settings().max_bytes, "max_pixels": Settings().max_pixels}
     sets = sample_jpegs()
     print(f"\ndecode + resize {spec.preprocess.resize} + crop + normalise, ms/image")
@@ -110,7 +112,7 @@ def bench_decoders(seconds: float) -> None:
 
 def bench_end_to_end(seconds: float) -> None:
     """run_inference on real JPEG bytes: what one Spark task sees per image."""
-    handler = classify.TorchModelHandler(Settings(model=classify.EFFICIENTNET_LITE0))
+    handler = model_handler.TorchModelHandler(Settings(model=specs.EFFICIENTNET_LITE0))
     blobs = [jpeg(img) for img in sample_jpegs()["photos (~450x300)"]] * 16  # 3 batches
     rate = len(blobs) / per_call(lambda: handler.run_inference(blobs), seconds)
     print(f"\nend to end (decode + {handler.name}, batch {handler.settings.batch_size}): "
@@ -120,12 +122,12 @@ def bench_end_to_end(seconds: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=1.0, help="time per measurement")
-    parser.add_argument("--models", default=f"mobilenet_v2,{classify.EFFICIENTNET_LITE0}")
+    parser.add_argument("--models", default=f"mobilenet_v2,{specs.EFFICIENTNET_LITE0}")
     parser.add_argument("--threads", type=int, help="torch threads (default: as the pipeline)")
     args = parser.parse_args()
     if args.threads:
-        os.environ[classify.THREADS_ENV] = str(args.threads)  # the handler honours it too
-    torch.set_num_threads(classify.torch_threads(os.environ, os.cpu_count()))
+        os.environ[model_handler.THREADS_ENV] = str(args.threads)  # the handler honours it too
+    torch.set_num_threads(model_handler.torch_threads(os.environ, os.cpu_count()))
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")  # fmt: skip
     bench_models(args.models.split(","), args.seconds)

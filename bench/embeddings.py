@@ -11,7 +11,7 @@ itself, and a saturated executor's images/s is its cores divided by that work.
   decoded batch, many times, the least CPU of each mode (the decoder's noise taken out); and
   what ``predict`` adds with embeddings on the features of that batch (normalise, copy to
   Python), timed by itself;
-* pipeline: ``pipeline.stream.classify_and_write`` (what a micro-batch and a backfill chunk run)
+* pipeline: ``pipeline.stream.job.classify_and_write`` (what a micro-batch and a backfill chunk run)
   on the local stack: generation-pinned downloads and classification on ``local[2]`` Spark
   executors, the result rows (with embeddings: 1280 more floats each) collected to the driver,
   and the sink's key lookups and Storage Write API appends to bqemulator, each round into a
@@ -92,9 +92,10 @@ def tree_cpu() -> float:
 
 
 def bench_model(blobs: Sequence[bytes], rounds: int) -> dict[str, Any]:
-    from pipeline import classify
+    from pipeline.model import handler as model_handler
+    from pipeline.model import specs
 
-    handlers = {mode: classify.TorchModelHandler(Settings(model=classify.EFFICIENTNET_LITE0,
+    handlers = {mode: model_handler.TorchModelHandler(Settings(model=specs.EFFICIENTNET_LITE0,
                                                           embeddings=mode))
                 for mode in (False, True)}
     for handler in handlers.values():  # load (the base is shared) and warm up
@@ -153,21 +154,22 @@ def fresh_dataset(settings: Settings, client: Any) -> Settings:
     """A new dataset with the job's tables (no views: the sink needs none)."""
     from google.cloud import bigquery
 
-    from pipeline import catalog
+    from pipeline.bigquery import catalog
 
     s = settings.replace(dataset=f"bench_{uuid.uuid4().hex[:8]}")
     client.create_dataset(bigquery.Dataset(f"{s.project}.{s.dataset}"))
-    for table_id, layout in catalog.table_layouts(s).items():
-        client.create_table(bigquery.Table(table_id, schema=catalog.load_schema(layout.schema)))
+    for table_id, spec in catalog.tables(s).items():
+        client.create_table(bigquery.Table(table_id, schema=catalog.load_schema(spec.schema)))
     return s
 
 
 def bench_pipeline(blobs: Sequence[bytes], n: int, rounds: int) -> dict[str, Any]:
     from deploy import localstack, provision
-    from pipeline import backfill, clients
-    from pipeline.sink import BigQuerySink
-    from pipeline.spark import session
-    from pipeline.stream import classify_and_write
+    from pipeline import clients
+    from pipeline.bigquery.sinks import BigQuerySink
+    from pipeline.commands import backfill
+    from pipeline.stream.job import classify_and_write
+    from pipeline.stream.spark import session
 
     run_dir = Path(tempfile.mkdtemp(prefix="bucketlens-bench-embeddings-"))
     with ExitStack() as stack:

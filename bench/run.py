@@ -202,12 +202,12 @@ def task_slots(master: str) -> int:
 
 def executor_threads(settings: Settings) -> int:
     """The torch threads a Spark Python worker uses (one task CPU, Spark's default)."""
-    from pipeline import classify
+    from pipeline.model import handler as model_handler
 
     env = {**os.environ, "SPARK_REUSE_WORKER": "1"}
     if settings.torch_threads:
-        env[classify.THREADS_ENV] = str(settings.torch_threads)
-    return classify.torch_threads(env, os.cpu_count(), task_cpus=1)
+        env[model_handler.THREADS_ENV] = str(settings.torch_threads)
+    return model_handler.torch_threads(env, os.cpu_count(), task_cpus=1)
 
 
 def machine() -> dict[str, Any]:
@@ -263,9 +263,9 @@ def _ceiling_worker(index: int, settings: Settings, blobs: list[bytes], barrier:
     every core as torch threads (what `bucketlens classify` uses outside Spark)."""
     import torch
 
-    from pipeline import classify
+    from pipeline.model import handler as model_handler
 
-    handler = classify.TorchModelHandler(settings)
+    handler = model_handler.TorchModelHandler(settings)
     handler.run_inference(blobs)  # loads the model, warms the allocator
     threads = torch.get_num_threads()
     out.put({"ready": index})
@@ -297,7 +297,7 @@ class Ceiling:
     (the background load of a shared machine changes during a run)."""
 
     def __init__(self, settings: Settings, blobs: list[bytes], slots: int) -> None:
-        from pipeline.executor import CHUNK
+        from pipeline.stream.executor import CHUNK
 
         ctx = mp.get_context("spawn")  # fresh interpreters: no inherited torch thread pools
         self.threads = executor_threads(settings)
@@ -432,7 +432,7 @@ class Poller:
     def poll(self, prefix: str, seen: Seen) -> None:
         from google.cloud import bigquery
 
-        from pipeline.sink import run_query
+        from pipeline.bigquery.sql import run_query
 
         cfg = bigquery.QueryJobConfig(query_parameters=[
             bigquery.ScalarQueryParameter("pattern", "STRING", f"{prefix}/%")])
@@ -490,7 +490,7 @@ def progress_by_batch(query: Any) -> dict[int, dict[str, Any]]:
 
 
 def _dt(value: Any) -> datetime | None:
-    from pipeline.metrics import _time
+    from pipeline.stream.metrics import _time
 
     return _time(value)
 
@@ -558,7 +558,7 @@ def summarize_profile(batches: list[dict[str, Any]]) -> dict[str, Any]:
 
 def measure_latency(items: list, settings: Settings, poller: Poller, query: Any,
                     batches: TimedBatches, args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.metrics import percentile
+    from pipeline.stream.metrics import percentile
 
     uploaded: dict[tuple[str, int], float] = {}  # key → wall time the upload finished
 
@@ -643,7 +643,7 @@ def probe_rate(items: list, settings: Settings, poller: Poller, query: Any, batc
     (uploaded − inserted) never passed BEHIND_S seconds of uploads (the probe then stops).
     With ``producer`` the uploads come from that process (the CPU of this one is then the
     driver's alone); with ``proxy`` its call counts over the probe are reported."""
-    from pipeline.metrics import percentile
+    from pipeline.stream.metrics import percentile
 
     since, stop, done = batches.inserted, threading.Event(), threading.Event()
     uploaded, box = [0], {}
@@ -731,7 +731,7 @@ def _passthrough(frames: Iterator[Any]) -> Iterator[Any]:
 def anatomy(spark: Any, settings: Settings, objects: Sequence[tuple[str, int]], slots: int,
             repeats: int = 3) -> dict[str, float]:
     """What one micro-batch's classify job costs when the batch is small (median of repeats)."""
-    from pipeline.executor import RESULT_SCHEMA, WORK_SCHEMA, classify_partitions
+    from pipeline.stream.executor import RESULT_SCHEMA, WORK_SCHEMA, classify_partitions
 
     rows = [(settings.bucket, n, g, None) for n, g in objects[:SMALL_BATCH]]
     fn = classify_partitions(settings)
@@ -778,9 +778,9 @@ def handler_in_spark(settings: Settings):
     import pandas as pd
 
     def run(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        from pipeline import classify
+        from pipeline.model import handler as model_handler
 
-        handler = classify.get_handler(settings)
+        handler = model_handler.get_handler(settings)
         for frame in frames:
             preds = handler.run_inference(list(frame["data"]))
             yield pd.DataFrame({"label": [p.topk[0][1] if p.topk else p.status for p in preds]})
@@ -817,9 +817,9 @@ def probe_threads(spark: Any, settings: Settings, slots: int) -> list[int]:
     def fn(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         import torch
 
-        from pipeline import classify
+        from pipeline.model import handler as model_handler
 
-        classify.get_handler(settings)
+        model_handler.get_handler(settings)
         for _ in frames:
             pass
         yield pd.DataFrame({"threads": [torch.get_num_threads()]})
@@ -839,7 +839,7 @@ def measure_rss(spark: Any, settings: Settings, objects: Sequence[tuple[str, int
     allocator swings a worker's RSS by tens of MB from one batch to the next (see the curve), so
     a pair measures where in that swing each snapshot fell. The pair is reported too.
     """
-    from pipeline.executor import RESULT_SCHEMA, WORK_SCHEMA, classify_partitions
+    from pipeline.stream.executor import RESULT_SCHEMA, WORK_SCHEMA, classify_partitions
 
     fn = classify_partitions(settings)
     work = [(settings.bucket, name, gen, sizes.get(name)) for name, gen in objects]
@@ -1056,9 +1056,9 @@ class Bench:
 
     def start_stream(self) -> None:
         """Spark and the stream, warmed up (Python workers started, model loaded in each)."""
-        from pipeline import stream
-        from pipeline.sink import make_sink
-        from pipeline.spark import session
+        from pipeline.bigquery.sinks import make_sink
+        from pipeline.stream import job as stream
+        from pipeline.stream.spark import session
 
         t = time.monotonic()
         console.log("starting Spark and the stream …")
@@ -1148,7 +1148,7 @@ class Bench:
     def restart(self, name: str, foreach: Any) -> Any:
         """A new query on the same subscription with ``foreach`` as its ``foreachBatch`` and a
         checkpoint of its own (the previous query stops first: one reader at a time)."""
-        from pipeline import stream
+        from pipeline.stream import job as stream
 
         self.stop_query()
         s = self.stream_settings
@@ -1219,8 +1219,8 @@ class Bench:
         return small
 
     def fetch(self, objects: Sequence[tuple[str, int]]) -> FetchedBytes:
-        from pipeline import fetch
         from pipeline.notifications import ObjectKey
+        from pipeline.stream import fetch
 
         keys = [ObjectKey(self.settings.bucket, n, g) for n, g in objects]
         started = time.perf_counter()
@@ -1306,7 +1306,7 @@ def run_field(args: argparse.Namespace) -> dict[str, Any]:
         f.drain = bench.drain("bucketlens", bench.batches, args.drain_images)
         f.sustained, f.probes = bench.sustained("bucketlens", bench.batches, f.drain["img_s"])
         # latency last: the stream's first 2 x ack deadline + 2 x trigger after a start verify
-        # every batch with BigQuery (pipeline/recent.py); a user's stream runs long past them
+        # every batch with BigQuery (pipeline/stream/recent.py); a user's stream runs long past them
         calls = bench.proxy.counts()
         f.latency = bench.latency()
         bench.o["field_latency_calls"] = fieldproxy.diff(bench.proxy.counts(), calls)

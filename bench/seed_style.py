@@ -38,15 +38,15 @@ def naive_classifier(model: str, threads: int) -> Callable[[Iterable[bytes]], li
     from PIL import Image
     from torchvision import transforms
 
-    from pipeline import classify
+    from pipeline.model import specs, weights
 
     torch.set_num_threads(threads)
-    source = classify.WeightsSource("default")
-    spec = classify.model_spec(model, source)
+    source = specs.WeightsSource("default")
+    spec = specs.model_spec(model, source)
     p = spec.preprocess
     prep = transforms.Compose([transforms.Resize(p.resize), transforms.CenterCrop(p.crop),
                                transforms.ToTensor(), transforms.Normalize(p.mean, p.std)])
-    net = classify.build_model(model, source, Settings()).eval()
+    net = weights.build_model(model, source, Settings()).eval()
 
     def run(blobs: Iterable[bytes]) -> list[str]:
         labels = []
@@ -86,7 +86,7 @@ class SeedStyleBatches:
     wrapper of bucketlens's processor, and when each batch returned."""
 
     def __init__(self, settings: Settings, slots: int, threads: int, sink: Any = None) -> None:
-        from pipeline.sink import make_sink
+        from pipeline.bigquery.sinks import make_sink
 
         self.settings, self.slots = settings, slots
         self.udf = seed_udf(settings, threads)
@@ -95,8 +95,8 @@ class SeedStyleBatches:
         self.finished: dict[int, float] = {}
 
     def __call__(self, batch_df: Any, batch_id: int) -> None:
+        from pipeline.bigquery.rows import build_row
         from pipeline.notifications import parse
-        from pipeline.sink import build_row
         from pipeline.status import Status
 
         spark = batch_df.sparkSession
@@ -128,8 +128,8 @@ class NoDedupeSink:
 
     def __init__(self, settings: Settings) -> None:
         from pipeline import clients
-        from pipeline.bqwrite import StorageWriter
-        from pipeline.catalog import schema_json
+        from pipeline.bigquery.bqwrite import StorageWriter
+        from pipeline.bigquery.catalog import schema_json
 
         self.table_id = settings.table_id
         self.fields = schema_json("predictions")

@@ -52,8 +52,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from deploy import localstack  # noqa: E402
-from pipeline import clients, sink  # noqa: E402
-from pipeline.catalog import load_schema  # noqa: E402
+from pipeline import clients  # noqa: E402
+from pipeline.bigquery import rows as bigquery_rows  # noqa: E402
+from pipeline.bigquery import sinks  # noqa: E402
+from pipeline.bigquery import sql as bigquery_sql  # noqa: E402
+from pipeline.bigquery.catalog import load_schema  # noqa: E402
 from pipeline.config import Settings  # noqa: E402
 from pipeline.notifications import Notification, ObjectKey  # noqa: E402
 
@@ -97,7 +100,7 @@ def batch(size: int, day: datetime, tag: str) -> tuple[list[Notification], list[
                           event_time=day + timedelta(seconds=i), created=day + timedelta(seconds=i),
                           size=1000, content_type="image/jpeg")
              for i in range(size)]
-    rows = [sink.build_row(n, status="ok", model="bench", topk=[(985, "daisy", 0.75)],
+    rows = [bigquery_rows.build_row(n, status="ok", model="bench", topk=[(985, "daisy", 0.75)],
                            batch_id=1) for n in notes]
     return notes, rows
 
@@ -105,15 +108,15 @@ def batch(size: int, day: datetime, tag: str) -> tuple[list[Notification], list[
 @contextmanager
 def unbounded() -> Iterator[None]:
     """The old design: no partition filter anywhere."""
-    original = sink.row_bound
-    sink.row_bound = lambda spec, rows: ""  # type: ignore[assignment]
+    original = bigquery_sql.row_bound
+    bigquery_sql.row_bound = lambda spec, rows: ""  # type: ignore[assignment]
     try:
         yield
     finally:
-        sink.row_bound = original  # type: ignore[assignment]
+        bigquery_sql.row_bound = original  # type: ignore[assignment]
 
 
-def one_batch(bq: sink.BigQuerySink, notes: list[Notification], rows: list[dict], mode: str
+def one_batch(bq: sinks.BigQuerySink, notes: list[Notification], rows: list[dict], mode: str
               ) -> tuple[float, Counter[str]]:
     """What the stream does with BigQuery per batch; seconds and calls. ``new``: a steady
     batch — the stream's in-run memory knows its keys are new, so the write looks nothing up
@@ -141,7 +144,7 @@ def one_batch(bq: sink.BigQuerySink, notes: list[Notification], rows: list[dict]
 
 def measure(settings: Settings, mode: str, size: int, day: datetime, repeats: int, label: str
             ) -> tuple[float, Counter[str]]:
-    bq = sink.BigQuerySink(settings.replace(
+    bq = sinks.BigQuerySink(settings.replace(
         sink_mode="append" if mode in ("new", "start") else "merge"))
     times, calls = [], Counter()
     for r in range(repeats + 1):  # the first is a warm-up (clients, channels, caches)
@@ -195,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                 out[f"{prefix}calls_per_batch"] = dict(calls)
                 err(f"  {mode:5s}: {t * 1000:7.1f} ms per batch, calls {dict(calls)}")
             # the cost model: what each design's queries would bill on real BigQuery
-            day = sink.partition_filter("object_created", [last_day.date()])
+            day = bigquery_sql.partition_filter("object_created", [last_day.date()])
             partition = key_bytes(client, settings.table_id, "bucket,name,generation,object_created",
                                   day)
             table = key_bytes(client, settings.table_id, "bucket,name,generation")

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     from deploy import provision  # the Google clients, once the names are known to be good
-    from pipeline.fetch import CommandTimeout, deadline
+    from pipeline.stream.fetch import CommandTimeout, deadline
 
     try:
         with deadline(args.timeout, f"{args.command} (limit set by --timeout)"):

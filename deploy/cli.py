@@ -5,7 +5,7 @@
     bucketlens produce --sample --rate 5 --limit 50 &
     bucketlens run
 
-The application layer: the job's own commands (``pipeline.cli``) plus the local emulator
+The application layer: the job's own commands (``pipeline.commands.cli``) plus the local emulator
 stack, the demo and the producer. Every flag defaults to its ``BUCKETLENS_*`` variable.
 """
 
@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline import cli as job_cli
+from pipeline.commands import cli as job_cli
 
 
 def _local(args: argparse.Namespace) -> int:
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     dash.add_argument("--review-below", type=float, default=0.5, metavar="P",
                       help="list classified images whose top-1 confidence is below P "
                            "(default %(default)s)")
-    dash.set_defaults(func=job_cli.runner("pipeline.dashboard:run_dashboard"))
+    dash.set_defaults(func=job_cli.runner("pipeline.commands.dashboard:run_dashboard"))
     job_cli.add_global_flags(p)
     return p
 

@@ -82,12 +82,14 @@ def next_steps(run_dir: Path) -> str:
 
 def _stream_samples(settings: Settings, images: int, rate: float, timeout: float) -> dict:
     """Stream, replay the sample photos, and wait until every upload is a row."""
-    from pipeline import classify, clients, stream
+    from pipeline import clients
+    from pipeline.model import handler
+    from pipeline.stream import job as stream
     from producer.datasets import discover, sample_dataset
     from producer.replay import replay
 
     console.print(f"loading model {settings.model} …")
-    classify.get_handler(settings)
+    handler.get_handler(settings)
     dataset = sample_dataset()
     items = discover(dataset)
     console.print(f"sample set: {len(items)} real photos in "

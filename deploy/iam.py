@@ -147,7 +147,7 @@ def custom_role(role: str) -> CustomRole | None:
 
 def jsonl_output(settings: Any) -> str:
     """``gs://bucket/prefix`` the JSONL sink writes under: the sink's own reading of ``settings``."""
-    from pipeline.sink import JsonLinesSink  # late: the sink brings the cloud clients along
+    from pipeline.bigquery.sinks import JsonLinesSink  # late: the sink brings the cloud clients along
 
     out = JsonLinesSink(settings)
     if out.bucket_name == settings.bucket and not out.prefix:

@@ -23,7 +23,7 @@ from google.api_core.exceptions import BadRequest, NotFound
 
 from deploy import iam
 from pipeline import clients
-from pipeline.catalog import TableLayout, load_schema, table_layouts, view_templates
+from pipeline.bigquery.catalog import TableSpec, load_schema, tables, view_templates
 from pipeline.config import Settings
 from pipeline.notifications import EVENT_TYPES
 
@@ -174,18 +174,17 @@ def targets(settings: Settings) -> dict[str, str]:
 def tables_row(settings: Settings) -> str:
     """deploy/README.md's row of the resource table for the tables, from the catalog (a test
     keeps the two in step): names, day partitioning and clustering on real BigQuery."""
-    layouts = table_layouts(settings).items()
-    parts = [f"`{table_id.rsplit('.', 1)[1]}` (day-partitioned on `{layout.partition_by}`"
-             + (f", clustered by {', '.join(layout.cluster_by)})" if layout.cluster_by else ")")
-             for table_id, layout in layouts]
+    parts = [f"`{table_id.rsplit('.', 1)[1]}` (day-partitioned on `{spec.partition_by}`"
+             + (f", clustered by {', '.join(spec.cluster_by)})" if spec.cluster_by else ")")
+             for table_id, spec in tables(settings).items()]
     return f"| dataset, table ×{len(parts)} | {'; '.join(parts)} | created |"
 
 
 def view_ids(settings: Settings) -> list[str]:
-    """The views ``sink.create_views`` makes, one per ``schemas/views/*.sql``."""
-    from pipeline import sink
+    """The views ``bigquery_views.create_views`` makes, one per ``schemas/views/*.sql``."""
+    from pipeline.bigquery import views as bigquery_views
 
-    return [sink.view_id(sink.render_view(sql, settings)) for _, sql in view_templates()]
+    return [bigquery_views.view_id(bigquery_views.render_view(sql, settings)) for _, sql in view_templates()]
 
 
 def _create_bucket(c: _Clients, settings: Settings) -> None:
@@ -228,7 +227,7 @@ def core_resources(settings: Settings, c: _Clients) -> list[Resource]:
             delete=_ignore_missing(lambda: c.subscriber.delete_subscription(subscription=path)),
         )
 
-    def table(table_id: str, layout: TableLayout) -> Resource:
+    def table(table_id: str, spec: TableSpec) -> Resource:
         """The table. An existing one is *outdated* when its schema file gained columns since
         it was made (an upgrade of bucketlens); ``update`` adds them in place with ``ALTER TABLE
         … ADD COLUMN``, which BigQuery allows for NULLABLE columns (https://cloud.google.com/
@@ -241,7 +240,7 @@ def core_resources(settings: Settings, c: _Clients) -> list[Resource]:
                 have = {f.name for f in c.bigquery.get_table(table_id).schema}
             except NotFound:
                 return None  # the table resource creates it whole
-            return [f for f in load_schema(layout.schema) if f.name not in have]
+            return [f for f in load_schema(spec.schema) if f.name not in have]
 
         def add() -> None:
             new = missing() or []
@@ -252,7 +251,7 @@ def core_resources(settings: Settings, c: _Clients) -> list[Resource]:
             # DDL rather than tables.patch: the same statements on BigQuery (free DDL queries) and
             # on the emulator, whose patch changes only the metadata, not the stored table. One
             # column per statement: the emulator's DuckDB takes one ALTER action at a time.
-            from pipeline.sink import run_query
+            from pipeline.bigquery.sql import run_query
 
             for f in new:
                 run_query(c.bigquery, f"ALTER TABLE `{table_id}` ADD COLUMN IF NOT EXISTS "
@@ -263,10 +262,10 @@ def core_resources(settings: Settings, c: _Clients) -> list[Resource]:
                 c.bigquery.update_table(table, ["schema"])
 
         def create() -> None:
-            t = bigquery.Table(table_id, schema=load_schema(layout.schema))
+            t = bigquery.Table(table_id, schema=load_schema(spec.schema))
             if not s.bq_endpoint:  # real BigQuery: partition by day, cluster by the key
-                t.time_partitioning = bigquery.TimePartitioning(field=layout.partition_by)
-                t.clustering_fields = list(layout.cluster_by) or None
+                t.time_partitioning = bigquery.TimePartitioning(field=spec.partition_by)
+                t.clustering_fields = list(spec.cluster_by) or None
             c.bigquery.create_table(t)
 
         return Resource(
@@ -283,15 +282,16 @@ def core_resources(settings: Settings, c: _Clients) -> list[Resource]:
         c.bigquery.create_dataset(ds)
 
     def views() -> Resource:
-        from pipeline import sink
+        from pipeline.bigquery import sql as bigquery_sql
+        from pipeline.bigquery import views as bigquery_views
 
         ids = view_ids(s)
         return Resource(
             "views", f"{dataset_id}: " + (", ".join(v.rsplit(".", 1)[1] for v in ids) or "none defined"),
             exists=lambda: all(_found(lambda v=v: c.bigquery.get_table(v)) for v in ids),
-            create=lambda: sink.create_views(s, c.bigquery),
+            create=lambda: bigquery_views.create_views(s, c.bigquery),
             # DDL, dependents first: bqemulator's tables.delete cannot drop a view.
-            delete=lambda: [sink.run_query(c.bigquery, f"DROP VIEW IF EXISTS `{v}`")
+            delete=lambda: [bigquery_sql.run_query(c.bigquery, f"DROP VIEW IF EXISTS `{v}`")
                             for v in reversed(ids)],
         )
 
@@ -315,7 +315,7 @@ def core_resources(settings: Settings, c: _Clients) -> list[Resource]:
             delete=lambda: c.bigquery.delete_dataset(dataset_id, delete_contents=True,
                                                      not_found_ok=True),
         ),
-        *(table(table_id, layout) for table_id, layout in table_layouts(s).items()),
+        *(table(table_id, spec) for table_id, spec in tables(s).items()),
         views(),
     ]
 

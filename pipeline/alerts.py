@@ -36,12 +36,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from pipeline import drift
 from pipeline.config import Settings
-from pipeline.drift import METRICS, Watch, judge, window_seconds
+from pipeline.drift import METRICS, Watch, window_seconds
 from pipeline.errors import UserError
 from pipeline.names import printable
-from pipeline.recent import Recent
 from pipeline.status import Status
+from pipeline.stream.recent import Recent
 
 log = logging.getLogger("bucketlens.alerts")
 
@@ -211,7 +212,7 @@ def dedupe_id(row: Mapping[str, Any]) -> str:
 
 def row_message(rule: RowRule, row: Mapping[str, Any]) -> Message:
     """The row as the JSON body; what a subscriber filters or routes on as attributes."""
-    from pipeline.sink import to_ndjson
+    from pipeline.bigquery.rows import to_ndjson
 
     prob = row.get("top1_prob")
     return Message(to_ndjson([row]).rstrip(b"\n"), {
@@ -222,7 +223,7 @@ def row_message(rule: RowRule, row: Mapping[str, Any]) -> Message:
 
 def drift_message(rule: DriftRule, window: Mapping[str, Any]) -> Message:
     """One drift window that crossed ``rule``'s threshold; ``dedupe_id`` names rule and window."""
-    from pipeline.sink import to_ndjson
+    from pipeline.bigquery.rows import to_ndjson
 
     start = _iso(window["window_start"])
     return Message(to_ndjson([dict(window)]).rstrip(b"\n"), {
@@ -249,6 +250,25 @@ def check_fits(rules: Rules, settings: Settings) -> None:
 
 def _iso(value: Any) -> str:
     return "" if value is None else value.isoformat() if hasattr(value, "isoformat") else str(value)
+
+
+# --- I/O ---------------------------------------------------------------------------------------
+
+def judge(settings: Settings, client: Any, start: datetime, end: datetime) -> list[dict]:
+    """The drift rows of the windows starting in [start, end), from BigQuery: the drift views'
+    SQL with this run's window and baseline (a view keeps the ones it was created with)."""
+    from pipeline.bigquery.catalog import view_templates
+    from pipeline.bigquery.sql import run_query
+    from pipeline.bigquery.views import render_view
+
+    templates = dict(view_templates())
+    rows = [dict(r.items()) for r in run_query(client, drift.window_sql(
+        render_view(templates[f"{drift.VIEW}.sql"], settings), start, end))[1]]
+    if rows and settings.embeddings:
+        emb = render_view(templates[f"similar_4_{drift.EMBEDDING_VIEW}.sql"], settings)
+        rows = drift.merge_embedding(rows, [dict(r.items()) for r in run_query(
+            client, drift.window_sql(emb, start, end))[1]])
+    return rows
 
 
 # --- publishing (I/O) ---------------------------------------------------------------------------

@@ -18,6 +18,7 @@ ENV_PREFIX = "BUCKETLENS_"
 # shell set up for the emulators (`gcloud beta emulators ... env-init`) needs nothing more.
 EMULATOR_VARS = {"pubsub_emulator_host": "PUBSUB_EMULATOR_HOST",
                  "storage_emulator_host": "STORAGE_EMULATOR_HOST"}
+RESULTS_PREFIX = "_bucketlens"  # the JSON-lines sink's default folder inside the watched bucket
 
 
 @dataclass(frozen=True)

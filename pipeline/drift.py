@@ -15,7 +15,7 @@ uploads began, is rarely whole — or the one holding ``drift_baseline``):
 The stream runs the same SQL (``window_sql``) for a window once it sees an upload from a later
 window (``Watch``), and publishes what a drift rule (``pipeline.alerts``) says crossed its
 threshold. Uploads of a window that arrive after it was judged count in the views, not in its
-alert. This module is pure except ``judge``.
+alert. Pure: ``pipeline.alerts.judge`` runs the SQL.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ class Watch:
     """Which windows the stream judges: a window once an upload from a later one is written.
 
     A restart must not lose a judgement its predecessor died before publishing: the first
-    batch of a run, and every batch while the run warms up (``pipeline.recent``: when a dead
+    batch of a run, and every batch while the run warms up (``pipeline.stream.recent``: when a dead
     predecessor's messages come back), judge every window from the one before the oldest row
     in the batch up to the newest seen. A window judged twice publishes once per run
     (``Alerter`` remembers); across a restart it may publish again — at-least-once, as for
@@ -129,18 +129,3 @@ def merge_embedding(windows: list[dict], shifts: Iterable[Mapping[str, Any]]) ->
     """``windows`` with ``embedding_shift`` from the embedding view's rows (same window_start)."""
     by_start = {r["window_start"]: r["embedding_shift"] for r in shifts}
     return [{**w, "embedding_shift": by_start.get(w["window_start"])} for w in windows]
-
-
-def judge(settings: Any, client: Any, start: datetime, end: datetime) -> list[dict]:
-    """The drift rows of the windows starting in [start, end), from BigQuery."""
-    from pipeline.catalog import view_templates
-    from pipeline.sink import render_view, run_query
-
-    templates = dict(view_templates())
-    rows = [dict(r.items()) for r in run_query(
-        client, window_sql(render_view(templates[f"{VIEW}.sql"], settings), start, end))[1]]
-    if rows and settings.embeddings:
-        emb = render_view(templates[f"similar_4_{EMBEDDING_VIEW}.sql"], settings)
-        rows = merge_embedding(rows, [dict(r.items()) for r in
-                                      run_query(client, window_sql(emb, start, end))[1]])
-    return rows

@@ -171,7 +171,7 @@ def gcs_uri(uri: str, kind: str = "jsonl_uri") -> str:
     return uri
 
 
-# Settings that must be one of a few words: the sink's own tables (pipeline.sink.SINKS,
+# Settings that must be one of a few words: the sink's own tables (pipeline.bigquery.sinks.SINKS,
 # SINK_MODES) list the same ones, a test keeps them equal.
 CHOICES: dict[str, tuple[str, ...]] = {
     "sink": ("bigquery", "jsonl", "console"),

@@ -53,7 +53,7 @@ class Notification:
     metadata: Mapping[str, str] | None = None
     metageneration: int | None = None  # METADATA_UPDATEs of one generation differ only here
     # payload timeCreated: the same in every copy of one generation's notification, so the
-    # predictions table is partitioned on it (pipeline.catalog); None without a JSON payload
+    # predictions table is partitioned on it (pipeline.bigquery.catalog); None without a JSON payload
     created: datetime | None = None
     # payload contentEncoding: a "gzip" object is stored (and its size notified) compressed,
     # but served decompressed, so its notified size says nothing about the download's
@@ -188,7 +188,7 @@ def parse(message_id: str, attributes: Mapping[str, str], data: bytes | None,
     is checked for type and range here, so no later stage meets a float, an object where a
     string belongs, a number BigQuery cannot hold or a time outside ``_time``'s range.
     ``publish_time``: an aware datetime (naive = UTC) or epoch microseconds, as the source
-    carries it (``pipeline.source.SCHEMA``).
+    carries it (``pipeline.stream.source.SCHEMA``).
     """
     published = _time(publish_time, "publish_time")
     payload = _load(data) if data else {}

@@ -57,6 +57,11 @@ def utc(value: datetime | int | float) -> datetime:
     return from_micros(value)
 
 
+def as_utc(value: datetime | str) -> datetime:
+    """A time, or its ISO-8601 text as rows carry it, as an aware UTC datetime."""
+    return iso_time(value) if isinstance(value, str) else utc(value)
+
+
 def parse_since(raw: str, now: datetime | None = None) -> datetime:
     """An ISO-8601 time (naive = UTC) or an age such as ``90m``, ``6h``, ``2d`` before ``now``."""
     text = raw.strip()

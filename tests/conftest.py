@@ -57,7 +57,7 @@ def isolated(stack: localstack.StackState, tmp_path) -> Settings:
 @pytest.fixture(scope="session")
 def spark(stack):
     """One local[2] Spark session for the whole run (start-up costs 10-30 s)."""
-    from pipeline.spark import session
+    from pipeline.stream.spark import session
 
     s = session("local[2]", app="bucketlens-tests")
     yield s

@@ -22,8 +22,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from deploy import provision
-from pipeline import clients, stream
-from pipeline.source import SCHEMA
+from pipeline import clients
+from pipeline.stream import job as stream
+from pipeline.stream.source import SCHEMA
 from producer.datasets import discover, sample_dataset
 from producer.replay import replay
 from tests.helpers.drift import RULES, drifted_dataset

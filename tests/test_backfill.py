@@ -12,8 +12,11 @@ from types import SimpleNamespace
 import pytest
 
 from deploy.demo import counts
-from pipeline import backfill as bf
-from pipeline import cli, clients, sink
+from pipeline import clients
+from pipeline.bigquery import rows as bigquery_rows
+from pipeline.bigquery import sinks
+from pipeline.commands import backfill as bf
+from pipeline.commands import cli
 from pipeline.config import Settings
 from pipeline.notifications import FINALIZE, Notification, ObjectKey
 from pipeline.times import parse_since
@@ -49,7 +52,7 @@ def test_notification_is_the_finalize_gcs_would_send() -> None:
     assert n == Notification(ObjectKey("b", "flowers/daisy/1.jpg", 42), FINALIZE, event_time=NOW,
                              size=1234, content_type="image/jpeg", metadata={"true_label": "rose"})
     assert n.true_label == "rose"
-    row = sink.build_row(n, status="ok", batch_id=-1)
+    row = bigquery_rows.build_row(n, status="ok", batch_id=-1)
     assert (row["event_time"], row["size"], row["message_id"]) == (NOW.isoformat(), 1234, None)
     assert bf.notification(blob("x/cat/a.jpg", size=None)).true_label == "cat"
 
@@ -96,7 +99,7 @@ def test_cli_parser_flags() -> None:
                                  "--batch", "20", "--dry-run"])
     assert (args.bucket, args.prefix, args.batch, args.dry_run) == ("b", "p/", 20, True)
     assert abs(datetime.now(UTC) - timedelta(hours=2) - args.since) < timedelta(seconds=5)
-    assert args.func.target == "pipeline.backfill:run_backfill"
+    assert args.func.target == "pipeline.commands.backfill:run_backfill"
     for bad in (["--bucket", "b", "--batch", "0"], ["--bucket", "b", "--since", "soon"], []):
         with pytest.raises(SystemExit):
             _parser().parse_args(["backfill", *bad])
@@ -133,10 +136,10 @@ def test_backfill_classifies_the_rest_once_and_a_rerun_adds_nothing(
     gcs = clients.storage_client(isolated).bucket(isolated.bucket)
     gcs.blob("_bucketlens/predictions/batch-1.jsonl").upload_from_string(b'{"x": 1}\n')
     seeded = sorted(objects)[:10]
-    seed_rows = [sink.build_row(Notification(ObjectKey(isolated.bucket, name, gen), FINALIZE),
+    seed_rows = [bigquery_rows.build_row(Notification(ObjectKey(isolated.bucket, name, gen), FINALIZE),
                                 status="ok", model=SEED_MODEL, batch_id=999)
                  for name, gen in seeded]
-    assert sink.BigQuerySink(isolated).write(seed_rows, 999) == 10
+    assert sinks.BigQuerySink(isolated).write(seed_rows, 999) == 10
     before = {(r["name"], r["generation"]): r for r in table_rows(isolated)}
 
     s = bf.backfill(isolated, spark, batch=16, progress=True)
@@ -198,7 +201,7 @@ class GatedSink:
     """The stream's sink: its first write waits until the backfill is done, forcing the race
     (both classify the same keys, neither having seen the other's rows)."""
 
-    def __init__(self, inner: sink.Sink) -> None:
+    def __init__(self, inner: sinks.Sink) -> None:
         self.inner, self.writing, self.release = inner, threading.Event(), threading.Event()
 
     def existing_keys(self, keys):
@@ -218,11 +221,11 @@ class GatedSink:
 @pytest.mark.timeout(240)
 def test_backfill_racing_the_stream_leaves_one_row_per_key(
         spark, isolated: Settings, photos: list[Item]) -> None:
-    from pipeline import stream
+    from pipeline.stream import job as stream
 
     objects = upload(isolated, photos, 50)  # their notifications wait in the subscription
     settings = isolated.replace(trigger_seconds=1.0, max_messages_per_batch=20)
-    gate = GatedSink(sink.BigQuerySink(settings))
+    gate = GatedSink(sinks.BigQuerySink(settings))
     processor = stream.BatchProcessor(settings, sink=gate)
     query, _ = stream.start(settings, spark=spark, processor=processor)
     bq = clients.bigquery_client(settings)

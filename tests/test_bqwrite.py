@@ -11,7 +11,10 @@ import pytest
 from google.api_core import exceptions as api_exceptions
 from tenacity import wait_none
 
-from pipeline import bqwrite, catalog, clients, compact, retry, sink
+from pipeline import clients, retry
+from pipeline.bigquery import bqwrite, catalog, compact, sinks
+from pipeline.bigquery import rows as bigquery_rows
+from pipeline.bigquery import views as bigquery_views
 from pipeline.config import Settings
 from pipeline.notifications import Notification, ObjectKey
 
@@ -26,7 +29,7 @@ def note(name: str, generation: int, bucket: str, created: datetime | None = T0)
 
 def row(settings: Settings, name: str, generation: int = 1, created: datetime = T0,
         processed_at: datetime = T0, status: str = "ok") -> dict:
-    return sink.build_row(note(name, generation, settings.bucket, created), status=status,
+    return bigquery_rows.build_row(note(name, generation, settings.bucket, created), status=status,
                           model="m", topk=[(985, "daisy", 0.75), (1, "x", 0.125)], batch_id=0,
                           processed_at=processed_at)
 
@@ -98,7 +101,7 @@ def test_in_band_append_errors_become_retryable_exceptions() -> None:
 
 
 def test_compact_sql_is_bounded_and_explicit() -> None:
-    sql = compact.compact_sql("p.d.t", FIELDS, sink.PREDICTIONS, date(2024, 5, 6))
+    sql = compact.compact_sql("p.d.t", FIELDS, catalog.PREDICTIONS, date(2024, 5, 6))
     bound = "object_created >= TIMESTAMP '2024-05-06 00:00:00.000000+00'"
     assert sql.count(bound) == 3  # the target and both scans of the source
     assert "INSERT ROW" not in sql and "WHEN MATCHED THEN DELETE" in sql
@@ -129,7 +132,7 @@ class RecordingClient:
 @pytest.mark.integration
 def test_append_round_trip_through_the_storage_write_api(isolated: Settings) -> None:
     assert isolated.bq_storage_endpoint  # `local up` exposes the emulator's gRPC port
-    bq = sink.BigQuerySink(isolated)
+    bq = sinks.BigQuerySink(isolated)
     rows = [row(isolated, "a/1.jpg", 1), row(isolated, "a/2.jpg", 2, status="corrupt")]
     assert bq.write(rows, batch_id=0) == 2
     assert bq.calls == {"query": 1, "append": 1}  # one lookup, one AppendRows: no job, no DML
@@ -145,11 +148,11 @@ def test_append_round_trip_through_the_storage_write_api(isolated: Settings) -> 
 
 @pytest.mark.integration
 def test_existing_keys_reads_only_the_partitions_of_the_batch(isolated: Settings) -> None:
-    bq = sink.BigQuerySink(isolated)
+    bq = sinks.BigQuerySink(isolated)
     day2 = T0 + timedelta(days=2)
     bq.write([row(isolated, "a.jpg", 1, T0), row(isolated, "b.jpg", 1, day2)], 0)
     recording = RecordingClient(clients.bigquery_client(isolated))
-    bq = sink.BigQuerySink(isolated, client=recording)  # type: ignore[arg-type]
+    bq = sinks.BigQuerySink(isolated, client=recording)  # type: ignore[arg-type]
     b = isolated.bucket
     # found in the day its notification names; the same key claimed for another day is not
     # looked for there: the filter is in the SQL, not only in the result
@@ -194,7 +197,7 @@ def test_quota_errors_on_append_are_retried_without_duplicates(
     monkeypatch.setattr(retry, "QUOTA_WAIT", wait_none())
     real = bqwrite.StorageWriter(clients.bigquery_write_client(isolated))
     flaky = FlakyWriter(real, error, fails=8, commit_first=commit_first)  # > the policy's 6 attempts
-    bq = sink.BigQuerySink(isolated, writer=flaky)  # type: ignore[arg-type]
+    bq = sinks.BigQuerySink(isolated, writer=flaky)  # type: ignore[arg-type]
     rows = [row(isolated, f"{i}.jpg") for i in range(3)]
     assert bq.write(rows, batch_id=0) == 3  # also when an append "failed" after committing
     assert flaky.attempts == (1 if commit_first else 9)  # a committed append is found, not redone
@@ -210,7 +213,7 @@ def test_a_key_appended_by_two_writers_is_counted_once_by_every_view(isolated: S
     writer.append(isolated.table_id, [first], FIELDS)
     writer.append(isolated.table_id, [second], FIELDS)
     writer.append(isolated.table_id, [row(isolated, "other.jpg", 1)], FIELDS)
-    sink.create_views(isolated)
+    bigquery_views.create_views(isolated)
     raw = select(isolated, f"SELECT name FROM `{isolated.table_id}`")
     assert len(raw) == 3  # the duplicate is really there
     v = f"{isolated.project}.{isolated.dataset}"
@@ -232,7 +235,7 @@ def test_compact_removes_exactly_the_duplicates(isolated: Settings) -> None:
             row(isolated, "old.jpg", 1, created=old), row(isolated, "old.jpg", 1, created=old)]
     for r in rows:
         writer.append(isolated.table_id, [r], FIELDS)
-    dead = sink.dead_letter_record("m1", "not JSON", {}, b"x", None, 0, recorded_at=T0)
+    dead = bigquery_rows.dead_letter_record("m1", "not JSON", {}, b"x", None, 0, recorded_at=T0)
     writer.append(isolated.dead_letter_table_id, [dead, dead],
                   catalog.schema_json("dead_letters"))
     out = compact.compact(isolated, T0.date())
@@ -252,7 +255,7 @@ def test_compact_removes_exactly_the_duplicates(isolated: Settings) -> None:
 
 @pytest.mark.integration
 def test_compact_command_prints_one_json_line(isolated: Settings, monkeypatch, capsys) -> None:
-    from pipeline import cli
+    from pipeline.commands import cli
 
     for k, v in isolated.as_env().items():
         monkeypatch.setenv(k, v)
@@ -265,7 +268,7 @@ def test_compact_command_prints_one_json_line(isolated: Settings, monkeypatch, c
 def test_merge_mode_is_bounded_and_idempotent(isolated: Settings) -> None:
     settings = isolated.replace(sink_mode="merge")
     recording = RecordingClient(clients.bigquery_client(settings))
-    bq = sink.BigQuerySink(settings, client=recording)  # type: ignore[arg-type]
+    bq = sinks.BigQuerySink(settings, client=recording)  # type: ignore[arg-type]
     rows = [row(settings, "a.jpg"), row(settings, "b.jpg")]
     assert bq.write(rows, batch_id=0) == 2
     assert bq.write(rows, batch_id=1) == 0
@@ -330,7 +333,7 @@ def test_a_steady_write_sends_no_query_but_a_retried_one_looks_up_what_it_sent(
     monkeypatch.setattr(retry, "RETRY_WAIT", wait_none())
     looked: list[set] = []
 
-    class Sink(sink.BigQuerySink):
+    class Sink(sinks.BigQuerySink):
         def _existing(self, table_id, spec, keys, bound):
             looked.append(set(keys))
             return set(keys)  # the failed attempt had in fact committed

@@ -1,4 +1,5 @@
-"""Model bundles and locations (pipeline.bundles) and the head training core (pipeline.train).
+"""Model bundles and locations (pipeline.model.bundles) and the head training core (pipeline.model.heads,
+pipeline.commands.train).
 
 Local directories here; the gs:// paths run against fake-gcs-server in tests/test_train.py.
 """
@@ -12,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import bundles, train
-from pipeline.classfolders import DatasetError
+from pipeline.commands import train as commands_train
 from pipeline.config import Settings
+from pipeline.model import bundles, heads
+from pipeline.model.classfolders import DatasetError
 
 S = Settings()
 LABELS = ("cat", "dog", "fish")
@@ -181,7 +183,7 @@ def test_preprocessing_bounds_admit_every_torchvision_model() -> None:
     """The bounds refuse what no model needs, and nothing a torchvision model uses."""
     import torchvision.models as tvm
 
-    from pipeline.images import Preprocess
+    from pipeline.model.images import Preprocess
 
     seen = 0
     for name in tvm.list_models():
@@ -203,7 +205,7 @@ def test_preprocessing_bounds_admit_every_torchvision_model() -> None:
 def test_models_list_shows_an_odd_manifest_rather_than_crashing(tmp_path, capsys) -> None:
     """Fields only `models list` shows (validation, created) are not part of the version: a
     hand edit of them still loads, and the list takes them only when of the right type."""
-    from pipeline import cli
+    from pipeline.commands import cli
 
     uri, _ = make_bundle(tmp_path / "m", name="pets\x1b[2J")
     _rewrite(uri, validation=["not", "an", "object"], created={"deep": [[[]]]})
@@ -229,27 +231,27 @@ def test_watcher_without_a_good_version_fails_at_start(tmp_path) -> None:
 
 
 def test_check_classes_says_what_is_wrong() -> None:
-    ex = [train.Example(f"{c}/{i}.png", c) for c in "ab" for i in range(3)]
-    assert train.check_classes(ex) == ["a", "b"]
+    ex = [commands_train.Example(f"{c}/{i}.png", c) for c in "ab" for i in range(3)]
+    assert commands_train.check_classes(ex) == ["a", "b"]
     with pytest.raises(DatasetError, match="at least two classes; the dataset has only class 'a'"):
-        train.check_classes([e for e in ex if e.label == "a"])
+        commands_train.check_classes([e for e in ex if e.label == "a"])
     with pytest.raises(DatasetError, match="no images"):
-        train.check_classes([])
+        commands_train.check_classes([])
     with pytest.raises(DatasetError, match="'c' have fewer than 2 images"):
-        train.check_classes([*ex, train.Example("c/1.png", "c")])
+        commands_train.check_classes([*ex, commands_train.Example("c/1.png", "c")])
 
 
 def test_stratified_split_is_seeded_and_keeps_every_class_on_both_sides() -> None:
     labels = ["a"] * 10 + ["b"] * 3 + ["c"] * 2
-    tr, val = train.stratified_split(labels, 0.2, seed=1)
+    tr, val = commands_train.stratified_split(labels, 0.2, seed=1)
     assert sorted(tr + val) == list(range(len(labels))) and not set(tr) & set(val)
     val_labels = [labels[i] for i in val]
     assert val_labels.count("a") == 2 and val_labels.count("b") == 1 and val_labels.count("c") == 1
     assert {labels[i] for i in tr} == {"a", "b", "c"}
-    assert train.stratified_split(labels, 0.2, seed=1) == (tr, val)
-    assert train.stratified_split(labels, 0.2, seed=2) != (tr, val)
+    assert commands_train.stratified_split(labels, 0.2, seed=1) == (tr, val)
+    assert commands_train.stratified_split(labels, 0.2, seed=2) != (tr, val)
     with pytest.raises(Exception, match="between 0 and 1"):
-        train.stratified_split(labels, 1.0, seed=1)
+        commands_train.stratified_split(labels, 1.0, seed=1)
 
 
 def test_fit_head_learns_and_takes_raw_features() -> None:
@@ -257,12 +259,12 @@ def test_fit_head_learns_and_takes_raw_features() -> None:
     centres = torch.randn(3, 16, generator=g) * 4 + 50  # far from zero and unscaled: raw features
     y = torch.arange(3).repeat_interleave(40)
     x = centres[y] + torch.randn(len(y), 16, generator=g)
-    head = train.fit_head(x, y, 3, seed=0)
+    head = heads.fit_head(x, y, 3, seed=0)
     with torch.no_grad():
         assert (head(x).argmax(1) == y).float().mean() == 1.0
-        again = train.fit_head(x, y, 3, seed=0)
+        again = heads.fit_head(x, y, 3, seed=0)
         torch.testing.assert_close(again.weight, head.weight)  # deterministic
-    result = train.evaluate(head(x).detach(), y, ["a", "b", "c"])
+    result = heads.evaluate(head(x).detach(), y, ["a", "b", "c"])
     assert result["top1"] == 1.0 and result["top5"] == 1.0 and result["top1_correct"] == 120
     assert result["confusion"]["counts"] == [[40, 0, 0], [0, 40, 0], [0, 0, 40]]
     assert result["per_class"]["b"] == {"images": 40, "top1": 1.0, "top5": 1.0}
@@ -270,7 +272,7 @@ def test_fit_head_learns_and_takes_raw_features() -> None:
 
 def test_evaluate_counts_misses() -> None:
     logits = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.1, 0.9]])
-    result = train.evaluate(logits, torch.tensor([0, 1, 1]), ["x", "y"])
+    result = heads.evaluate(logits, torch.tensor([0, 1, 1]), ["x", "y"])
     assert result["top1_correct"] == 2 and result["top1"] == pytest.approx(2 / 3)
     assert result["confusion"]["counts"] == [[1, 0], [1, 1]]
     assert result["per_class"]["y"]["top1"] == 0.5 and result["top5"] == 1.0

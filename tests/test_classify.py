@@ -26,12 +26,17 @@ import torch
 import torchvision
 from PIL import Image
 
-from pipeline import classify, cli, images
+from pipeline.commands import classify as classify_cmd
+from pipeline.commands import cli
 from pipeline.config import Settings
+from pipeline.model import cache as model_cache
+from pipeline.model import handler as model_handler
+from pipeline.model import images, specs
+from pipeline.model import weights as model_weights
 from pipeline.status import DECODE_ERRORS
 
 CATS = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat", "lynx"}
-LITE0 = Settings(model=classify.EFFICIENTNET_LITE0)
+LITE0 = Settings(model=specs.EFFICIENTNET_LITE0)
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -54,12 +59,12 @@ def photos() -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def lite0() -> classify.ModelHandler:
+def lite0() -> model_handler.ModelHandler:
     """The offline model, loaded once for the module."""
-    classify.forget_handlers()  # another module in this process may have cached it already
-    before = classify.model_load_count()
-    handler = classify.get_handler(LITE0)
-    assert classify.model_load_count() == before + 1  # loaded eagerly
+    model_handler.forget_handlers()  # another module in this process may have cached it already
+    before = model_cache.model_load_count()
+    handler = model_handler.get_handler(LITE0)
+    assert model_cache.model_load_count() == before + 1  # loaded eagerly
     assert handler.run_inference([]) == []
     return handler
 
@@ -131,14 +136,14 @@ def weights_url(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
 
 def expected_predictions(
     model: torch.nn.Module, inputs: list[torch.Tensor], settings: Settings
-) -> list[classify.Prediction]:
+) -> list[model_handler.Prediction]:
     with torch.inference_mode():
         probs = model(torch.stack(inputs)).softmax(dim=1)
-    labels = classify.imagenet_labels()
-    return classify.to_predictions(probs, labels, settings.top_k, settings.min_confidence)
+    labels = specs.imagenet_labels()
+    return model_handler.to_predictions(probs, labels, settings.top_k, settings.min_confidence)
 
 
-def assert_same(got: classify.Prediction, want: classify.Prediction) -> None:
+def assert_same(got: model_handler.Prediction, want: model_handler.Prediction) -> None:
     assert got.status == want.status
     assert got.topk[0][:2] == want.topk[0][:2]
     np.testing.assert_allclose([p for *_, p in got.topk], [p for *_, p in want.topk], rtol=1e-4)
@@ -148,35 +153,35 @@ def assert_same(got: classify.Prediction, want: classify.Prediction) -> None:
 
 
 def test_parse_weights() -> None:
-    assert classify.parse_weights("") == classify.WeightsSource("default")
-    assert classify.parse_weights("IMAGENET1K_V1") == classify.WeightsSource(
+    assert specs.parse_weights("") == specs.WeightsSource("default")
+    assert specs.parse_weights("IMAGENET1K_V1") == specs.WeightsSource(
         "named", "IMAGENET1K_V1"
     )
-    assert classify.parse_weights("gs://b/m.pth").kind == "gcs"
-    assert classify.parse_weights("models/m.pth") == classify.WeightsSource("file", "models/m.pth")
-    assert classify.split_gs_uri("gs://bucket/a/b.pth") == ("bucket", "a/b.pth")
+    assert specs.parse_weights("gs://b/m.pth").kind == "gcs"
+    assert specs.parse_weights("models/m.pth") == specs.WeightsSource("file", "models/m.pth")
+    assert model_weights.split_gs_uri("gs://bucket/a/b.pth") == ("bucket", "a/b.pth")
     with pytest.raises(ValueError):
-        classify.split_gs_uri("gs://bucket")
+        model_weights.split_gs_uri("gs://bucket")
 
 
 def test_torch_threads() -> None:
-    assert classify.torch_threads({}, 8) == 8
-    assert classify.torch_threads({"SPARK_REUSE_WORKER": "1"}, 8) == 1
-    assert classify.torch_threads({"SPARK_REUSE_WORKER": "1"}, 8, task_cpus=2) == 2
-    assert classify.torch_threads({classify.THREADS_ENV: "3", "SPARK_REUSE_WORKER": "1"}, 8) == 3
+    assert model_handler.torch_threads({}, 8) == 8
+    assert model_handler.torch_threads({"SPARK_REUSE_WORKER": "1"}, 8) == 1
+    assert model_handler.torch_threads({"SPARK_REUSE_WORKER": "1"}, 8, task_cpus=2) == 2
+    assert model_handler.torch_threads({model_handler.THREADS_ENV: "3", "SPARK_REUSE_WORKER": "1"}, 8) == 3
 
 
 def test_to_predictions_orders_and_marks_low_confidence() -> None:
     probs = torch.tensor([[0.1, 0.7, 0.2], [0.4, 0.35, 0.25]])
-    confident, unsure = classify.to_predictions(probs, ["a", "b", "c"], 2, 0.5)
-    assert confident.status == classify.OK and confident.reason == ""
+    confident, unsure = model_handler.to_predictions(probs, ["a", "b", "c"], 2, 0.5)
+    assert confident.status == model_handler.OK and confident.reason == ""
     assert [(i, label) for i, label, _ in confident.topk] == [(1, "b"), (2, "c")]
-    assert unsure.status == classify.LOW_CONFIDENCE and "0.400" in unsure.reason
+    assert unsure.status == model_handler.LOW_CONFIDENCE and "0.400" in unsure.reason
     assert unsure.topk[0][:2] == (0, "a")
 
 
 def test_available_models() -> None:
-    names = classify.available_models()
+    names = specs.available_models()
     assert {"mobilenet_v2", "resnet50", "efficientnet_lite0"} <= set(names)
     assert "fasterrcnn_resnet50_fpn" not in names
 
@@ -186,7 +191,7 @@ def test_available_models() -> None:
 
 def test_real_photos_with_efficientnet_lite0(lite0, photos) -> None:
     chelsea, coffee, flower = lite0.run_inference(list(photos.values()))
-    assert chelsea.status == classify.OK and chelsea.topk[0][1] in CATS
+    assert chelsea.status == model_handler.OK and chelsea.topk[0][1] in CATS
     assert coffee.topk[0][1] in {"espresso", "cup"}
     assert flower.topk[0][1] == "daisy"
     for prediction in (chelsea, coffee, flower):
@@ -205,33 +210,33 @@ def test_bad_inputs_are_statuses_in_order(lite0, photos) -> None:
     ]
     got = lite0.run_inference(inputs)
     assert [p.status for p in got] == [
-        images.EMPTY, classify.OK, images.NOT_IMAGE, images.CORRUPT, images.TOO_LARGE, classify.OK
+        images.EMPTY, model_handler.OK, images.NOT_IMAGE, images.CORRUPT, images.TOO_LARGE, model_handler.OK
     ]  # fmt: skip
     assert all(p.topk == () and p.reason for p in got if p.status in DECODE_ERRORS)
     assert got[1].topk[0][1] in CATS and got[5].topk[0][1] == "daisy"
 
 
 def test_low_confidence_is_marked_not_dropped(photos) -> None:
-    handler = classify.get_handler(LITE0.replace(min_confidence=0.999))
+    handler = model_handler.get_handler(LITE0.replace(min_confidence=0.999))
     (prediction,) = handler.run_inference([photos["chelsea"]])
-    assert prediction.status == classify.LOW_CONFIDENCE
+    assert prediction.status == model_handler.LOW_CONFIDENCE
     assert prediction.topk[0][1] in CATS and "min_confidence" in prediction.reason
 
 
 def test_handler_is_cached_and_loads_once_per_process(lite0, photos) -> None:
-    assert classify.get_handler(LITE0) is lite0
-    before = classify.model_load_count()
+    assert model_handler.get_handler(LITE0) is lite0
+    before = model_cache.model_load_count()
     lite0.run_inference([photos["coffee"]])
     lite0.run_inference([photos["coffee"]])
-    assert classify.model_load_count() == before  # already loaded by the fixture
-    other = classify.get_handler(LITE0.replace(top_k=3))
+    assert model_cache.model_load_count() == before  # already loaded by the fixture
+    other = model_handler.get_handler(LITE0.replace(top_k=3))
     assert other is not lite0 and other.model.backbone is lite0.model.backbone
-    assert classify.model_load_count() == before  # another handler, the same base network
+    assert model_cache.model_load_count() == before  # another handler, the same base network
 
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # a forked child has loaded nothing yet
-        os.write(write, str(classify.model_load_count()).encode())
+        os.write(write, str(model_cache.model_load_count()).encode())
         os._exit(0)
     os.close(write)
     os.waitpid(pid, 0)
@@ -245,7 +250,7 @@ def test_handler_is_cached_and_loads_once_per_process(lite0, photos) -> None:
 def test_state_dict_file_matches_in_memory_model(random_mobilenet, photos) -> None:
     model, path = random_mobilenet
     settings = Settings(model="mobilenet_v2", weights=str(path), batch_size=2)
-    handler = classify.get_handler(settings)
+    handler = model_handler.get_handler(settings)
     good = [photos["chelsea"], photos["coffee"], photos["flower"]]
     got = handler.run_inference([good[0], b"", good[1], b"junk", good[2]])  # two forward passes
     want = expected_predictions(model, [handler.preprocess(d) for d in good], settings)
@@ -258,16 +263,16 @@ def test_state_dict_file_matches_in_memory_model(random_mobilenet, photos) -> No
 def test_bad_weights_are_one_sentence(tmp_path, random_mobilenet) -> None:
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
     for weights in (str(tmp_path / "missing.pth"), str(tmp_path / "r18.pth")):
-        handler = classify.TorchModelHandler(Settings(model="mobilenet_v2", weights=weights))
-        with pytest.raises(classify.ModelUnavailableError) as caught:
+        handler = model_handler.TorchModelHandler(Settings(model="mobilenet_v2", weights=weights))
+        with pytest.raises(specs.ModelUnavailableError) as caught:
             handler.load_model()
         assert "--model efficientnet_lite0" in str(caught.value) and "\n" not in str(caught.value)
-    with pytest.raises(classify.ModelUnavailableError, match="Unknown"):
-        classify.get_handler(Settings(model="no_such_net"))
+    with pytest.raises(specs.ModelUnavailableError, match="Unknown"):
+        model_handler.get_handler(Settings(model="no_such_net"))
     missing = Settings(model="mobilenet_v2", weights=str(tmp_path / "missing.pth"))
     for _ in range(2):  # fails at get_handler, and a failed load is not cached
-        with pytest.raises(classify.ModelUnavailableError, match="missing.pth"):
-            classify.get_handler(missing)
+        with pytest.raises(specs.ModelUnavailableError, match="missing.pth"):
+            model_handler.get_handler(missing)
 
 
 def test_gs_weights_match_in_memory_model(gcs_server, random_mobilenet, photos) -> None:
@@ -278,7 +283,7 @@ def test_gs_weights_match_in_memory_model(gcs_server, random_mobilenet, photos) 
     client.create_bucket("models").blob("mnv2/random.pth").upload_from_filename(str(path))
 
     settings = Settings(model="mobilenet_v2", weights="gs://models/mnv2/random.pth", top_k=3)
-    handler = classify.get_handler(settings)
+    handler = model_handler.get_handler(settings)
     (got,) = handler.run_inference([photos["coffee"]])
     (want,) = expected_predictions(model, [handler.preprocess(photos["coffee"])], settings)
     assert_same(got, want)
@@ -299,14 +304,14 @@ def test_default_weights_download_then_cache(tmp_path, monkeypatch, weights_url,
     threading.Thread(target=server.serve_forever, daemon=True).start()
     weights_url.append(f"http://127.0.0.1:{server.server_port}/mobilenet_v2-{digest}.pth")
     try:
-        downloaded = classify.TorchModelHandler(Settings(model="mobilenet_v2")).load_model()
+        downloaded = model_handler.TorchModelHandler(Settings(model="mobilenet_v2")).load_model()
     finally:
         server.shutdown()
         server.server_close()
     cached = tmp_path / "torch_home" / "hub" / "checkpoints" / f"mobilenet_v2-{digest}.pth"
     assert cached.exists()
-    classify.forget_handlers()  # the base is shared per process: load it afresh, from the cache
-    from_cache = classify.TorchModelHandler(Settings(model="mobilenet_v2")).load_model()
+    model_handler.forget_handlers()  # the base is shared per process: load it afresh, from the cache
+    from_cache = model_handler.TorchModelHandler(Settings(model="mobilenet_v2")).load_model()
     assert from_cache.backbone is not downloaded.backbone
     x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():  # split at the last Linear, the network computes the same
@@ -318,10 +323,10 @@ def test_default_weights_download_then_cache(tmp_path, monkeypatch, weights_url,
 def test_default_weights_unreachable_fails_fast(tmp_path, monkeypatch, weights_url) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty cache
     weights_url.append(f"http://127.0.0.1:{free_port()}/mobilenet_v2-7ebf99e0.pth")  # refused
-    classify.forget_handlers()  # a base another test loaded would be reused
-    handler = classify.TorchModelHandler(Settings(model="mobilenet_v2"))
+    model_handler.forget_handlers()  # a base another test loaded would be reused
+    handler = model_handler.TorchModelHandler(Settings(model="mobilenet_v2"))
     started = time.monotonic()
-    with pytest.raises(classify.ModelUnavailableError) as caught:
+    with pytest.raises(specs.ModelUnavailableError) as caught:
         handler.load_model()
     assert time.monotonic() - started < 10
     message = str(caught.value)
@@ -339,7 +344,7 @@ def classify_args(*argv: str) -> argparse.Namespace:
 def test_cli_json(tmp_path, photos, lite0, capsys) -> None:
     (tmp_path / "cat.jpg").write_bytes(photos["chelsea"])
     (tmp_path / "notes.txt").write_text("not an image")
-    code = classify.run_classify(classify_args(str(tmp_path), "--model", "efficientnet_lite0",
+    code = classify_cmd.run_classify(classify_args(str(tmp_path), "--model", "efficientnet_lite0",
                                                "--json"))  # fmt: skip
     assert code == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -354,8 +359,8 @@ def test_cli_table_and_failures(tmp_path, photos, lite0, capsys) -> None:
     (tmp_path / "coffee.jpg").write_bytes(photos["coffee"])
     args = classify_args(str(tmp_path / "coffee.jpg"), str(tmp_path / "gone.jpg"),
                          "--model", "efficientnet_lite0")  # fmt: skip
-    assert classify.run_classify(args) == 1  # one path could not be read
+    assert classify_cmd.run_classify(args) == 1  # one path could not be read
     out, err = capsys.readouterr()
     assert "espresso" in out and "gone.jpg" in err
-    assert classify.run_classify(classify_args(str(tmp_path), "--model", "no_such_net")) == 2
+    assert classify_cmd.run_classify(classify_args(str(tmp_path), "--model", "no_such_net")) == 2
     assert "efficientnet_lite0" in capsys.readouterr().err

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from deploy import cli as app_cli
-from pipeline import cli as job_cli
+from pipeline.commands import cli as job_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "torchvision", "pyspark", "pandas", "google.cloud.bigquery",

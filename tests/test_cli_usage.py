@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import cli as job_cli
-from pipeline import usage
+from pipeline.commands import cli as job_cli
+from pipeline.commands import usage
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "torchvision", "pyspark")

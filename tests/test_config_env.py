@@ -20,7 +20,7 @@ import pytest
 
 from pipeline import clients
 from pipeline.config import Settings
-from pipeline.source import PubSubOptions
+from pipeline.stream.source import PubSubOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("pipeline", "producer", "deploy")
@@ -256,7 +256,7 @@ def test_python_workers_run_this_interpreter_without_pyspark_python(tmp_path) ->
     names = ("PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON")
     code = ("import os\n"
             "from pyspark.sql.functions import udf\n"
-            "from pipeline.spark import session\n"
+            "from pipeline.stream.spark import session\n"
             f"s = session('local[1]', app='python-workers', log_file={str(tmp_path / 'spark.log')!r})\n"
             "exe = udf(lambda _: __import__('sys').executable)\n"
             "print(s.range(1).select(exe('id')).first()[0])\n"

@@ -12,7 +12,7 @@ from importlib import resources
 
 import pytest
 
-from pipeline import dashboard
+from pipeline.commands import dashboard
 from pipeline.config import Settings
 
 W = dashboard.Window(datetime(2024, 5, 6, 12, 0, tzinfo=UTC), datetime(2024, 5, 5, 12, 0, tzinfo=UTC))
@@ -34,7 +34,7 @@ def test_thumbnails_are_app_urls_with_the_name_encoded() -> None:
 
 
 def test_the_page_never_parses_row_text_as_html() -> None:
-    static = resources.files("pipeline.dashboard") / "static"
+    static = resources.files("pipeline.commands.dashboard") / "static"
     js = (static / "app.js").read_text()
     assert "innerHTML" not in js and "insertAdjacentHTML" not in js and "document.write" not in js
     html = (static / "index.html").read_text()
@@ -121,7 +121,8 @@ def _cards(browser) -> dict[str, dict]:
 @pytest.mark.spark
 def test_uploads_appear_with_names_labels_and_thumbnails_and_a_new_one_without_reload(
         spark, isolated, served) -> None:
-    from pipeline import clients, stream
+    from pipeline import clients
+    from pipeline.stream import job as stream
     from producer.datasets import discover, sample_dataset
     from tests.helpers.stream import rows_of, upload_samples, wait_rows
     from tests.helpers.wait import wait_until

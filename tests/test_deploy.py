@@ -27,7 +27,9 @@ from google.iam.v1 import policy_pb2
 
 from deploy import iam, provision
 from deploy.__main__ import main as deploy_main
-from pipeline import catalog, clients, sink
+from pipeline import clients
+from pipeline.bigquery import catalog, sinks
+from pipeline.bigquery import views as bigquery_views
 from pipeline.config import Settings
 from tests.helpers.scripts import ABSENT, CLUSTER_SHAPE, DATAPROC, FAKE_GCLOUD_DIR, ROOT, run_script
 
@@ -70,7 +72,7 @@ NEEDED = {
                                 "storage.objects.delete"},  # ... replacing a replayed batch's file
     (iam.JOB, "subscription"): {"pubsub.subscriptions.consume"},  # source: pull/ack/modack
     (iam.JOB, "alert_topic"): {"pubsub.topics.publish"},  # alerts.Alerter.publish
-    (iam.JOB, "dataset"): {"bigquery.tables.create", "bigquery.tables.updateData",  # sink._merge
+    (iam.JOB, "dataset"): {"bigquery.tables.create", "bigquery.tables.updateData",  # BigQuerySink._merge
                            "bigquery.tables.getData", "bigquery.tables.delete"},
     (iam.JOB, "project"): {"bigquery.jobs.create",  # load + MERGE + key lookup jobs
                            "dataproc.agents.create"},  # being a Dataproc VM
@@ -188,7 +190,7 @@ def vcpus(machine_type: str) -> int:
 def test_readme_tables_are_the_catalogs() -> None:
     text = README.read_text()
     assert provision.tables_row(Settings()) in text
-    assert f"table ×{len(catalog.table_layouts(Settings()))} |" in text
+    assert f"table ×{len(catalog.tables(Settings()))} |" in text
     assert "processed_at" not in text  # the old partitioning column
 
 
@@ -196,8 +198,8 @@ def test_readme_write_path_is_the_sinks_default() -> None:
     text = " ".join(README.read_text().split())
     default = Settings().sink_mode
     assert f"is `sink_mode` **`{default}`** by default" in text
-    assert default in sink.SINK_MODES
-    for other in set(sink.SINK_MODES) - {default}:
+    assert default in sinks.SINK_MODES
+    for other in set(sinks.SINK_MODES) - {default}:
         assert f"BUCKETLENS_SINK_MODE={other}" in text
 
 
@@ -253,15 +255,15 @@ def test_conditional_binding_edits_touch_only_their_own_condition() -> None:
     assert iam.without_member(once, "r", "sa:a", mine) == [plain, other]
 
 
-def test_table_layouts_partition_and_cluster_on_columns_their_schemas_have() -> None:
+def test_table_specs_key_partition_and_cluster_on_columns_their_schemas_have() -> None:
     s = Settings()
-    layouts = catalog.table_layouts(s)
+    specs = catalog.tables(s)
     assert {s.table_id, s.dead_letter_table_id, s.events_table_id,
-            catalog.embeddings_table_id(s)} == set(layouts)
-    for layout in layouts.values():
-        types = {f.name: f.field_type for f in catalog.load_schema(layout.schema)}
-        assert types.get(layout.partition_by) == "TIMESTAMP", layout
-        assert set(layout.cluster_by) <= set(types), layout
+            catalog.embeddings_table_id(s)} == set(specs)
+    for spec in [*specs.values(), catalog.EMBEDDED]:
+        types = {f.name: f.field_type for f in catalog.load_schema(spec.schema)}
+        assert types.get(spec.partition_by) == "TIMESTAMP", spec
+        assert set(spec.cluster_by) | set(spec.key) | {spec.order_by} <= set(types), spec
 
 
 def test_subscription_filter_admits_exactly_the_given_event_types() -> None:
@@ -441,7 +443,7 @@ class FakeBigQuery:
         if sql.startswith("DROP VIEW IF EXISTS"):
             self.tables.pop(sql.split("`")[1], None)
         else:
-            self.tables[sink.view_id(sql)] = bigquery.Table(sink.view_id(sql))
+            self.tables[bigquery_views.view_id(sql)] = bigquery.Table(bigquery_views.view_id(sql))
         return SimpleNamespace(result=lambda **kw: [])
 
 
@@ -1179,7 +1181,7 @@ def node(tmp_path) -> SimpleNamespace:
     for f in fakes.iterdir():
         f.chmod(0o755)
     # the image's pyspark (this test's real one) on Spark's python path; the smoke test imports
-    # the real torch too, as it does on a node (pipeline.stream loads the executor side)
+    # the real torch too, as it does on a node (pipeline.stream.job loads the executor side)
     import pyspark
     (spark_home / "python" / "pyspark").symlink_to(Path(pyspark.__file__).parent)
     (spark_home / "RELEASE").write_text(f"Spark {pyspark.__version__} built for Hadoop 3.4.1\n")

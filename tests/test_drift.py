@@ -10,8 +10,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from pipeline import alerts, classify, clients, drift
+from pipeline import alerts, clients
 from pipeline.config import Settings
+from pipeline.model import handler
 from producer.datasets import discover, sample_dataset
 from producer.replay import schedule
 from tests.helpers.drift import RULES, drifted_dataset
@@ -26,9 +27,9 @@ HALF = 80  # uploads before the change, and after it
 
 def predictions(items, settings: Settings) -> dict:
     """Each distinct photo classified once, in-process, with the stack's (offline) model."""
-    handler = classify.get_handler(settings)
+    model = handler.get_handler(settings)
     paths = sorted({i.path for i in items})
-    return dict(zip(paths, handler.run_inference([p.read_bytes() for p in paths]), strict=True))
+    return dict(zip(paths, model.run_inference([p.read_bytes() for p in paths]), strict=True))
 
 
 def replay_rows(halves, seed: int, t0: datetime, seen: dict, bucket: str) -> list[dict]:
@@ -68,7 +69,7 @@ def test_a_drifting_replay_alerts_within_3_windows_and_clean_replays_do_not(isol
         # each replay against its own second window (its first is partial)
         s = isolated.replace(drift_window=str(WINDOW),
                              drift_baseline=(t0 + timedelta(seconds=WINDOW)).isoformat())
-        windows = drift.judge(s, bq, t0 - timedelta(seconds=WINDOW), t0 + timedelta(minutes=1))
+        windows = alerts.judge(s, bq, t0 - timedelta(seconds=WINDOW), t0 + timedelta(minutes=1))
         assert len(windows) == 2 * HALF // (RATE * WINDOW) + 1, windows  # 8 whole, 2 partial
         alerter = alerts.Alerter(s, rules)
         alerter.after_windows(windows)

@@ -22,8 +22,13 @@ from PIL import Image
 from sqlglot import exp
 
 from deploy import provision
-from pipeline import backfill as bf
-from pipeline import catalog, cli, clients, report, similar, sink
+from pipeline import clients
+from pipeline.bigquery import catalog, sinks
+from pipeline.bigquery import rows as bigquery_rows
+from pipeline.bigquery import sql as bigquery_sql
+from pipeline.bigquery import views as bigquery_views
+from pipeline.commands import backfill as bf
+from pipeline.commands import cli, report, similar
 from pipeline.config import Settings
 from pipeline.errors import UserError
 from pipeline.labels import IMAGENET, ModelInfo
@@ -48,9 +53,9 @@ def note(name: str = "a/cat/x.jpg") -> Notification:
 
 
 def test_embedding_record_shares_its_prediction_rows_key_partition_and_batch() -> None:
-    row = sink.build_row(note(), status="ok", model=MODEL, topk=[(1, "goldfish", 0.9)],
+    row = bigquery_rows.build_row(note(), status="ok", model=MODEL, topk=[(1, "goldfish", 0.9)],
                          batch_id=3)
-    rec = sink.embedding_record(row, np.float32([0.6, 0.8]), MODEL)
+    rec = bigquery_rows.embedding_record(row, np.float32([0.6, 0.8]), MODEL)
     assert rec == {"bucket": "b", "name": "a/cat/x.jpg", "generation": 7, "model_version": VERSION,
                    "model": "efficientnet_lite0", "dimensions": 2,
                    "embedding": [pytest.approx(0.6), pytest.approx(0.8)],
@@ -58,7 +63,7 @@ def test_embedding_record_shares_its_prediction_rows_key_partition_and_batch() -
                    "message_id": "m1", "batch_id": 3}
     assert all(type(v) is float for v in rec["embedding"])  # JSON- and Arrow-ready
     assert {f["name"] for f in catalog.schema_json("embeddings")} == set(rec)
-    from pipeline.bqwrite import record_batch
+    from pipeline.bigquery.bqwrite import record_batch
 
     batch = record_batch([rec], catalog.schema_json("embeddings"))
     assert batch.column("embedding").to_pylist() == [rec["embedding"]]
@@ -66,26 +71,28 @@ def test_embedding_record_shares_its_prediction_rows_key_partition_and_batch() -
 
 def test_embedding_rows_go_in_appends_under_the_request_limit() -> None:
     big = [{"k": i, "embedding": [0.0] * 1280} for i in range(2000)]
-    parts = sink.byte_parts(big)
+    parts = bigquery_rows.byte_parts(big)
     assert [r for p in parts for r in p] == big and len(parts) > 1
-    assert all(sum(sink._row_bytes(r) for r in p) <= sink.APPEND_BYTES for p in parts)
-    small = [sink.build_row(note(f"x/{i}.jpg"), status="ok") for i in range(1000)]
-    assert len(sink.byte_parts(small)) == 1  # predictions: one append per batch, as before
+    assert all(sum(bigquery_rows._row_bytes(r) for r in p) <= bigquery_rows.APPEND_BYTES for p in parts)
+    small = [bigquery_rows.build_row(note(f"x/{i}.jpg"), status="ok") for i in range(1000)]
+    assert len(bigquery_rows.byte_parts(small)) == 1  # predictions: one append per batch, as before
 
 
 def test_embeddings_table_is_keyed_partitioned_and_clustered_like_predictions() -> None:
     s = Settings()
-    layout = catalog.table_layouts(s)[catalog.embeddings_table_id(s)]
-    assert layout.partition_by == sink.EMBEDDINGS.partition_by == "object_created"
-    assert layout.cluster_by == sink.EMBEDDINGS.key == (*sink.PREDICTION_KEY, "model_version")
+    spec = catalog.tables(s)[catalog.embeddings_table_id(s)]
+    assert spec is catalog.EMBEDDINGS
+    assert spec.partition_by == catalog.PREDICTIONS.partition_by == "object_created"
+    assert spec.cluster_by == spec.key == (*catalog.PREDICTION_KEY, "model_version")
 
 
 def test_console_and_jsonl_sinks_take_embeddings() -> None:
     out = io.StringIO()
-    rec = sink.embedding_record(sink.build_row(note(), status="ok", batch_id=1), [1.0], MODEL)
-    assert sink.ConsoleSink(stream=out).write_embeddings([rec], 1) == 1
+    row = bigquery_rows.build_row(note(), status="ok", batch_id=1)
+    rec = bigquery_rows.embedding_record(row, [1.0], MODEL)
+    assert sinks.ConsoleSink(stream=out).write_embeddings([rec], 1) == 1
     assert json.loads(out.getvalue())["kind"] == "embedding"
-    assert sink.JsonLinesSink(Settings(bucket="b")).object_name(4, "embeddings") == \
+    assert sinks.JsonLinesSink(Settings(bucket="b")).object_name(4, "embeddings") == \
         "_bucketlens/predictions/embeddings/batch-4.jsonl"
 
 
@@ -185,7 +192,7 @@ def test_cli_flags() -> None:
     assert parser.parse_args(["backfill", "--bucket", "b", "--embeddings"]).embeddings is True
     args = parser.parse_args(["similar", "gs://b/x.jpg", "--k", "3", "--json"])
     assert (args.uri, args.k, args.json, args.sql) == ("gs://b/x.jpg", 3, True, "auto")
-    assert args.func.target == "pipeline.similar:run_similar"
+    assert args.func.target == "pipeline.commands.similar:run_similar"
     with pytest.raises(SystemExit):
         parser.parse_args(["similar", "gs://b/x.jpg", "--k", "0"])
 
@@ -335,7 +342,7 @@ def test_sql_knn_equals_numpy_and_vector_search_form_agrees(collection: Collecti
 
 
 def query_with(client: bigquery.Client, sql: str, params: list) -> list[dict]:
-    _, rows = sink.run_query(client, sql, bigquery.QueryJobConfig(query_parameters=params))
+    _, rows = bigquery_sql.run_query(client, sql, bigquery.QueryJobConfig(query_parameters=params))
     return [dict(r.items()) for r in rows]
 
 
@@ -401,7 +408,7 @@ def test_similar_says_why_in_one_sentence(collection: Collection) -> None:
     # another model version, of another size, for one object
     row = query(s, f"SELECT * FROM `{s.table_id}` WHERE name = '{DUP}'")[0]
     tiny = ModelInfo("tiny", "tiny-v1", IMAGENET)
-    sink.BigQuerySink(s).write_embeddings([sink.embedding_record(row, [1.0, 0.0, 0.0], tiny)], 9)
+    sinks.BigQuerySink(s).write_embeddings([bigquery_rows.embedding_record(row, [1.0, 0.0, 0.0], tiny)], 9)
     with pytest.raises(UserError, match=r"has 1280 dimensions but model version tiny-v1's have 3: "
                                         "embeddings of different sizes cannot be compared"):
         similar.find_target(client, s, f"gs://{s.bucket}/{CAT}", "tiny-v1")
@@ -420,10 +427,10 @@ def test_report_without_an_embeddings_table_leaves_the_map_out(stack, tmp_path: 
     s = stack.settings(Settings()).replace(dataset=f"old_{uuid.uuid4().hex[:8]}")
     client = clients.bigquery_client(s)
     client.create_dataset(bigquery.Dataset(f"{s.project}.{s.dataset}"))
-    for table_id, layout in catalog.table_layouts(s).items():
+    for table_id, spec in catalog.tables(s).items():
         if table_id != catalog.embeddings_table_id(s):
-            client.create_table(bigquery.Table(table_id, schema=catalog.load_schema(layout.schema)))
-    created = {v.rsplit(".", 1)[1] for v in sink.create_views(s, client)}
+            client.create_table(bigquery.Table(table_id, schema=catalog.load_schema(spec.schema)))
+    created = {v.rsplit(".", 1)[1] for v in bigquery_views.create_views(s, client)}
     assert "latest_predictions" in created and not created & {
         "distinct_embeddings", "latest_embeddings", "near_duplicates"}
     for k, v in s.as_env().items():
@@ -442,8 +449,8 @@ def test_report_without_an_embeddings_table_leaves_the_map_out(stack, tmp_path: 
 @pytest.mark.integration
 @pytest.mark.spark
 def test_stream_batch_writes_each_embedding_once(spark, isolated: Settings) -> None:
-    from pipeline import stream
-    from pipeline.source import SCHEMA
+    from pipeline.stream import job as stream
+    from pipeline.stream.source import SCHEMA
 
     s = isolated.replace(embeddings=True)
     bucket = clients.storage_client(s).bucket(s.bucket)

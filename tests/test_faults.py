@@ -18,23 +18,26 @@ from pathlib import Path
 
 import pytest
 
+from deploy.localstack import free_port
 from pipeline import clients
 from pipeline.config import Settings
 from producer.datasets import discover, sample_dataset
 from producer.replay import replay
 from tests.helpers.faultproxy import sometimes, start_proxy, stop_proxy
 from tests.helpers.tables import counts
+from tests.helpers.wait import read_through
 
 pytestmark = [pytest.mark.integration, pytest.mark.spark]
 ROOT = Path(__file__).resolve().parent.parent
 
 
 class Pipeline:
-    """`python -m pipeline.cli run` as a child process, with its own log."""
+    """`python -m pipeline.commands.cli run` as a child process, with its own log."""
 
     def __init__(self, settings: Settings, log: Path, **env: str) -> None:
+        self.port = free_port()  # its Prometheus endpoint: what it has read, batch by batch
         self.env = {**os.environ, **settings.as_env(), "PYTHONPATH": str(ROOT),
-                    "BUCKETLENS_TRIGGER_SECONDS": "1",
+                    "BUCKETLENS_TRIGGER_SECONDS": "1", "BUCKETLENS_METRICS_PORT": str(self.port),
                     "BUCKETLENS_MAX_MESSAGES_PER_BATCH": "40", **env}
         self.log = log
         self.proc: subprocess.Popen | None = None
@@ -42,7 +45,7 @@ class Pipeline:
     def start(self) -> None:
         with open(self.log, "ab") as fh:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.cli", "run"], env=self.env, cwd=ROOT,
+                [sys.executable, "-m", "pipeline.commands.cli", "run"], env=self.env, cwd=ROOT,
                 stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True)
 
@@ -113,6 +116,7 @@ def test_sigkill_three_times_during_300_uploads_gives_exactly_300_rows(isolated,
         for threshold in (40, 110, 180):
             wait_for(isolated, pipe, threshold, 240)
             pipe.kill()  # a crash: no stop(), no nack, a batch possibly half done
+            written = counts(isolated)[0]  # what the last run must read at least: the rest
             pipe.start()
         producer.join(120)
         assert uploads["s"].uploaded == 300 and uploads["s"].failed == 0
@@ -125,7 +129,9 @@ def test_sigkill_three_times_during_300_uploads_gives_exactly_300_rows(isolated,
             missing = {name for name, _ in uploads["s"].objects} - have
             raise AssertionError(f"no row for {len(missing)} uploads: "
                                  f"{whereabouts(isolated, missing)}\n{pipe.tail()}") from None
-        time.sleep(5)  # a duplicate, if any, would land within a batch or two
+        # the batches in which the last run read every notification not yet written have
+        # committed: a duplicate among them would be in the table now
+        read_through(pipe.port, 300 - written)
     finally:
         pipe.kill(signal.SIGTERM)
     rows, keys, errors = counts(isolated)
@@ -149,7 +155,7 @@ def test_ten_percent_503s_on_gcs_and_bigquery_lose_and_duplicate_nothing(stack, 
         assert summary.uploaded == 60
         pipe.start()
         wait_for(isolated, pipe, 60, 300)
-        time.sleep(5)
+        read_through(pipe.port, 60)  # the batches that read all 60 committed: no late row
         # A graceful stop: the query stops and hands back what it holds; no Py4J tracebacks.
         assert pipe.terminate() == 0, pipe.tail()
         log = pipe.log.read_text(errors="replace")

@@ -11,10 +11,11 @@ import requests
 from google.api_core import exceptions as api_exceptions
 from tenacity import stop_after_attempt, wait_none
 
-from pipeline import clients, fetch, retry
+from pipeline import clients, retry
 from pipeline.config import Settings
-from pipeline.fetch import Fetched, fetch_all
 from pipeline.notifications import ObjectKey
+from pipeline.stream import fetch
+from pipeline.stream.fetch import Fetched, fetch_all
 from tests.helpers.faultproxy import Fault, FaultyProxy, every_other, start_proxy, stop_proxy
 from tests.helpers.hostile_images import gzip_expanding
 
@@ -94,7 +95,7 @@ def test_budget_chunks_bound_count_and_bytes(sizes, max_count, budget, groups) -
 def test_stream_chunks_hold_at_most_the_byte_budget() -> None:
     import pandas as pd
 
-    from pipeline import executor
+    from pipeline.stream import executor
 
     frame = pd.DataFrame({"bucket": ["b"] * 10, "name": [f"n{i}" for i in range(10)],
                           "generation": range(1, 11), "size": [30 * MiB] * 9 + [None]})

@@ -1,7 +1,7 @@
 """Hostile input, one row per case: messages, names and images that once killed a batch, a
 command or a worker. Adding a case is adding a line to a table.
 
-Notifications go through ``stream.triage`` and the sink's row builders (everything the driver
+Notifications go through ``pipeline.stream.triage`` and the sink's row builders (everything the driver
 does before the sink itself); names through ``Settings.validated`` and the real command lines;
 images through ``images.load`` and the real ``bucketlens classify``.
 """
@@ -26,10 +26,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import bundles, display, images, report, similar, stream
+from pipeline import display
+from pipeline.bigquery.catalog import EVENT_KEY
+from pipeline.bigquery.rows import build_row, dead_letter_record, event_record, to_ndjson
+from pipeline.commands import report, similar
 from pipeline.config import Settings
+from pipeline.model import bundles, images
 from pipeline.names import InvalidName, InvalidSetting, printable
-from pipeline.sink import EVENT_KEY, build_row, dead_letter_record, event_record, to_ndjson
+from pipeline.stream.triage import Triage, triage
 from tests.helpers import hostile_images as hi
 from tests.helpers.hostile import BUCKET, NOTIFICATIONS
 from tests.helpers.views import T0
@@ -37,7 +41,7 @@ from tests.helpers.views import T0
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def outcomes(t: stream.Triage, rows: list[tuple]) -> list[str]:
+def outcomes(t: Triage, rows: list[tuple]) -> list[str]:
     dead = {id(r): f"dead: {why}" for r, why in t.dead_letters}
     ignored = {n.message_id: f"ignored: {why}" for n, why in t.ignored}
     events = {n.message_id: f"event: {n.event_type}" for n in t.events}
@@ -50,7 +54,7 @@ def outcomes(t: stream.Triage, rows: list[tuple]) -> list[str]:
                          ids=[c[0] for c in NOTIFICATIONS])
 def test_hostile_notification(case: str, rows: list[tuple], expected: list[str]) -> None:
     rows = [(f"{case}#{i}", *r[1:]) for i, r in enumerate(rows)]  # distinct message ids
-    t = stream.triage(rows, Settings(bucket=BUCKET))  # must not raise, whatever the message
+    t = triage(rows, Settings(bucket=BUCKET))  # must not raise, whatever the message
     got = outcomes(t, rows)
     assert [g.split(":")[0] for g in got] == [e.split(":")[0] for e in expected], got
     for g, e in zip(got, expected, strict=True):
@@ -74,7 +78,7 @@ def _dead_letters(cases=NOTIFICATIONS) -> list[dict]:
     records = []
     for case, rows, _ in cases:
         rows = [(f"{case}#{i}", *r[1:]) for i, r in enumerate(rows)]
-        t = stream.triage(rows, Settings(bucket=BUCKET))
+        t = triage(rows, Settings(bucket=BUCKET))
         records += [dead_letter_record(r[0], why, r[2], r[3], r[1], 0) for r, why in t.dead_letters]
     return records
 
@@ -83,7 +87,7 @@ def test_every_hostile_dead_letter_keeps_a_bounded_part_of_its_message() -> None
     import base64
     import hashlib
 
-    from pipeline.sink import DEAD_LETTER_DATA_BYTES
+    from pipeline.bigquery.rows import DEAD_LETTER_DATA_BYTES
 
     by_id = {f"{c}#{i}": r for c, rows, _ in NOTIFICATIONS for i, r in enumerate(rows)}
     records = _dead_letters()
@@ -128,7 +132,7 @@ APPENDS: list[tuple[str, str, object]] = [
 def test_hostile_rows_make_append_requests_under_10_mb(case, schema, make) -> None:
     from google.cloud.bigquery_storage_v1 import types
 
-    from pipeline import bqwrite, catalog
+    from pipeline.bigquery import bqwrite, catalog
 
     rows = make()
     batch = bqwrite.record_batch(rows, catalog.schema_json(schema))
@@ -151,16 +155,16 @@ EXTREME_TIMES: list[tuple[str, object]] = [
 
 @pytest.mark.parametrize(("case", "when"), EXTREME_TIMES, ids=[c[0] for c in EXTREME_TIMES])
 def test_the_sinks_partition_arithmetic_holds_any_time(case, when) -> None:
-    from pipeline import sink
+    from pipeline.bigquery import catalog, sql
 
-    days = sink.partition_days([when])
-    bound = sink.partition_filter("object_created", days)
+    days = sql.partition_days([when])
+    bound = sql.partition_filter("object_created", days)
     literals = re.findall(r"TIMESTAMP '([^']*)'", bound)
     assert literals and all(re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}\+00", lit)
                             for lit in literals), bound
     assert literals[0].startswith(when[:10])
-    for spec in (sink.PREDICTIONS, sink.DEAD_LETTERS):
-        assert sink.row_bound(spec, [{spec.partition_by: when}])
+    for spec in (catalog.PREDICTIONS, catalog.DEAD_LETTERS):
+        assert sql.row_bound(spec, [{spec.partition_by: when}])
 
 
 # (case, message size, how many wait in the subscription): the source's buffer holds at most
@@ -174,7 +178,7 @@ BUFFER_BYTES = 2 * 1024 * 1024
 
 @pytest.mark.parametrize(("case", "size", "count"), FLOODS, ids=[c[0] for c in FLOODS])
 def test_the_source_buffer_is_bounded_in_bytes(case, size, count) -> None:
-    from pipeline.source import Leaser, PubSubOptions, Puller
+    from pipeline.stream.source import Leaser, PubSubOptions, Puller
     from tests.helpers.wait import wait_until
 
     client = FakeSubscriber(size, count)
@@ -339,9 +343,10 @@ def test_valid_operator_inputs_pass(settings: Settings) -> None:
 
 
 def test_the_choices_are_the_sinks_own() -> None:
-    from pipeline import names, sink
+    from pipeline import names
+    from pipeline.bigquery import sinks
 
-    assert names.CHOICES["sink"] == tuple(sink.SINKS) and names.CHOICES["sink_mode"] == sink.SINK_MODES
+    assert names.CHOICES["sink"] == tuple(sinks.SINKS) and names.CHOICES["sink_mode"] == sinks.SINK_MODES
 
 
 def test_the_iam_condition_never_takes_a_quote_even_from_a_derived_uri() -> None:
@@ -385,11 +390,11 @@ def test_deploy_refuses_hostile_operator_input_in_one_line_without_network(
 def test_bucketlens_refuses_hostile_operator_input_before_a_model_or_socket(
         argv, env, monkeypatch, capsys) -> None:
     from deploy.cli import main
-    from pipeline import classify
+    from pipeline.model.handler import TorchModelHandler
 
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    monkeypatch.setattr(classify, "get_handler", lambda s: pytest.fail("model loaded"))
+    monkeypatch.setattr(TorchModelHandler, "load_model", lambda self: pytest.fail("model loaded"))
     monkeypatch.setattr(socket.socket, "connect", lambda *a: pytest.fail("network call"))
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -467,11 +472,11 @@ JOB_COMMANDS: list[tuple[list[str], dict[str, str]]] = [
 def test_bucketlens_command_with_a_hostile_name_is_one_line_and_no_network(
         argv, env, monkeypatch, capsys) -> None:
     from deploy.cli import main
-    from pipeline import classify
+    from pipeline.model.handler import TorchModelHandler
 
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    monkeypatch.setattr(classify, "get_handler", lambda s: pytest.fail("model loaded"))
+    monkeypatch.setattr(TorchModelHandler, "load_model", lambda self: pytest.fail("model loaded"))
     monkeypatch.setattr(socket.socket, "connect", lambda *a: pytest.fail("network call"))
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -736,7 +741,7 @@ def test_report_on_hostile_labels_writes_every_file_plain_labels_do(
     """`bucketlens report` against bqemulator, on a table whose true labels, model name and
     model labels are LABELS, and on one with plain labels: the same files, nothing raw printed."""
     from deploy import provision
-    from pipeline import cli
+    from pipeline.commands import cli
     from tests.helpers.views import load
 
     plain = isolated.replace(dataset=f"{isolated.dataset}_plain")
@@ -774,10 +779,10 @@ FILE_NAMES: list[tuple[str, str]] = [
 @pytest.mark.parametrize(("case", "name"), FILE_NAMES, ids=[c[0] for c in FILE_NAMES])
 def test_hostile_file_name_in_the_classify_table(case: str, name: str, monkeypatch,
                                                  capsys) -> None:
-    from pipeline import classify
+    from pipeline.commands import classify as classify_cmd
 
     monkeypatch.setenv("COLUMNS", "1000")
-    classify._print_table([{"path": f"/in/{name}", "status": "ok", "top1_label": name,
+    classify_cmd._print_table([{"path": f"/in/{name}", "status": "ok", "top1_label": name,
                             "top1_prob": 0.9, "top5": [(name, 0.9), (name, 0.05)],
                             "reason": None}])
     out = capsys.readouterr().out
@@ -799,7 +804,7 @@ PREFIXES: list[tuple[str, str]] = [
 @pytest.mark.parametrize(("case", "prefix"), PREFIXES, ids=[c[0] for c in PREFIXES])
 def test_hostile_backfill_prefix_is_shown_literally(case: str, prefix: str, monkeypatch,
                                                     capsys) -> None:
-    from pipeline import backfill
+    from pipeline.commands import backfill
 
     monkeypatch.setenv("COLUMNS", "1000")
     with backfill._progress(f"backfill gs://b/{prefix}", enabled=True) as show:
@@ -931,7 +936,7 @@ BUNDLES: list[tuple[str, object, str]] = [
 @pytest.mark.parametrize(("case", "tamper", "says"), BUNDLES, ids=[c[0] for c in BUNDLES])
 def test_tampered_bundle_is_refused_in_one_sentence(case, tamper, says, tmp_path: Path,
                                                     monkeypatch, capsys) -> None:
-    from pipeline import cli
+    from pipeline.commands import cli
     from tests.test_bundles import make_bundle
 
     location, elsewhere = tmp_path / "m", tmp_path / "elsewhere"

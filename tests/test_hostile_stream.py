@@ -21,11 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import clients, stream
+from pipeline import clients
 from pipeline.config import Settings
+from pipeline.stream import job as stream
 from tests.helpers.hostile import ATTRS, BUCKET, NOTIFICATIONS
 from tests.helpers.hostile_images import STREAM_UPLOADS
-from tests.helpers.stream import keys, publish, rows_of, upload_samples, wait_rows
+from tests.helpers.stream import drained, keys, publish, rows_of, upload_samples, wait_rows
 
 pytestmark = [pytest.mark.integration, pytest.mark.spark]
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,7 +108,7 @@ def test_hostile_input_among_real_uploads(zone: str, request: pytest.FixtureRequ
         dead = wait_rows(settings, len(expected_dead), query, table=settings.dead_letter_table)
         rows = wait_rows(settings, total, query)
         events = wait_rows(settings, 3, query, table=settings.events_table)
-        time.sleep(4)  # a wrong extra row would land in the next batch or two
+        drained(query, len(messages) + len(uploaded) + len(hostile_objects))  # no late row
         rows, dead = rows_of(settings), rows_of(settings, settings.dead_letter_table)
         events = rows_of(settings, settings.events_table)
 

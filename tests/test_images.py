@@ -13,7 +13,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from pipeline import images
+from pipeline.model import images
 from tests.helpers.hostile_images import (
     chunk_flood_png,
     extension_flood_gif,
@@ -297,7 +297,7 @@ def test_structure_walks_pass_what_encoders_write() -> None:
 
 
 class TickingClock:
-    """``time`` for pipeline.images whose thread CPU clock moves 10 ms at every look."""
+    """``time`` for pipeline.model.images whose thread CPU clock moves 10 ms at every look."""
 
     def __init__(self) -> None:
         self.now = 0.0

@@ -10,7 +10,7 @@ import pytest
 
 from deploy import localstack, provision
 from pipeline import clients
-from pipeline.catalog import table_layouts
+from pipeline.bigquery.catalog import tables
 from pipeline.config import Settings
 
 
@@ -41,7 +41,7 @@ def test_provisioning_twice_changes_nothing(isolated: Settings) -> None:
     assert {a.verb for a in provision.plan(isolated)} == {"exists", "skip"}
     kinds = sorted(a.kind for a in second if a.verb == "exists")
     assert kinds == sorted(["bucket", "topic", "topic", "subscription", "subscription",
-                            "dataset", *["table"] * len(table_layouts(isolated)), "views"])
+                            "dataset", *["table"] * len(tables(isolated)), "views"])
     assert {a.kind for a in second if a.verb == "skip"} == {"service-account", "iam", "notification"}
 
 

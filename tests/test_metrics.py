@@ -14,10 +14,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline import metrics
 from pipeline.batches import BatchReport
+from pipeline.bigquery.rows import build_row
 from pipeline.notifications import Notification, ObjectKey
-from pipeline.sink import build_row
+from pipeline.stream import metrics
 
 T0 = datetime(2024, 5, 6, 7, 0, tzinfo=UTC)
 

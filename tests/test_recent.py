@@ -11,11 +11,11 @@ from datetime import UTC, datetime
 
 import pandas as pd
 
-from pipeline import executor
 from pipeline.config import Settings
 from pipeline.notifications import Notification, ObjectKey
-from pipeline.recent import Recent
-from pipeline.triage import triage
+from pipeline.stream import executor
+from pipeline.stream.recent import Recent
+from pipeline.stream.triage import triage
 from tests.helpers.hostile import BUCKET, NOTIFICATIONS, msg
 
 

@@ -30,9 +30,11 @@ from pathlib import Path
 
 import pytest
 
+from deploy.localstack import free_port
 from pipeline.config import Settings
 from tests.helpers.stream import upload_samples
 from tests.helpers.tables import counts
+from tests.helpers.wait import read_through
 
 pytestmark = [pytest.mark.integration, pytest.mark.spark, pytest.mark.rehearsal]
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,7 +139,10 @@ def why(log: Path) -> str:
 
 def run_until_rows(cmd: list[str], env: dict[str, str], cwd: Path, settings: Settings, n: int,
                    log: Path, timeout: float = 420) -> tuple[int, int, int]:
-    """Start the job, upload ``n`` samples, wait for ``n`` rows (or the job's death), stop it."""
+    """Start the job, upload ``n`` samples, wait for ``n`` rows (or the job's death) and for
+    the job to have read all ``n`` notifications (its Prometheus endpoint), stop it."""
+    port = free_port()
+    env = {**env, "BUCKETLENS_METRICS_PORT": str(port)}
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
@@ -148,7 +153,7 @@ def run_until_rows(cmd: list[str], env: dict[str, str], cwd: Path, settings: Set
         while time.monotonic() < deadline and proc.poll() is None:
             got = counts(settings)
             if got[0] >= n:
-                time.sleep(3)  # a duplicate would land now, if there were one
+                read_through(port, n)  # the batches that read them committed: no late row
                 return counts(settings)
             time.sleep(2)
         state = "still running" if proc.poll() is None else f"exited {proc.returncode}"

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import cli, clients, display, report
+from pipeline import clients, display
+from pipeline.commands import cli, report
 from pipeline.config import Settings
 from tests.helpers.views import T0, load, model_rows, quality_rows, select, timing_rows
 

@@ -11,7 +11,11 @@ from datetime import UTC, date, datetime, timedelta, timezone
 import pytest
 from google.api_core import exceptions as api_exceptions
 
-from pipeline import clients, retry, sink
+from pipeline import clients, config, retry
+from pipeline.bigquery import catalog, sinks
+from pipeline.bigquery import rows as bigquery_rows
+from pipeline.bigquery import sql as bigquery_sql
+from pipeline.bigquery import views as bigquery_views
 from pipeline.config import Settings
 from pipeline.labels import ModelInfo
 from pipeline.notifications import Notification, ObjectKey, PoisonMessage, parse
@@ -25,7 +29,7 @@ def note(name: str = "flowers/daisy/1.jpg", generation: int = 7, bucket: str = "
 
 
 def rows_for(settings: Settings, *keys: tuple[str, int], status: str = "ok") -> list[dict]:
-    return [sink.build_row(note(name, gen, settings.bucket), status=status, processed_at=T0)
+    return [bigquery_rows.build_row(note(name, gen, settings.bucket), status=status, processed_at=T0)
             for name, gen in keys]
 
 
@@ -38,7 +42,7 @@ def test_build_row_fields_top1_and_timestamps() -> None:
               json.dumps({"size": "1234", "contentType": "image/jpeg"}).encode(),
               publish_time=datetime(2024, 5, 6, 9, 0, tzinfo=timezone(timedelta(hours=2))))
     topk = [(985, "daisy", 0.75), (309, "bee", 0.125)]
-    row = sink.build_row(n, status="ok", model="m", topk=topk, batch_id=3, processed_at=T0)
+    row = bigquery_rows.build_row(n, status="ok", model="m", topk=topk, batch_id=3, processed_at=T0)
     assert row == {
         "bucket": "b", "name": "flowers/daisy/1.jpg", "generation": 42, "status": "ok",
         "reason": None, "true_label": "daisy", "model": "m", "model_version": None,
@@ -60,13 +64,13 @@ def test_build_row_records_the_model_and_the_own_label_the_true_label_names() ->
     info = ModelInfo("flowers", "3f9c2a1b7d4e", "own", ("Daisy", "acoustic guitar", "tulip"))
     for name, own in [("f/daisy/1.jpg", "Daisy"), ("f/Acoustic__Guitar/2.jpg", "acoustic guitar"),
                       ("f/rose/3.jpg", None), ("loose.jpg", None)]:
-        row = sink.build_row(note(name), status="ok", model=info)
+        row = bigquery_rows.build_row(note(name), status="ok", model=info)
         assert (row["model"], row["model_version"], row["label_set"]) == ("flowers", "3f9c2a1b7d4e", "own")
         assert row["true_model_label"] == own, name
 
 
 def test_build_row_without_prediction_has_reason_and_no_top1() -> None:
-    row = sink.build_row(note("loose.jpg"), status="gone", reason="overwritten")
+    row = bigquery_rows.build_row(note("loose.jpg"), status="gone", reason="overwritten")
     assert (row["status"], row["reason"], row["true_label"]) == ("gone", "overwritten", None)
     assert row["top1_class_id"] is row["top1_label"] is row["top1_prob"] is None
     assert row["top5"] == [] and row["message_id"] is None
@@ -78,24 +82,24 @@ def test_build_row_accepts_numpy_like_numbers() -> None:
     class Num(float):  # what a numpy scalar looks like to json: not a plain float
         pass
 
-    row = sink.build_row(note(), status="ok", topk=[(Num(3.0), "x", Num(0.5))])  # type: ignore[list-item]
+    row = bigquery_rows.build_row(note(), status="ok", topk=[(Num(3.0), "x", Num(0.5))])  # type: ignore[list-item]
     assert type(row["top1_class_id"]) is int and type(row["top1_prob"]) is float
 
 
 def test_dead_letter_record() -> None:
-    rec = sink.dead_letter_record("m1", "not JSON", {"b": "2", "a": "1"}, b"\xff\x00", T0, 5,
+    rec = bigquery_rows.dead_letter_record("m1", "not JSON", {"b": "2", "a": "1"}, b"\xff\x00", T0, 5,
                                   recorded_at=T0)
     assert rec == {"message_id": "m1", "reason": "not JSON", "attributes": '{"a": "1", "b": "2"}',
                    "data": base64.b64encode(b"\xff\x00").decode(), "batch_id": 5,
                    "data_bytes": 2, "data_sha256": hashlib.sha256(b"\xff\x00").hexdigest(),
                    "publish_time": "2024-05-06T07:08:09.123456+00:00",
                    "recorded_at": "2024-05-06T07:08:09.123456+00:00"}
-    assert sink.dead_letter_record("m", "r", {}, None, None, None)["data"] is None
+    assert bigquery_rows.dead_letter_record("m", "r", {}, None, None, None)["data"] is None
 
 
 def test_merge_sql_is_insert_only_with_explicit_columns() -> None:
-    sql = sink.merge_sql("p.d.t", "p.d._s", ["bucket", "name", "generation", "status"],
-                         sink.PREDICTION_KEY, "processed_at")
+    sql = bigquery_sql.merge_sql("p.d.t", "p.d._s", ["bucket", "name", "generation", "status"],
+                         catalog.PREDICTION_KEY, "processed_at")
     assert "ON T.bucket = S.bucket AND T.name = S.name AND T.generation = S.generation" in sql
     assert "INSERT (bucket, name, generation, status)" in sql
     assert "VALUES (S.bucket, S.name, S.generation, S.status)" in sql
@@ -104,7 +108,7 @@ def test_merge_sql_is_insert_only_with_explicit_columns() -> None:
 
 
 def test_staging_table_id_is_unique_and_valid_for_backfill() -> None:
-    a, b = (sink.staging_table_id("p.d.predictions", -1) for _ in range(2))
+    a, b = (bigquery_sql.staging_table_id("p.d.predictions", -1) for _ in range(2))
     assert a != b and a.startswith("p.d._staging_predictions_m1_") and "-" not in a[4:]
 
 
@@ -127,56 +131,56 @@ def test_object_created_is_the_payloads_time_created_in_every_copy() -> None:
     created = "2024-05-06T23:59:58.5Z"
     copies = [finalize("m1", T0 + timedelta(days=1), timeCreated=created),
               finalize("m2", T0 + timedelta(days=3), timeCreated=created)]  # a late redelivery
-    rows = [sink.build_row(n, status="ok", processed_at=T0 + timedelta(days=i + 1))
+    rows = [bigquery_rows.build_row(n, status="ok", processed_at=T0 + timedelta(days=i + 1))
             for i, n in enumerate(copies)]
     assert {r["object_created"] for r in rows} == {"2024-05-06T23:59:58.500000+00:00"}
     assert rows[0]["processed_at"] != rows[1]["processed_at"]
     with pytest.raises(PoisonMessage, match="timeCreated is not a string"):  # not a time
         finalize("m3", T0 + timedelta(days=1), timeCreated=42)
     # without a payload time the event time is used, then processed_at
-    assert sink.build_row(finalize("m4", T0 + timedelta(days=1)), status="ok")["object_created"] == \
+    assert bigquery_rows.build_row(finalize("m4", T0 + timedelta(days=1)), status="ok")["object_created"] == \
         "2024-05-06T23:59:59+00:00"
-    assert sink.build_row(note(), status="ok", processed_at=T0)["object_created"] == \
+    assert bigquery_rows.build_row(note(), status="ok", processed_at=T0)["object_created"] == \
         T0.isoformat()
 
 
 def test_partition_filter_is_constant_day_ranges() -> None:
     days = [date(2024, 5, 7), date(2024, 5, 6), date(2024, 5, 9), date(2024, 5, 6)]
-    sql = sink.partition_filter("object_created", days)
+    sql = bigquery_sql.partition_filter("object_created", days)
     assert sql == (
         "((T.object_created >= TIMESTAMP '2024-05-06 00:00:00.000000+00' AND "
         "T.object_created < TIMESTAMP '2024-05-08 00:00:00.000000+00') OR "
         "(T.object_created >= TIMESTAMP '2024-05-09 00:00:00.000000+00' AND "
         "T.object_created < TIMESTAMP '2024-05-10 00:00:00.000000+00'))")
-    assert sink.partition_filter("c", [date(2024, 5, 6)], alias="X") == (
+    assert bigquery_sql.partition_filter("c", [date(2024, 5, 6)], alias="X") == (
         "(X.c >= TIMESTAMP '2024-05-06 00:00:00.000000+00' AND "
         "X.c < TIMESTAMP '2024-05-07 00:00:00.000000+00')")
-    assert sink.partition_filter("c", None) == ""  # a key without a date: any partition
-    assert sink.partition_filter("c", []) == "FALSE"
-    assert sink.partition_days(["2024-05-06T23:30:00-02:00", T0]) == [date(2024, 5, 6),
+    assert bigquery_sql.partition_filter("c", None) == ""  # a key without a date: any partition
+    assert bigquery_sql.partition_filter("c", []) == "FALSE"
+    assert bigquery_sql.partition_days(["2024-05-06T23:30:00-02:00", T0]) == [date(2024, 5, 6),
                                                                        date(2024, 5, 7)]
-    assert sink.partition_days([T0, None]) is None
+    assert bigquery_sql.partition_days([T0, None]) is None
 
 
 def test_lookup_and_merge_of_a_batch_are_bounded_to_its_days() -> None:
     rows = [{**r, "object_created": t} for r, t in zip(
         rows_for(Settings(), ("a/1.jpg", 1), ("a/2.jpg", 1)),
         ("2024-05-06T10:00:00+00:00", "2024-05-08T00:00:00+00:00"), strict=True)]
-    bound = sink.row_bound(sink.PREDICTIONS, rows)
-    sql = sink.existing_keys_sql("p.d.t", sink.PREDICTION_KEY, bound)
+    bound = bigquery_sql.row_bound(catalog.PREDICTIONS, rows)
+    sql = bigquery_sql.existing_keys_sql("p.d.t", catalog.PREDICTION_KEY, bound)
     assert sql.endswith(
         "WHERE ((T.object_created >= TIMESTAMP '2024-05-06 00:00:00.000000+00' AND "
         "T.object_created < TIMESTAMP '2024-05-07 00:00:00.000000+00') OR "
         "(T.object_created >= TIMESTAMP '2024-05-08 00:00:00.000000+00' AND "
         "T.object_created < TIMESTAMP '2024-05-09 00:00:00.000000+00'))")
     assert "@keys" in sql and "CURRENT_" not in sql
-    merge = sink.merge_sql("p.d.t", "p.d._s", ["bucket"], sink.PREDICTION_KEY, "processed_at",
+    merge = bigquery_sql.merge_sql("p.d.t", "p.d._s", ["bucket"], catalog.PREDICTION_KEY, "processed_at",
                            bound)
     assert f"ON T.bucket = S.bucket AND T.name = S.name AND T.generation = S.generation AND " \
            f"{bound}\n" in merge
     # dead letters: partitioned by recorded_at, which differs per copy: the redelivery window
-    recs = [sink.dead_letter_record("m", "r", {}, None, None, 0, recorded_at=T0)]
-    assert sink.row_bound(sink.DEAD_LETTERS, recs) == (
+    recs = [bigquery_rows.dead_letter_record("m", "r", {}, None, None, 0, recorded_at=T0)]
+    assert bigquery_sql.row_bound(catalog.DEAD_LETTERS, recs) == (
         "T.recorded_at >= TIMESTAMP '2024-04-28 00:00:00.000000+00'")
 
 
@@ -184,7 +188,7 @@ def test_first_per_key_keeps_the_earliest_copy() -> None:
     a, b = rows_for(Settings(), ("x.jpg", 1), ("x.jpg", 1))
     b = {**b, "processed_at": (T0 - timedelta(microseconds=1)).isoformat(), "status": "gone"}
     c = rows_for(Settings(), ("y.jpg", 1))[0]
-    assert sink.first_per_key([a, b, c], sink.PREDICTIONS) == [b, c]
+    assert bigquery_rows.first_per_key([a, b, c], catalog.PREDICTIONS) == [b, c]
 
 
 def test_quota_errors_are_waited_out_with_patience(monkeypatch) -> None:
@@ -206,31 +210,31 @@ def test_quota_errors_are_waited_out_with_patience(monkeypatch) -> None:
         return "ok"
 
     with pytest.raises(api_exceptions.ResourceExhausted):
-        sink._bq(flaky)  # no patience: gives up after the policy's attempts
+        bigquery_sql.bq_call(flaky)  # no patience: gives up after the policy's attempts
     assert len(calls) == 6
     calls.clear()
-    assert sink._bq(flaky, patience=0) == "ok" and len(calls) == 16
+    assert bigquery_sql.bq_call(flaky, patience=0) == "ok" and len(calls) == 16
     calls.clear()
     denied = api_exceptions.Forbidden("x", errors=[{"reason": "accessDenied"}])
     with pytest.raises(api_exceptions.Forbidden):
-        sink._bq(lambda: calls.append(1) or (_ for _ in ()).throw(denied), patience=0)
+        bigquery_sql.bq_call(lambda: calls.append(1) or (_ for _ in ()).throw(denied), patience=0)
     assert len(calls) == 1  # never retried
 
 
 def test_make_sink_kinds() -> None:
     s = Settings()
-    assert isinstance(sink.make_sink("console", s), sink.ConsoleSink)
-    assert isinstance(sink.make_sink("jsonl", s), sink.JsonLinesSink)
-    assert isinstance(sink.make_sink("bigquery", s), sink.BigQuerySink)  # no client made yet
+    assert isinstance(sinks.make_sink("console", s), sinks.ConsoleSink)
+    assert isinstance(sinks.make_sink("jsonl", s), sinks.JsonLinesSink)
+    assert isinstance(sinks.make_sink("bigquery", s), sinks.BigQuerySink)  # no client made yet
     with pytest.raises(ValueError, match="append, merge"):
-        sink.BigQuerySink(s.replace(sink_mode="upsert"))
+        sinks.BigQuerySink(s.replace(sink_mode="upsert"))
     with pytest.raises(ValueError, match="bigquery, jsonl, console"):
-        sink.make_sink("kafka", s)
+        sinks.make_sink("kafka", s)
 
 
 def test_console_sink_prints_json_lines() -> None:
     out = io.StringIO()
-    console = sink.ConsoleSink(stream=out)
+    console = sinks.ConsoleSink(stream=out)
     assert console.write(rows_for(Settings(), ("a/1.jpg", 1), ("a/2.jpg", 2)), 4) == 2
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [(x["batch_id"], x["name"]) for x in lines] == [(4, "a/1.jpg"), (4, "a/2.jpg")]
@@ -246,8 +250,8 @@ def count(settings: Settings, table_id: str) -> int:
 
 @pytest.mark.integration
 def test_write_twice_inserts_once_and_drops_staging(isolated: Settings) -> None:
-    bq = sink.make_sink("bigquery", isolated)
-    assert isinstance(bq, sink.BigQuerySink)
+    bq = sinks.make_sink("bigquery", isolated)
+    assert isinstance(bq, sinks.BigQuerySink)
     rows = rows_for(isolated, ("a/1.jpg", 1), ("a/2.jpg", 1), ("a/1.jpg", 2))
     assert bq.write(rows, batch_id=0) == 3
     assert bq.write(rows, batch_id=0) == 0  # a replayed batch
@@ -259,7 +263,7 @@ def test_write_twice_inserts_once_and_drops_staging(isolated: Settings) -> None:
 
 @pytest.mark.integration
 def test_two_rows_for_one_key_in_a_batch_insert_one(isolated: Settings) -> None:
-    bq = sink.BigQuerySink(isolated)
+    bq = sinks.BigQuerySink(isolated)
     first = rows_for(isolated, ("a/1.jpg", 5), status="fetch_error")
     later = [{**rows_for(isolated, ("a/1.jpg", 5))[0],
               "processed_at": (T0 + timedelta(seconds=1)).isoformat()}]
@@ -271,7 +275,7 @@ def test_two_rows_for_one_key_in_a_batch_insert_one(isolated: Settings) -> None:
 
 @pytest.mark.integration
 def test_existing_keys_returns_exactly_the_written_keys(isolated: Settings) -> None:
-    bq = sink.BigQuerySink(isolated)
+    bq = sinks.BigQuerySink(isolated)
     bq.write(rows_for(isolated, ("a/1.jpg", 1), ("a/2.jpg", 1), ("b/3.jpg", 9)), batch_id=0)
     b = isolated.bucket
     written = {ObjectKey(b, "a/1.jpg", 1), ObjectKey(b, "b/3.jpg", 9)}
@@ -284,10 +288,10 @@ def test_existing_keys_returns_exactly_the_written_keys(isolated: Settings) -> N
 
 @pytest.mark.integration
 def test_dead_letters_are_idempotent_on_message_and_reason(isolated: Settings) -> None:
-    bq = sink.BigQuerySink(isolated)
-    recs = [sink.dead_letter_record("m1", "not JSON", {"k": "v"}, b"{", T0, 0),
-            sink.dead_letter_record("m1", "lacks generation", {}, None, None, 0),
-            sink.dead_letter_record("m2", "not JSON", {}, b"x", None, 0)]
+    bq = sinks.BigQuerySink(isolated)
+    recs = [bigquery_rows.dead_letter_record("m1", "not JSON", {"k": "v"}, b"{", T0, 0),
+            bigquery_rows.dead_letter_record("m1", "lacks generation", {}, None, None, 0),
+            bigquery_rows.dead_letter_record("m2", "not JSON", {}, b"x", None, 0)]
     assert bq.write_dead_letters(recs, batch_id=0) == 3
     assert bq.write_dead_letters(recs[:2], batch_id=1) == 0
     assert count(isolated, isolated.dead_letter_table_id) == 3
@@ -295,12 +299,12 @@ def test_dead_letters_are_idempotent_on_message_and_reason(isolated: Settings) -
 
 @pytest.mark.integration
 def test_latest_generation_view(isolated: Settings) -> None:
-    bq = sink.BigQuerySink(isolated)
+    bq = sinks.BigQuerySink(isolated)
     bq.write(rows_for(isolated, ("x.jpg", 1), ("x.jpg", 3), ("x.jpg", 2), ("y.jpg", 5)), 0)
-    views = sink.create_views(isolated)
+    views = bigquery_views.create_views(isolated)
     view = f"{isolated.project}.{isolated.dataset}.latest_predictions"
     assert view in views
-    assert sink.create_views(isolated) == views  # CREATE OR REPLACE: repeatable
+    assert bigquery_views.create_views(isolated) == views  # CREATE OR REPLACE: repeatable
     c = clients.bigquery_client(isolated)
     got = {(r["name"], r["generation"]) for r in c.query(f"SELECT * FROM `{view}`").result()}
     assert got == {("x.jpg", 3), ("y.jpg", 5)}
@@ -311,14 +315,14 @@ def test_latest_generation_view(isolated: Settings) -> None:
 @pytest.mark.integration
 def test_jsonl_sink_writes_one_object_per_batch_and_a_replay_overwrites(
         isolated: Settings) -> None:
-    js = sink.make_sink("jsonl", isolated)
-    assert isinstance(js, sink.JsonLinesSink)
+    js = sinks.make_sink("jsonl", isolated)
+    assert isinstance(js, sinks.JsonLinesSink)
     assert js.write(rows_for(isolated, ("a/1.jpg", 1), ("a/2.jpg", 1)), batch_id=7) == 2
     replay = rows_for(isolated, ("a/1.jpg", 1), ("a/2.jpg", 1), ("a/3.jpg", 1))
     assert js.write(replay, batch_id=7) == 3
     bucket = clients.storage_client(isolated).bucket(isolated.bucket)
-    names = [b.name for b in bucket.list_blobs(prefix=f"{sink.RESULTS_PREFIX}/")]
-    assert names == [f"{sink.RESULTS_PREFIX}/{isolated.table}/batch-7.jsonl"]
+    names = [b.name for b in bucket.list_blobs(prefix=f"{config.RESULTS_PREFIX}/")]
+    assert names == [f"{config.RESULTS_PREFIX}/{isolated.table}/batch-7.jsonl"]
     lines = bucket.blob(names[0]).download_as_bytes().decode().splitlines()
     assert [json.loads(x)["name"] for x in lines] == ["a/1.jpg", "a/2.jpg", "a/3.jpg"]
     assert js.existing_keys([ObjectKey(isolated.bucket, "a/1.jpg", 1)]) == set()
@@ -326,11 +330,11 @@ def test_jsonl_sink_writes_one_object_per_batch_and_a_replay_overwrites(
 
 @pytest.mark.integration
 def test_jsonl_sink_ignores_its_own_output_objects(isolated: Settings) -> None:
-    js = sink.JsonLinesSink(isolated)
-    own = rows_for(isolated, (f"{sink.RESULTS_PREFIX}/{isolated.table}/batch-1.jsonl", 1))
+    js = sinks.JsonLinesSink(isolated)
+    own = rows_for(isolated, (f"{config.RESULTS_PREFIX}/{isolated.table}/batch-1.jsonl", 1))
     assert js.write(own, batch_id=2) == 0  # would otherwise loop: output → notification → row
     bucket = clients.storage_client(isolated).bucket(isolated.bucket)
-    assert not list(bucket.list_blobs(prefix=f"{sink.RESULTS_PREFIX}/"))
+    assert not list(bucket.list_blobs(prefix=f"{config.RESULTS_PREFIX}/"))
 
 
 def test_the_emulators_connection_contention_is_retried_but_a_bad_query_is_not() -> None:

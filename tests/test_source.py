@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import clients, source
-from pipeline.source import PubSubOptions, split
+from pipeline import clients
+from pipeline.stream import source
+from pipeline.stream.source import PubSubOptions, split
 from tests.helpers.stream import publish
 from tests.helpers.wait import wait_until
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from pyspark.sql import SparkSession
 
-from pipeline import spark as spark_mod
+from pipeline.stream import spark as spark_mod
 
 
 class Recorder:
@@ -54,7 +54,7 @@ def test_a_quiet_session_logs_to_its_file_not_the_console(tmp_path) -> None:
     import sys
 
     log = tmp_path / "spark.log"
-    code = ("from pipeline.spark import session\n"
+    code = ("from pipeline.stream.spark import session\n"
             f"s = session('local[1]', app='quiet', log_file={str(log)!r})\n"
             "print('rows', s.range(3).count())\n"
             "import sys; print('ours', file=sys.stderr)\n"

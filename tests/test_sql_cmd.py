@@ -9,7 +9,7 @@ from decimal import Decimal
 import pytest
 
 from deploy import cli
-from pipeline import sqlcmd
+from pipeline.commands import sqlcmd
 from tests.helpers.views import load, prediction
 
 

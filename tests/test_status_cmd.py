@@ -9,9 +9,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from deploy import cli
-from pipeline import status_report as sr
-from pipeline import stream
+from pipeline.commands import status_report as sr
 from pipeline.config import Settings
+from pipeline.stream import job as stream
 from tests.helpers.stream import upload_samples, wait_rows
 from tests.helpers.wait import wait_until
 

@@ -12,11 +12,13 @@ import time
 
 import pytest
 
-from pipeline import clients, executor, stream
-from pipeline.sink import create_views
+from pipeline import clients
+from pipeline.bigquery.views import create_views
+from pipeline.stream import executor
+from pipeline.stream import job as stream
 from producer.datasets import discover, sample_dataset
 from producer.replay import replay
-from tests.helpers.stream import keys, publish, rows_of, upload_samples, wait_rows
+from tests.helpers.stream import drained, keys, publish, rows_of, upload_samples, wait_rows
 
 pytestmark = [pytest.mark.integration, pytest.mark.spark]
 
@@ -63,7 +65,7 @@ def test_20_uploads_become_exactly_20_rows(running) -> None:
     settings, query, processor = running
     summary = upload_samples(settings, 20)
     rows = wait_rows(settings, 20, query)
-    time.sleep(3)  # any extra (duplicate) row would land in the next batch or two
+    drained(query, 20)  # the batches that read all 20 messages have committed: no late row
     rows = rows_of(settings)
     assert len(rows) == 20
     assert keys(rows) == {(settings.bucket, n, g) for n, g in summary.objects}
@@ -113,7 +115,7 @@ def test_same_batch_processed_twice_adds_nothing(spark, isolated) -> None:
     msgs = [(f"m{i}", None, {"eventType": "OBJECT_FINALIZE", "bucketId": isolated.bucket,
                              "objectId": name, "objectGeneration": str(gen)}, b"", 1)
             for i, (name, gen) in enumerate(summary.objects)]
-    from pipeline.source import SCHEMA
+    from pipeline.stream.source import SCHEMA
 
     df = spark.createDataFrame(msgs, SCHEMA)
     processor = stream.BatchProcessor(isolated)
@@ -179,7 +181,7 @@ def test_batch_report_is_json_serialisable(running) -> None:
 def test_a_micro_batch_is_one_spark_job(spark, isolated) -> None:
     """Triage, fetch and classify run in the job that reads the messages: a small batch pays
     Spark's scheduling once. The same notification in two partitions is still one row."""
-    from pipeline.source import SCHEMA
+    from pipeline.stream.source import SCHEMA
 
     items = discover(sample_dataset())[:3]
     summary = replay(items, isolated, rate=50, limit=3, progress=False)
@@ -204,7 +206,7 @@ def test_a_micro_batch_is_one_spark_job(spark, isolated) -> None:
 def test_a_steady_batch_asks_bigquery_nothing(spark, isolated) -> None:
     """Past the warm-up, the driver's memory replaces the key lookup: no query job for fresh
     or repeated keys, one for redelivered messages; a restarted run looks everything up."""
-    from pipeline.source import SCHEMA
+    from pipeline.stream.source import SCHEMA
 
     items = discover(sample_dataset())[:4]
     objects = replay(items, isolated, rate=50, limit=4, progress=False).objects

@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import bundles, clients, stream
-from pipeline.classfolders import Item, list_images
-from pipeline.sink import create_views
+from pipeline import clients
+from pipeline.bigquery.views import create_views
+from pipeline.model import bundles
+from pipeline.model.classfolders import Item, list_images
+from pipeline.stream import job as stream
 from producer.datasets import digits_dataset
 from producer.replay import replay
 from tests.helpers.stream import keys, rows_of, wait_rows
@@ -215,7 +217,7 @@ def test_train_refuses_unusable_datasets_in_one_sentence(tmp_path) -> None:
 def test_train_skips_unreadable_images_and_lists_them(stack, digits, spark, tmp_path) -> None:
     """A corrupt file is counted and skipped (listed in the bundle's dataset summary); a second
     version goes beside the first and CURRENT stays."""
-    from pipeline import train as train_module
+    from pipeline.commands import train as commands_train
 
     data = tmp_path / "few"
     for d in ("3", "8"):
@@ -225,12 +227,12 @@ def test_train_skips_unreadable_images_and_lists_them(stack, digits, spark, tmp_
     (data / "8" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     settings = env_settings().replace(model=BASE)
     said: list[str] = []
-    first = train_module.train(str(data), str(tmp_path / "m"), settings, seed=0, spark=spark,
+    first = commands_train.train(str(data), str(tmp_path / "m"), settings, seed=0, spark=spark,
                                say=said.append)
     skipped = bundles.load(first["bundle"], settings).manifest["dataset"]["skipped"]
     assert [(Path(s["path"]).name, s["status"]) for s in skipped] == [("broken.png", "corrupt")]
     assert first["train_images"] + first["val_images"] == 12
-    second = train_module.train(str(data), str(tmp_path / "m"), settings, seed=1, spark=spark,
+    second = commands_train.train(str(data), str(tmp_path / "m"), settings, seed=1, spark=spark,
                                 say=said.append)
     assert second["version"] != first["version"]
     assert bundles.current_version(str(tmp_path / "m"), settings) == first["version"]
@@ -250,12 +252,12 @@ def test_datasets_under_a_gcs_prefix_are_listed_like_folders(isolated) -> None:
 
 def test_head_split_matches_the_whole_network() -> None:
     """The embedding the head is trained on is exactly what the original classifier layer saw."""
-    from pipeline import classify
+    from pipeline.model import cache
 
     net = __import__("torchvision").models.get_model("mobilenet_v2", weights=None).eval()
     x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected = net(x)
-        base = classify.split_head(net)
+        base = cache.split_head(net)
         assert isinstance(base.head, torch.nn.Linear) and base.head.in_features == 1280
         torch.testing.assert_close(base.head(base.backbone(x)), expected)

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import catalog, report, sink
+from pipeline.bigquery import catalog
+from pipeline.bigquery import views as bigquery_views
+from pipeline.commands import report
 from pipeline.config import Settings
 from tests.helpers.views import (
     DIGITS_V1,
@@ -86,8 +88,8 @@ def test_view_files_run_after_the_views_they_read() -> None:
     s = Settings(project="p", dataset="d", table="t")
     made: set[str] = set()
     for name, template in catalog.view_templates():
-        sql = sink.render_view(template, s)
-        created = sink.view_id(sql).split(".")[-1]
+        sql = bigquery_views.render_view(template, s)
+        created = bigquery_views.view_id(sql).split(".")[-1]
         body = sql.split(" AS\n", 1)[1]
         reads = set(re.findall(r"`p\.d\.(\w+)`", body)) - {"t", catalog.EMBEDDINGS_TABLE}
         assert reads <= made, f"{name} reads {reads - made} before they exist"
@@ -124,7 +126,7 @@ def test_readme_documents_every_view_with_columns_and_a_demo_example() -> None:
 
 @pytest.mark.integration
 def test_create_views_creates_every_view(isolated: Settings) -> None:
-    created = sink.create_views(isolated)
+    created = bigquery_views.create_views(isolated)
     assert {v.split(".")[-1] for v in created} == REPORT_VIEWS
     assert all(v.startswith(f"{isolated.project}.{isolated.dataset}.") for v in created)
     assert select(isolated, "accuracy_summary")[0]["labelled_images"] == 0  # empty table works
@@ -263,7 +265,7 @@ def test_readme_view_columns_are_the_views_own(isolated: Settings) -> None:
     """Each view's columns, in order, as BigQuery (here bqemulator) reports them."""
     from pipeline import clients
 
-    sink.create_views(isolated)
+    bigquery_views.create_views(isolated)
     client = clients.bigquery_client(isolated)
     for view, documented in readme_view_columns().items():
         sql = f"SELECT * FROM `{isolated.project}.{isolated.dataset}.{view}` LIMIT 0"

@@ -7,6 +7,6 @@ It imports only ``pipeline``, which the init action installed from the wheel.
 
 import sys
 
-from pipeline.cli import main
+from pipeline.commands.cli import main
 
 sys.exit(main(sys.argv[1:]))

@@ -102,8 +102,8 @@ if not low <= version < below:
     sys.exit(f"bucketlens init action: this node's pyspark {pyspark.__version__} is outside "
              f"bucketlens' supported range >={sys.argv[1]},<{sys.argv[2]}; use Dataproc image 3.x")
 
-import pipeline.source  # the Python streaming data source: pyspark 4's API
-import pipeline.stream
+import pipeline.stream.source  # the Python streaming data source: pyspark 4's API
+import pipeline.stream.job
 import torch
 import torchvision
 from google.cloud.bigquery_storage_v1 import types, writer  # noqa: F401 — the sink's append path

@@ -49,7 +49,7 @@ apply_defaults
 : "${BUCKETLENS_MAX_FAILURES_PER_HOUR:=5}"
 : "${BUCKETLENS_CHECKPOINT:=gs://$BUCKETLENS_STAGING_BUCKET/checkpoints/${BUCKETLENS_TABLE:-predictions}}"
 # No master is passed: under spark-submit the job keeps the one Dataproc chose (YARN), which
-# is also what Serverless requires (pipeline.spark.session).
+# is also what Serverless requires (pipeline.stream.spark.session).
 
 [[ $BUCKETLENS_CHECKPOINT == gs://* ]] ||
   die "--checkpoint must be a gs:// URI (got '$BUCKETLENS_CHECKPOINT'): a cluster restart must find it"

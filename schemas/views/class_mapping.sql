@@ -9,7 +9,7 @@
 -- as unmappable (accuracy NULL, counted separately), never as wrong. match_kind 'nearest' marks
 -- stand-ins (ImageNet has no motorcycle or rocket class: moped/motor scooter, missile/projectile).
 CREATE OR REPLACE VIEW `{project}.{dataset}.class_mapping` AS
--- BEGIN rows generated from schemas/class_mapping.json by pipeline.report.mapping_rows_sql
+-- BEGIN rows generated from schemas/class_mapping.json by pipeline.commands.report.mapping_rows_sql
 SELECT 'astronaut' AS true_label, CAST(NULL AS INT64) AS class_id, CAST(NULL AS STRING) AS imagenet_label, 'none' AS match_kind
 UNION ALL SELECT 'camera', 732, 'Polaroid camera', 'exact'
 UNION ALL SELECT 'camera', 759, 'reflex camera', 'exact'

@@ -1,7 +1,7 @@
 -- The newest generation of each object: an overwrite adds a row for its new generation (the
 -- sink never updates rows), so analytics that mean "what is in the bucket now" read this view.
 -- It reads distinct_predictions, so a key appended twice is still one row.
--- Placeholders {project}, {dataset}, {table} are filled in by pipeline.sink.create_views.
+-- Placeholders {project}, {dataset}, {table} are filled in by pipeline.bigquery.views.create_views.
 CREATE OR REPLACE VIEW `{project}.{dataset}.latest_predictions` AS
 SELECT *
 FROM `{project}.{dataset}.distinct_predictions`

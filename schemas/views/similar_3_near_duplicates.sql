@@ -1,5 +1,5 @@
 -- Pairs of objects (newest generations, same model version) whose embeddings are closer than
--- pipeline.catalog.NEAR_DUPLICATE_DISTANCE in cosine distance: the same photo under two names
+-- pipeline.bigquery.catalog.NEAR_DUPLICATE_DISTANCE in cosine distance: the same photo under two names
 -- (distance ~0), or resized, recompressed or lightly edited copies. Each pair once, the
 -- (bucket, name)-smaller object first, nearest pairs first when ordered by distance.
 -- A self-join: n^2 / 2 distances, fine for tens of thousands of objects. For millions, run

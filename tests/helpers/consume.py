@@ -13,7 +13,7 @@ import os
 import sys
 
 from pipeline.config import Settings
-from pipeline.spark import session
+from pipeline.stream.spark import session
 
 
 def main(subscription: str, checkpoint: str, out: str) -> None:

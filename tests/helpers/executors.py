@@ -11,8 +11,8 @@ import json
 import sys
 
 from pipeline.config import Settings
-from pipeline.executor import RESULT_SCHEMA, WORK_SCHEMA, classify_partitions
-from pipeline.spark import session
+from pipeline.stream.executor import RESULT_SCHEMA, WORK_SCHEMA, classify_partitions
+from pipeline.stream.spark import session
 
 
 def main(bucket: str, objects: list[str]) -> None:

@@ -45,3 +45,17 @@ def wait_rows(settings: Settings, n: int, query, timeout: float = 180,
 
 def keys(rows: list[dict]) -> set[tuple]:
     return {(r["bucket"], r["name"], r["generation"]) for r in rows}
+
+
+def drained(query, messages: int, timeout: float = 120) -> None:
+    """Wait until the in-process stream has read ``messages`` messages in finished batches.
+
+    A batch's progress is reported after it commits, so by then every row those messages
+    make, a duplicate included, is in the table: the event to wait on instead of a sleep."""
+
+    def done() -> bool:
+        if query.exception():
+            raise AssertionError(f"stream failed: {query.exception()}")
+        return sum(p["numInputRows"] for p in query.recentProgress) >= messages
+
+    wait_until(done, timeout, f"the stream to read {messages} messages")

@@ -21,7 +21,7 @@ def _kwarg(node: exp.Expression | None, default: str) -> str:
 def brute_force(sql: str) -> str:
     """``sql`` with every ``VECTOR_SEARCH((base query), 'column', (query), top_k => n,
     distance_type => 'COSINE')`` replaced by the equivalent exact search. Supports what
-    ``pipeline.similar`` uses: query statements (not TABLE), COSINE, one query row."""
+    ``pipeline.commands.similar`` uses: query statements (not TABLE), COSINE, one query row."""
     tree = sqlglot.parse_one(sql, read="bigquery")
     for call in list(tree.find_all(exp.VectorSearch)):
         base, query = call.this, call.args["query_table"]

@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
-from pipeline import clients, sink
+from pipeline import clients
+from pipeline.bigquery import rows as bigquery_rows
+from pipeline.bigquery import sinks
+from pipeline.bigquery import views as bigquery_views
 from pipeline.config import Settings
 from pipeline.labels import IMAGENET as IMAGENET_SET
 from pipeline.labels import OWN_LABELS, ModelInfo
@@ -47,7 +50,7 @@ def prediction(settings: Settings, name: str, generation: int, status: str, ids:
     event = None if latency_s is None else processed_at - timedelta(seconds=latency_s)
     labels = model.labels if model else IMAGENET
     topk = [(c, labels[c], round(0.6 / (i + 1), 3)) for i, c in enumerate(ids)]
-    return sink.build_row(note(name, generation, settings.bucket, event), status=status,
+    return bigquery_rows.build_row(note(name, generation, settings.bucket, event), status=status,
                           model=model or "test", topk=topk, batch_id=0, processed_at=processed_at)
 
 
@@ -102,8 +105,8 @@ def timing_rows(settings: Settings) -> list[dict]:
 
 def load(settings: Settings, rows: list[dict]) -> None:
     """Write through the pipeline's sink, then (re)create the views."""
-    assert sink.BigQuerySink(settings).write(rows, batch_id=0) == len(rows)
-    sink.create_views(settings)
+    assert sinks.BigQuerySink(settings).write(rows, batch_id=0) == len(rows)
+    bigquery_views.create_views(settings)
 
 
 def select(settings: Settings, view: str, order_by: str = "1") -> list[dict]:

@@ -1,7 +1,7 @@
 """Class-folder datasets: ``<root>/<class>/<file>``, the layout the producer uploads and
 ``bucketlens train`` reads, on local disk or under a ``gs://`` prefix.
 
-    from pipeline.classfolders import discover
+    from pipeline.model.classfolders import discover
     items = discover("flower_photos")        # [Item("daisy", Path(...), "5547758_eea9edfd54_n.jpg"), ...]
 """
 

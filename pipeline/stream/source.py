@@ -1,7 +1,7 @@
 """``spark.readStream.format("pubsub")``: a Structured Streaming source for Google Pub/Sub.
 
     from pyspark.sql import SparkSession
-    from pipeline.source import PubSubDataSource
+    from pipeline.stream.source import PubSubDataSource
 
     spark = SparkSession.builder.getOrCreate()
     spark.dataSource.register(PubSubDataSource)

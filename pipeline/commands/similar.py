@@ -321,7 +321,7 @@ def embedding_map(rows: Sequence[Mapping[str, Any]]) -> EmbeddingMap | None:
 def _query(client: bigquery.Client, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
     from google.cloud import bigquery
 
-    from pipeline.sink import run_query
+    from pipeline.bigquery.sql import run_query
 
     _, rows = run_query(client, sql, bigquery.QueryJobConfig(query_parameters=list(params)))
     return [dict(r.items()) for r in rows]

@@ -4,7 +4,7 @@ Why the default stream: it is committed on append (no CreateWriteStream, which r
 limits to 10,000 per hour per project, no Finalize/BatchCommit round trips) and it costs no
 load job (100,000 per project and 1,500 per table per day) and no DML slot (2 concurrent
 mutating statements per table). It is at-least-once: a retried append whose first try was
-committed adds the rows again, so ``pipeline.sink`` re-checks keys before every attempt.
+committed adds the rows again, so ``pipeline.bigquery.sinks`` re-checks keys before every attempt.
 https://cloud.google.com/bigquery/docs/write-api#default_stream
 https://cloud.google.com/bigquery/quotas#write-api-limits
 
@@ -99,7 +99,7 @@ def _value(field: Mapping[str, Any], value: Any) -> Any:
 
 def record_batch(rows: Sequence[Mapping[str, Any]], fields: Sequence[Mapping[str, Any]]
                  ) -> pa.RecordBatch:
-    """Rows (``pipeline.sink`` dicts) as one Arrow record batch in the table's schema (pure).
+    """Rows (``pipeline.bigquery.rows`` dicts) as one Arrow record batch in the table's schema (pure).
 
     A column the rows lack is NULL; a REQUIRED column left NULL fails here, not on the server.
     """

@@ -7,10 +7,10 @@ class mix, dead letters with reasons, and a low-confidence review list; the page
 ``/api/summary`` every few seconds, so it updates without a reload.
 
 * Thumbnails go through the app (``/thumb``): the object is read with the viewer's own
-  credentials, generation-pinned and size-capped (``pipeline.fetch``), decoded within the
-  stream's pixel budget (``pipeline.images``) and re-encoded small. Only objects of the
+  credentials, generation-pinned and size-capped (``pipeline.stream.fetch``), decoded within the
+  stream's pixel budget (``pipeline.model.images``) and re-encoded small. Only objects of the
   configured bucket are served; nothing is ever made public.
-* Every query is bounded by constant partition filters (``pipeline.sink``) and a LIMIT, so
+* Every query is bounded by constant partition filters (``pipeline.bigquery.sql``) and a LIMIT, so
   the page never scans the whole table.
 * Object names, labels and reasons are uploader-controlled: the page sets them with
   ``textContent`` only, and a Content-Security-Policy allows no inline script.
@@ -29,8 +29,8 @@ from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+from pipeline.bigquery.sql import since_filter, ts_literal
 from pipeline.config import Settings
-from pipeline.sink import since_filter, ts_literal
 from pipeline.status import CLASSIFIED, Status, sql_list
 
 if TYPE_CHECKING:
@@ -115,7 +115,7 @@ def _json(value: Any) -> Any:
 
 def summary(settings: Settings, bq, w: Window) -> dict[str, Any]:
     """Every panel's rows, as JSON-ready dicts (one bounded query per panel)."""
-    from pipeline.sink import run_query
+    from pipeline.bigquery.sql import run_query
 
     out: dict[str, Any] = {"now": w.now.isoformat(), "bucket": settings.bucket,
                            "table": settings.table_id, "minutes": w.minutes,
@@ -131,9 +131,9 @@ def summary(settings: Settings, bq, w: Window) -> dict[str, Any]:
 def thumbnail(settings: Settings, client, name: str, generation: int, px: int = THUMB_PX) -> bytes:
     """A small JPEG of one object generation of the configured bucket, within the stream's own
     byte and pixel budgets; ValueError when it cannot be one."""
-    from pipeline import images
-    from pipeline.fetch import fetch_one
+    from pipeline.model import images
     from pipeline.notifications import ObjectKey
+    from pipeline.stream.fetch import fetch_one
 
     got = fetch_one(client, ObjectKey(settings.bucket, name, generation), settings.max_bytes)
     if got.data is None:
@@ -162,7 +162,7 @@ def create_app(settings: Settings, since: timedelta = timedelta(days=1), minutes
 
     bq = clients.bigquery_client(settings)
     gcs = clients.storage_client(settings)
-    static = resources.files("pipeline.dashboard") / "static"
+    static = resources.files("pipeline.commands.dashboard") / "static"
 
     async def index(request: Request) -> Response:
         from starlette.responses import HTMLResponse

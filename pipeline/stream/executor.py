@@ -4,7 +4,7 @@
     results = work_df.mapInPandas(classify_partitions(settings), RESULT_SCHEMA)  # a key list
 
 The stream's micro-batch is one Spark job: each task triages the notifications its source
-partition carries (``pipeline.triage``, pure, run once: here) and classifies the objects they
+partition carries (``pipeline.stream.triage``, pure, run once: here) and classifies the objects they
 name, returning a verdict per message and the results together, so a small batch pays one
 scheduling round, and no message payload travels back to the driver.
 Inside each partition: generation-pinned downloads of ``CHUNK`` objects at a time (bounded in
@@ -25,12 +25,14 @@ from typing import TypeVar
 import numpy as np
 import pandas as pd
 
-from pipeline import classify, fetch
+from pipeline.bigquery.rows import dead_letter_record
 from pipeline.clients import shared_storage_client
 from pipeline.config import Settings
+from pipeline.model import cache
+from pipeline.model import handler as model_handler
 from pipeline.notifications import Notification, ObjectKey
-from pipeline.sink import dead_letter_record
-from pipeline.triage import Triage, triage
+from pipeline.stream import fetch
+from pipeline.stream.triage import Triage, triage
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -92,7 +94,7 @@ def classify_partitions(settings: Settings) -> PartitionFn:
     downloads running while this one is classified; the model is cached per worker."""
 
     def run(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        handler = classify.get_handler(settings)
+        handler = model_handler.get_handler(settings)
         client = shared_storage_client(settings)
 
         def download(chunk: tuple[list[ObjectKey], dict[ObjectKey, int]]) -> list:
@@ -209,7 +211,7 @@ def _classified(keys: list[ObjectKey], fetched: list, handler) -> pd.DataFrame:
         results[f.key] = (p.status, p.reason, json.dumps([list(t) for t in p.topk]))
         if p.embedding:
             embeddings[f.key] = np.asarray(p.embedding, dtype=np.float32)
-    pid, loads = os.getpid(), classify.model_load_count()
+    pid, loads = os.getpid(), cache.model_load_count()
     return pd.DataFrame(
         [(k.bucket, k.name, k.generation, *results[k], pid, loads, handler.version,
           embeddings.get(k)) for k in keys],

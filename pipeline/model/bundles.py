@@ -1,6 +1,6 @@
 """Model bundles: a trained head on a frozen base model, versioned by content, swapped by pointer.
 
-    from pipeline import bundles
+    from pipeline.model import bundles
     ref = bundles.resolve("gs://my-bucket/models/flowers", settings)   # location → current
     bundle = bundles.load(ref.uri, settings)                          # checked, or BundleError
     bundles.promote("gs://my-bucket/models/flowers", "3f9c2a1b7d4e", settings)
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     import torch
 
     from pipeline.config import Settings
-    from pipeline.images import Preprocess
+    from pipeline.model.images import Preprocess
 
 log = logging.getLogger("bucketlens.bundles")
 
@@ -214,7 +214,7 @@ def preprocess_from_json(raw: Mapping[str, Any]) -> Preprocess:
     much memory every image takes. Raises :class:`ManifestError`."""
     from torchvision.transforms import InterpolationMode
 
-    from pipeline.images import Preprocess
+    from pipeline.model.images import Preprocess
 
     if not isinstance(raw, Mapping):
         raise ManifestError("preprocess must be an object")

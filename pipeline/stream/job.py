@@ -1,16 +1,16 @@
 """The streaming job: Pub/Sub notifications → fetch → classify → idempotent sink.
 
     from pipeline.config import Settings
-    from pipeline.stream import start
+    from pipeline.stream.job import start
     query, _ = start(Settings.from_env())   # a running StreamingQuery
     query.awaitTermination()
 
 Per micro-batch (``foreachBatch``) one Spark job does the data plane where the messages are:
-each task triages its partition's notifications once (``pipeline.triage``), downloads the
+each task triages its partition's notifications once (``pipeline.stream.triage``), downloads the
 objects generation-pinned and in parallel, and classifies them in batches with a model cached
-once per Python worker (``pipeline.executor``). The driver does the control plane on the
+once per Python worker (``pipeline.stream.executor``). The driver does the control plane on the
 verdicts that come back — dead-letter poison messages, record events, de-duplicate across
-partitions, drop keys this run already wrote (``pipeline.recent``), ask BigQuery only about
+partitions, drop keys this run already wrote (``pipeline.stream.recent``), ask BigQuery only about
 keys its memory cannot vouch for — and makes one idempotent write per table per batch over
 kept-open connections. Only after that returns does Spark commit the batch, and only then
 does the source acknowledge the messages.
@@ -24,11 +24,18 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
-from pipeline import bundles, classify
 from pipeline.alerts import Alerter
 from pipeline.batches import BatchReport
+from pipeline.bigquery.catalog import DEAD_LETTER_KEY, EVENT_KEY
+from pipeline.bigquery.rows import event_record
+from pipeline.bigquery.sinks import Verify
 from pipeline.config import Settings
-from pipeline.executor import (
+from pipeline.labels import ModelInfo
+from pipeline.model import bundles, handler
+from pipeline.names import printable
+from pipeline.notifications import Notification, ObjectKey, dedupe
+from pipeline.status import CLASSIFIED
+from pipeline.stream.executor import (
     BATCH_SCHEMA,
     DEAD,
     DUPLICATE,
@@ -42,13 +49,7 @@ from pipeline.executor import (
     note_from_json,
     work_row,
 )
-from pipeline.labels import ModelInfo
-from pipeline.names import printable
-from pipeline.notifications import Notification, ObjectKey, dedupe
-from pipeline.recent import Recent
-from pipeline.sink import DEAD_LETTER_KEY, EVENT_KEY, Verify, event_record
-from pipeline.status import CLASSIFIED
-from pipeline.triage import Triage, triage  # noqa: F401  (stream.triage: the driver's half)
+from pipeline.stream.recent import Recent
 
 log = logging.getLogger("bucketlens.stream")
 
@@ -73,13 +74,13 @@ class ModelChoice:
         self.for_batch()  # the model (or the location's current version) loads now, or fails
 
     def _load(self, uri: str) -> ModelInfo:
-        return classify.get_handler(self.settings.replace(model=uri)).info
+        return handler.get_handler(self.settings.replace(model=uri)).info
 
     def for_batch(self) -> tuple[Settings, ModelInfo]:
         """The settings the executors get for the next batch (model pinned), and its model."""
         settings = (self.settings if self.watcher is None
                     else self.settings.replace(model=self.watcher.current()))
-        return settings, classify.get_handler(settings).info
+        return settings, handler.get_handler(settings).info
 
 
 def classify_and_write(spark, todo: Sequence[Notification], settings: Settings, sink,
@@ -101,7 +102,7 @@ def classify_and_write(spark, todo: Sequence[Notification], settings: Settings, 
                .mapInPandas(classify_partitions(settings), RESULT_SCHEMA)
                .collect())
     return write_results(todo, results, settings, sink, batch_id,
-                         model or classify.get_handler(settings).info, done)
+                         model or handler.get_handler(settings).info, done)
 
 
 def write_results(todo: Sequence[Notification], results: Sequence, settings: Settings, sink,
@@ -113,7 +114,7 @@ def write_results(todo: Sequence[Notification], results: Sequence, settings: Set
     With ``settings.embeddings`` each classified row's embedding (same forward pass) goes to
     the embeddings table first, so a prediction row written implies its embedding was.
     """
-    from pipeline.sink import embedding_record
+    from pipeline.bigquery.rows import embedding_record
 
     by_key = {ObjectKey(r.bucket, r.name, r.generation): r for r in results}
     missing = [n.key for n in todo if n.key not in by_key]
@@ -148,7 +149,7 @@ def write_results(todo: Sequence[Notification], results: Sequence, settings: Set
 
 def result_row(n: Notification, r, model: ModelInfo, batch_id: int, now: datetime) -> dict:
     """The ``predictions`` row of one executor result."""
-    from pipeline.sink import build_row
+    from pipeline.bigquery.rows import build_row
 
     return build_row(n, status=r.status, reason=r.reason or "", model=model,
                      topk=[tuple(x) for x in json.loads(r.topk)],
@@ -160,14 +161,14 @@ class BatchProcessor:
 
     def __init__(self, settings: Settings, sink=None,
                  on_batch: Callable[[BatchReport, list[dict]], object] | None = None) -> None:
-        from pipeline.sink import make_sink
+        from pipeline.bigquery.sinks import make_sink
 
         self.settings = settings
         self.models = ModelChoice(settings)
         self.sink = sink if sink is not None else make_sink(settings.sink, settings)
         self.on_batch = on_batch  # e.g. metrics.MetricsRecorder.record
         self.reports: list[BatchReport] = []
-        # keys this run wrote: most batches need no BigQuery lookup (pipeline.recent)
+        # keys this run wrote: most batches need no BigQuery lookup (pipeline.stream.recent)
         self.recent = Recent(settings.ack_deadline_seconds, settings.trigger_seconds)
         self.alerter = Alerter.from_settings(settings)  # None without an alert rule file
 
@@ -294,8 +295,8 @@ def start(settings: Settings, spark=None, processor: BatchProcessor | None = Non
 
     A metrics listener is attached to the session; the processor feeds it per-batch figures.
     """
-    from pipeline import metrics
-    from pipeline.spark import session
+    from pipeline.stream import metrics
+    from pipeline.stream.spark import session
 
     spark = spark or session(settings.spark_master, log_file=settings.spark_log)
     listener = metrics.attach(spark)

@@ -24,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline import catalog
+from pipeline.bigquery import catalog
 from pipeline.config import Settings
 from pipeline.display import literal_figure, markdown, plot_label, terminal
 from pipeline.labels import normalize_label
@@ -33,9 +33,10 @@ if TYPE_CHECKING:
     from google.cloud import bigquery
     from rich.console import Console
 
-    from pipeline.similar import EmbeddingMap
+    from pipeline.commands.similar import EmbeddingMap
 
-MAPPING_BEGIN = "-- BEGIN rows generated from schemas/class_mapping.json by pipeline.report.mapping_rows_sql"
+MAPPING_BEGIN = ("-- BEGIN rows generated from schemas/class_mapping.json by "
+                 "pipeline.commands.report.mapping_rows_sql")
 MAPPING_END = "-- END generated rows"
 DEFAULT_OUT = "report"
 MAX_CONFUSION_COLUMNS = 20  # predicted classes shown in the heatmap (at least each shown true
@@ -145,7 +146,7 @@ def fetch(client: bigquery.Client, settings: Settings, top: int | None = None) -
     """Every report view's rows, keyed by view name (``top`` limits the class ranking)."""
     from google.api_core.exceptions import NotFound
 
-    from pipeline.sink import run_query
+    from pipeline.bigquery.sql import run_query
 
     results: dict[str, Rows] = {}
     for q in QUERIES:
@@ -651,7 +652,7 @@ def fetch_embedding_map(client: bigquery.Client, settings: Settings, sample: int
     leaves the map out rather than failing."""
     from google.api_core.exceptions import NotFound
 
-    from pipeline import similar
+    from pipeline.commands import similar
 
     try:
         m = similar.fetch_map(client, settings, sample)
@@ -685,7 +686,7 @@ def run_report(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from pipeline import clients
-    from pipeline.sink import create_views
+    from pipeline.bigquery.views import create_views
 
     settings = Settings.from_env(dataset=getattr(args, "dataset", None),
                                  table=getattr(args, "table", None))
@@ -698,7 +699,7 @@ def run_report(args: argparse.Namespace) -> int:
         print(f"bucketlens report: a view is missing in {settings.project}.{settings.dataset} "
               f"({exc.message}); run `bucketlens report --create-views`", file=sys.stderr)
         return 2
-    from pipeline.similar import MAP_SAMPLE
+    from pipeline.commands.similar import MAP_SAMPLE
 
     emb_map, map_text = fetch_embedding_map(client, settings,
                                             getattr(args, "map_sample", None) or MAP_SAMPLE)

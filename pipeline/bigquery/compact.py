@@ -1,6 +1,6 @@
 """``bucketlens compact [--since DATE]``: remove the duplicate rows two racing writers can leave.
 
-The default write path (``pipeline.sink``, sink_mode ``append``) looks keys up and then appends
+The default write path (``pipeline.bigquery.sinks``, sink_mode ``append``) looks keys up and then appends
 to the Storage Write API's default stream; two writers that both look up a key before either
 appends it (the stream and a backfill, or two consumers of one subscription, in the same
 instant) both add it. The views count such a key once (``distinct_predictions``); this command
@@ -24,9 +24,9 @@ from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from pipeline.catalog import schema_json
+from pipeline.bigquery.catalog import DEAD_LETTERS, EVENTS, PREDICTIONS, TableSpec, schema_json
+from pipeline.bigquery.sql import run_query, since_filter
 from pipeline.config import Settings
-from pipeline.sink import DEAD_LETTERS, EVENTS, PREDICTIONS, TableSpec, run_query, since_filter
 
 if TYPE_CHECKING:
     from google.cloud import bigquery

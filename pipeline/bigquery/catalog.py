@@ -1,6 +1,7 @@
-"""The BigQuery tables and views the job writes and reads: schemas, layouts and view SQL.
+"""The BigQuery tables and views the job writes and reads: schemas, the one table registry
+(:class:`TableSpec`: keys, partitioning, clustering) and view SQL.
 
-    from pipeline.catalog import load_schema, view_templates
+    from pipeline.bigquery.catalog import load_schema, view_templates
     fields = load_schema("predictions")            # list[bigquery.SchemaField]
     for name, sql in view_templates(): ...         # schemas/views/*.sql in creation order
 
@@ -11,6 +12,7 @@ Provisioning, the sink and the report all read them from here.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from importlib import resources
@@ -69,13 +71,44 @@ def view_templates() -> list[tuple[str, str]]:
                   if p.name.endswith(".sql"))
 
 
-@dataclass(frozen=True)
-class TableLayout:
-    """How a table is laid out on real BigQuery (bqemulator gets plain tables)."""
+PREDICTION_KEY = ("bucket", "name", "generation")
+DEAD_LETTER_KEY = ("message_id", "reason")
+EVENT_KEY = ("bucket", "name", "generation", "event_type", "metageneration")
+EMBEDDING_KEY = ("bucket", "name", "generation", "model_version")
 
-    schema: str  # schemas/<schema>.json
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One table the job writes: what the sinks need (its key, which copy of a key wins, the
+    partition column that bounds a lookup) and how provisioning lays it out on real BigQuery
+    (bqemulator gets plain tables)."""
+
+    schema: str  # schemas/<schema>.json; also which Settings field names the table
+    key: tuple[str, ...]
+    order_by: str  # of several copies of a key, the one with the smallest value is kept
     partition_by: str  # a TIMESTAMP column: day partitions, so lookups read only the days they name
-    cluster_by: tuple[str, ...] = ()  # the key's columns: block pruning inside a partition
+    cluster_by: tuple[str, ...] = ()  # block pruning inside a partition
+
+    def table_id(self, settings: Settings) -> str:
+        """``<project>.<dataset>.<table>`` of this table under ``settings``."""
+        return {"predictions": settings.table_id, "dead_letters": settings.dead_letter_table_id,
+                "object_events": settings.events_table_id,
+                EMBEDDINGS_TABLE: embeddings_table_id(settings)}[self.schema]
+
+
+# object_created (payload timeCreated): every copy of one key's row has the same day, so a
+# batch's key lookup reads only the day partitions its rows fall in (pipeline.bigquery.sql)
+PREDICTIONS = TableSpec("predictions", PREDICTION_KEY, "processed_at", "object_created",
+                        PREDICTION_KEY)
+DEAD_LETTERS = TableSpec("dead_letters", DEAD_LETTER_KEY, "recorded_at", "recorded_at")
+EVENTS = TableSpec("object_events", EVENT_KEY, "recorded_at", "recorded_at", ("bucket", "name"))
+# partitioned and clustered like predictions: its lookups name the same days and keys
+EMBEDDINGS = TableSpec("embeddings", EMBEDDING_KEY, "processed_at", "object_created",
+                       EMBEDDING_KEY)
+TABLES = (PREDICTIONS, DEAD_LETTERS, EVENTS, EMBEDDINGS)
+# an object generation's embedding under any model version: what makes a key done when the
+# job runs with embeddings (BigQuerySink.existing_keys); a lookup, not another table
+EMBEDDED = dataclasses.replace(EMBEDDINGS, key=PREDICTION_KEY)
 
 
 def embeddings_table_id(settings: Settings) -> str:
@@ -84,16 +117,6 @@ def embeddings_table_id(settings: Settings) -> str:
     return f"{settings.project}.{settings.dataset}.{EMBEDDINGS_TABLE}"
 
 
-def table_layouts(settings: Settings) -> dict[str, TableLayout]:
-    """Table id → layout, for every table the job writes."""
-    return {
-        # object_created (payload timeCreated): every copy of one key's row has the same day, so
-        # a batch's key lookup reads only the day partitions its rows fall in (pipeline.sink)
-        settings.table_id: TableLayout("predictions", "object_created",
-                                       ("bucket", "name", "generation")),
-        settings.dead_letter_table_id: TableLayout("dead_letters", "recorded_at"),
-        settings.events_table_id: TableLayout("object_events", "recorded_at", ("bucket", "name")),
-        # partitioned and clustered like predictions: its lookups name the same days and keys
-        embeddings_table_id(settings): TableLayout("embeddings", "object_created",
-                                                   ("bucket", "name", "generation", "model_version")),
-    }
+def tables(settings: Settings) -> dict[str, TableSpec]:
+    """Table id → spec, for every table the job writes."""
+    return {spec.table_id(settings): spec for spec in TABLES}

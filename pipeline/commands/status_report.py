@@ -11,7 +11,7 @@ not emulated); each peek counts as one delivery attempt towards the subscription
 dead-letter policy (``Settings.max_delivery_attempts``, 20 by default), so run it by hand,
 not in a tight loop. https://cloud.google.com/pubsub/docs/pull#unary_pull
 
-Table reads are bounded by constant partition filters (``pipeline.sink``): predictions by
+Table reads are bounded by constant partition filters (``pipeline.bigquery.sql``): predictions by
 ``object_created`` over the redelivery window, dead letters by ``recorded_at`` over the hour.
 SQL text, the verdict and rendering are pure; ``collect`` and ``peek_backlog`` do the I/O.
 """
@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from pipeline.bigquery.sql import REDELIVERY_WINDOW, since_filter, ts_literal
 from pipeline.config import Settings
 from pipeline.errors import UserError
 from pipeline.names import printable
-from pipeline.sink import REDELIVERY_WINDOW, since_filter, ts_literal
 
 if TYPE_CHECKING:
     from google.cloud import bigquery
@@ -196,7 +196,7 @@ def peek_backlog(settings: Settings, cap: int = PEEK_CAP, wait_s: float = 3.0) -
 def _rows(bq: bigquery.Client, sql: str) -> list:
     from google.api_core import exceptions as gexc
 
-    from pipeline.sink import run_query
+    from pipeline.bigquery.sql import run_query
 
     try:
         return run_query(bq, sql)[1]

