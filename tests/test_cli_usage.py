@@ -48,6 +48,8 @@ def bucketlens(argv: list[str], cwd: Path, **env: str) -> tuple[int, list[str], 
 def workdir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("usage")
     (d / "photo.jpg").write_bytes(b"\xff\xd8\xff")
+    (d / "rules.json").write_text('{"rules": [{"name": "cats", "label": ["tabby"]}]}')
+    (d / "drift.json").write_text('{"rules": [{"name": "d", "drift": "class_mix", "threshold": 0.2}]}')
     (d / "flat").mkdir()
     for i in range(3):
         (d / "flat" / f"{i}.jpg").write_bytes(b"\xff\xd8\xff")
@@ -75,6 +77,12 @@ MISTAKES = [
     (["compact", "--since", "banana"], "an age like 90m, 6h, 2d"),
     (["run", "--subscription", "bad/name"], "subscription name 'bad/name' is invalid"),
     (["run", "--model", "nosuchnet"], "unknown model 'nosuchnet'"),
+    (["run", "--alerts", "rules.json"], "rules.json: rule 1 ('cats') has unknown keys ['label']: "
+                                        "a row rule takes ['labels', 'min_probability'"),
+    (["run", "--alerts", "missing.json"], "no alert rule file at missing.json"),
+    (["run", "--alerts", "drift.json", "--sink", "console"],
+     "drift rule 'd' reads the drift views in BigQuery: it needs BUCKETLENS_SINK=bigquery"),
+    (["run", "--drift-window", "fortnight"], "drift_window 'fortnight' is invalid"),
     (["models", "promote", "."], "promote needs the VERSION"),
     (["models", "list", "no-such-dir"], "no model location at no-such-dir"),
     (["similar", "photo.jpg"], "photo.jpg is not an object URI: give gs://BUCKET/NAME"),

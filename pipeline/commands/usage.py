@@ -76,10 +76,9 @@ def check_classify(args: argparse.Namespace) -> None:
 
 
 def check_run(args: argparse.Namespace) -> None:
-    settings = Settings.from_env(model=args.model, weights=args.weights,
-                                 alerts=getattr(args, "alerts", None),
-                                 sink=getattr(args, "sink", None),
-                                 embeddings=getattr(args, "embeddings", None))
+    settings = Settings.from_env(model=args.model, weights=args.weights, **{
+        name: getattr(args, name, None) for name in (
+            "alerts", "alert_topic", "sink", "embeddings", "drift_window", "drift_baseline")})
     check_model(settings.model)
     check_weights(settings.weights)
     if settings.alerts and not settings.alerts.startswith("gs://"):
