@@ -28,7 +28,8 @@ COMMANDS = ("plan", "apply", "destroy")  # functions of deploy.provision
 # The Settings fields provisioning reads: resource names and places, the subscription's
 # policy, the JSONL sink's grant, the emulators. The stream's tuning is `bucketlens run`'s.
 PROVISIONING = ("project", "region", "bucket", "prefix", "topic", "subscription",
-                "dead_letter_topic", "dataset", "table", "dead_letter_table", "events_table",
+                "dead_letter_topic", "alert_topic", "drift_window", "drift_baseline", "dataset",
+                "table", "dead_letter_table", "events_table",
                 "bq_location", "service_account", "ack_deadline_seconds", "max_delivery_attempts",
                 "sink", "jsonl_uri", "bq_endpoint", "bq_storage_endpoint", "pubsub_emulator_host",
                 "storage_emulator_host")

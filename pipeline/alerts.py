@@ -177,13 +177,14 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def load_rules(location: str) -> Rules:
-    """The rules in a local file or ``gs://`` object."""
+def load_rules(location: str, settings: Settings | None = None) -> Rules:
+    """The rules in a local file or ``gs://`` object (read with ``settings``' storage client)."""
     if location.startswith("gs://"):
         from pipeline import clients
 
         bucket, _, name = location[5:].partition("/")
-        text = clients.storage_client().bucket(bucket).blob(name).download_as_text()
+        client = clients.storage_client(settings or Settings.from_env())
+        text = client.bucket(bucket).blob(name).download_as_text()
     else:
         path = Path(location)
         if not path.is_file():
@@ -291,7 +292,7 @@ class Alerter:
         """The run's alerter, or None without ``settings.alerts``."""
         if not settings.alerts:
             return None
-        rules = load_rules(settings.alerts)
+        rules = load_rules(settings.alerts, settings)
         check_fits(rules, settings)
         return cls(settings, rules)
 

@@ -62,10 +62,11 @@ class DiesBeforePublishing:
         raise RuntimeError("driver died between write and publish")
 
 
-def test_a_run_that_dies_between_write_and_publish_loses_no_alert(spark, isolated, tmp_path):
-    rules = tmp_path / "rules.json"
-    rules.write_text(json.dumps({"rules": [{"name": "all", "statuses": ["ok", "low_confidence"]}]}))
-    settings = isolated.replace(alerts=str(rules))
+def test_a_run_that_dies_between_write_and_publish_loses_no_alert(spark, isolated):
+    rules = {"rules": [{"name": "all", "statuses": ["ok", "low_confidence"]}]}
+    clients.storage_client(isolated).bucket(isolated.bucket).blob("_rules/alerts.json") \
+        .upload_from_string(json.dumps(rules))  # as a cluster reads it: from a gs:// URI
+    settings = isolated.replace(alerts=f"gs://{isolated.bucket}/_rules/alerts.json")
     sub = alert_subscription(settings)
     summary = replay(discover(sample_dataset())[:3], isolated, rate=50, limit=3, progress=False)
     msgs = [(f"m{i}", None, {"eventType": "OBJECT_FINALIZE", "bucketId": isolated.bucket,

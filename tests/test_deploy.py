@@ -663,7 +663,8 @@ def test_gcloud_failures_that_are_not_not_found_raise(fake_gcloud) -> None:
 
 def _layout(uid: str) -> list[str]:
     return ["--bucket", f"deploy-{uid}", "--topic", f"tpc-{uid}", "--subscription", f"sub-{uid}",
-            "--dead-letter-topic", f"dlq-{uid}", "--dataset", f"deploy_{uid}"]
+            "--dead-letter-topic", f"dlq-{uid}", "--alert-topic", f"alerts-{uid}",
+            "--dataset", f"deploy_{uid}"]
 
 
 @pytest.mark.integration

@@ -40,7 +40,7 @@ def test_provisioning_twice_changes_nothing(isolated: Settings) -> None:
     assert {a.verb for a in second} == {"exists", "skip"}
     assert {a.verb for a in provision.plan(isolated)} == {"exists", "skip"}
     kinds = sorted(a.kind for a in second if a.verb == "exists")
-    assert kinds == sorted(["bucket", "topic", "topic", "subscription", "subscription",
+    assert kinds == sorted(["bucket", "topic", "topic", "topic", "subscription", "subscription",
                             "dataset", *["table"] * len(tables(isolated)), "views"])
     assert {a.kind for a in second if a.verb == "skip"} == {"service-account", "iam", "notification"}
 
@@ -48,10 +48,11 @@ def test_provisioning_twice_changes_nothing(isolated: Settings) -> None:
 @pytest.mark.integration
 def test_plan_then_destroy_on_a_fresh_project_layout(stack) -> None:
     s = stack.settings(Settings()).replace(
-        bucket="plan-destroy", subscription="pd-sub", dead_letter_topic="pd-dlq", dataset="pd_ds")
+        bucket="plan-destroy", subscription="pd-sub", dead_letter_topic="pd-dlq", dataset="pd_ds",
+        alert_topic="pd-alerts")
     planned = [a for a in provision.plan(s) if a.verb != "skip"]
     # the shared topic exists already; everything else of this layout is new
-    assert [a.verb for a in planned if a.kind != "topic" or "pd-dlq" in a.name] == \
+    assert [a.verb for a in planned if a.kind != "topic" or "/pd-" in a.name] == \
         ["create"] * (len(planned) - 1)
     provision.apply(s)
     destroyed = [a for a in provision.destroy(s) if a.verb != "skip"]
