@@ -5,13 +5,17 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 EXTRAS ?= local,offline,samples,dashboard,dev
 PYTEST_ARGS ?=
+# pytest-xdist workers for the main suite, each with its own emulator stack and Spark session.
+# Most of a test's time is waiting (emulators, triggers, leases), so 3 on 2 cores pays; files
+# stay whole on one worker (--dist loadfile) so a module's fixtures start once.
+WORKERS ?= 3
 # The Spark versions users deploy on besides the newest: Dataproc image 3.0.0-RC1 and Serverless
 # runtime 3.0 run Spark 4.0.0; images 3.0.0–3.0.2 run 4.1.1/4.1.2. Each gets its own virtualenv
 # in which the Spark-facing tests that carry the delivery guarantees run again.
 COMPAT_SPARK ?= 4.0.0 4.1.2
 COMPAT_VENVS := $(foreach v,$(COMPAT_SPARK),.venv-spark$(v))
 
-.PHONY: venv compat demo test test-compat lint bench clean chromium
+.PHONY: venv compat demo test test-compat check lint bench clean chromium
 
 venv: $(VENV)/.installed
 
@@ -39,7 +43,7 @@ test: venv compat chromium
 	$(VENV)/bin/ruff check .
 	@mkdir -p .bucketlens
 	@$(MAKE) --no-print-directory test-compat > .bucketlens/test-compat.log 2>&1 & compat=$$!; \
-	$(PY) -m pytest -ra $(PYTEST_ARGS); main=$$?; \
+	$(PY) -m pytest -ra -n $(WORKERS) --dist loadfile $(PYTEST_ARGS); main=$$?; \
 	wait $$compat; other=$$?; cat .bucketlens/test-compat.log; \
 	echo "== main suite exit $$main, compat exit $$other"; \
 	test $$main -eq 0 && test $$other -eq 0
@@ -58,6 +62,11 @@ chromium:
 		|| { test "$$(id -u)" -eq 0 && apt-get update -qq \
 		     && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } \
 		|| echo "chromium: not installed (needs root and apt-get); the dashboard's browser test skips"
+
+# The inner loop: ruff and every test that needs no emulator stack and no Spark (< 60 s).
+check: venv
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -m "not integration and not spark and not process" -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

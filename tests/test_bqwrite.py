@@ -281,6 +281,7 @@ def test_merge_mode_is_bounded_and_idempotent(isolated: Settings) -> None:
 
 @pytest.mark.integration
 @pytest.mark.timeout(300)
+@pytest.mark.process
 def test_sink_bench_runs_at_tiny_sizes_and_reports_every_figure() -> None:
     import subprocess
     import sys

@@ -20,8 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import skimage.data
-import sklearn.datasets
 import torch
 import torchvision
 from PIL import Image
@@ -50,7 +48,11 @@ def jpeg(pixels: np.ndarray) -> bytes:
 
 @pytest.fixture(scope="module")
 def photos() -> dict[str, bytes]:
-    flower = Path(sklearn.datasets.__file__).parent / "images" / "flower.jpg"
+    import importlib.util  # not sklearn itself: importing it costs seconds of every collection
+
+    import skimage.data
+
+    flower = Path(importlib.util.find_spec("sklearn").origin).parent / "datasets/images/flower.jpg"
     return {
         "chelsea": jpeg(skimage.data.chelsea()),
         "coffee": jpeg(skimage.data.coffee()),

@@ -27,6 +27,7 @@ def test_every_command_is_on_the_application_cli_and_the_job_cli_has_the_job_one
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["classify", "--help"], ["clasify"]])
+@pytest.mark.process
 def test_parsing_imports_nothing_heavy(argv: list[str]) -> None:
     probe = (
         "import json, sys\n"

@@ -14,11 +14,15 @@ import pytest
 from pipeline.commands import cli as job_cli
 from pipeline.commands import usage
 
+# every test here starts a fresh interpreter or shell, as a user would: `make test`, not `make check`
+pytestmark = pytest.mark.process
+
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "torchvision", "pyspark")
 PROBE = """
 import json, sys
 from deploy.cli import main
+
 try:
     code = main(json.loads(sys.argv[1]))
 except SystemExit as exc:

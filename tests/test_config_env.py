@@ -249,6 +249,7 @@ def test_a_short_subscription_needs_the_project_option(monkeypatch) -> None:
 
 @pytest.mark.spark
 @pytest.mark.timeout(300)
+@pytest.mark.process
 def test_python_workers_run_this_interpreter_without_pyspark_python(tmp_path) -> None:
     """``session`` points Spark's Python workers at this interpreter without setting
     ``PYSPARK_PYTHON`` (``spark.pyspark.python`` alone does not reach them when the driver is

@@ -33,6 +33,9 @@ from pipeline.bigquery import views as bigquery_views
 from pipeline.config import Settings
 from tests.helpers.scripts import ABSENT, CLUSTER_SHAPE, DATAPROC, FAKE_GCLOUD_DIR, ROOT, run_script
 
+# every test here starts a fresh interpreter or shell, as a user would: `make test`, not `make check`
+pytestmark = pytest.mark.process
+
 # --- IAM as data -----------------------------------------------------------------------------------
 
 # Excerpts of Google's predefined roles (cloud.google.com/iam/docs/understanding-roles): enough

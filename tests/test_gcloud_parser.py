@@ -51,8 +51,9 @@ def _real_gcloud() -> str | None:
 
 
 REAL_GCLOUD = _real_gcloud()
-pytestmark = pytest.mark.skipif(REAL_GCLOUD is None,
-                                reason="the Google Cloud CLI (gcloud) is not installed on this machine")
+pytestmark = [pytest.mark.process,  # runs the deployment's scripts against the real gcloud
+              pytest.mark.skipif(REAL_GCLOUD is None,
+                                 reason="the Google Cloud CLI (gcloud) is not installed on this machine")]
 
 
 @dataclass(frozen=True)

@@ -370,6 +370,7 @@ OPERATOR_COMMANDS: list[tuple[list[str], dict[str, str], str]] = [
 
 @pytest.mark.parametrize(("argv", "env", "says"), OPERATOR_COMMANDS,
                          ids=[" ".join(a)[:30] + str(e)[:30] for a, e, _ in OPERATOR_COMMANDS])
+@pytest.mark.process
 def test_deploy_refuses_hostile_operator_input_in_one_line_without_network(
         argv, env, says, monkeypatch, capsys) -> None:
     from deploy.__main__ import main
@@ -387,6 +388,7 @@ def test_deploy_refuses_hostile_operator_input_in_one_line_without_network(
     (["run", "--sink-mode", "merge"], {"BUCKETLENS_MAX_DELIVERY_ATTEMPTS": "2"}),
     (["backfill", "--bucket", "my-images"], {"BUCKETLENS_BQ_LOCATION": "US; x"}),
 ])
+@pytest.mark.process
 def test_bucketlens_refuses_hostile_operator_input_before_a_model_or_socket(
         argv, env, monkeypatch, capsys) -> None:
     from deploy.cli import main
@@ -435,6 +437,7 @@ COMMANDS: list[tuple[str, list[str], dict[str, str], int, float, str]] = [
 
 @pytest.mark.parametrize(("case", "argv", "env", "code", "seconds", "says"), COMMANDS,
                          ids=[c[0] for c in COMMANDS])
+@pytest.mark.process
 def test_hostile_command_line_fails_fast_in_one_line(case, argv, env, code, seconds,
                                                      says) -> None:
     port = str(closed_port())
@@ -469,6 +472,7 @@ JOB_COMMANDS: list[tuple[list[str], dict[str, str]]] = [
 
 
 @pytest.mark.parametrize(("argv", "env"), JOB_COMMANDS, ids=[c[0][0] for c in JOB_COMMANDS])
+@pytest.mark.process
 def test_bucketlens_command_with_a_hostile_name_is_one_line_and_no_network(
         argv, env, monkeypatch, capsys) -> None:
     from deploy.cli import main
@@ -483,6 +487,7 @@ def test_bucketlens_command_with_a_hostile_name_is_one_line_and_no_network(
     assert err.count("\n") == 1 and " name '" in err and "is invalid" in err, err
 
 
+@pytest.mark.process
 def test_deploy_against_an_endpoint_that_never_answers_stops_at_its_timeout() -> None:
     with socket.socket() as hole:  # accepts connections (the backlog) and never answers
         hole.bind(("127.0.0.1", 0))
@@ -591,6 +596,7 @@ EXTRA_RSS = 200 * 1024 * 1024
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.process
 def test_bucketlens_classify_refuses_decompression_bombs_in_time_and_memory(tmp_path) -> None:
     photo, strip, rgba, photo2 = (tmp_path / n for n in ("cat.jpg", "strip.png", "rgba.png",
                                                          "cat2.jpg"))
@@ -614,6 +620,7 @@ def test_bucketlens_classify_refuses_decompression_bombs_in_time_and_memory(tmp_
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.process
 def test_bucketlens_classify_refuses_a_progressive_jpeg_within_2_s(tmp_path) -> None:
     """300 empty scans over an 8000 x 8000 coefficient buffer: 4.4 KB that took libjpeg 3.5 s
     and 371 MB, and came out ``ok``."""

@@ -81,6 +81,7 @@ def test_missing_pubsub_emulator_is_one_clear_sentence(monkeypatch, tmp_path) ->
 
 
 @pytest.mark.integration
+@pytest.mark.integration  # starts the emulators itself
 def test_down_stops_only_our_processes(tmp_path) -> None:
     state = localstack.up(tmp_path / "run", Settings(), provision=False)
     pids = [s.pid for s in state.services.values()]
@@ -165,6 +166,7 @@ def test_unreachable_emulator_is_one_sentence(monkeypatch) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.integration  # starts the emulators itself
 def test_down_then_up_starts_every_service_empty(tmp_path, monkeypatch) -> None:
     """Pub/Sub and BigQuery keep nothing across a restart, so GCS must not either: an object
     that survived would have no notification and no row."""
@@ -183,6 +185,7 @@ def test_down_then_up_starts_every_service_empty(tmp_path, monkeypatch) -> None:
         localstack.down(tmp_path / "run")
 
 
+@pytest.mark.integration  # starts the emulators itself
 def test_up_starts_again_on_new_ports_when_one_was_taken_meanwhile(tmp_path, monkeypatch) -> None:
     """free_port() only says a port was free a moment ago; a parallel run may take it first."""
     import socket

@@ -518,6 +518,7 @@ def test_if_not_exists_skips_existing_objects_and_default_overwrites(
 
 @pytest.mark.integration
 @pytest.mark.timeout(60)
+@pytest.mark.process
 def test_python_m_producer_stops_cleanly_on_ctrl_c_with_json_last_line(
         isolated: Settings, dataset) -> None:
     env = {**os.environ, **isolated.as_env()}

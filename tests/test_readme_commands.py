@@ -24,6 +24,9 @@ import pytest
 from deploy import cli as app_cli
 from tests.test_cli_usage import ROOT, clean_env
 
+# every test here starts a fresh interpreter or shell, as a user would: `make test`, not `make check`
+pytestmark = pytest.mark.process
+
 README = ROOT / "README.md"
 QUICK_SECTIONS = ("Trying it locally, step by step", "Commands")
 NO_STACK = {"classify"}  # quick commands that need no running stack: these run for real here
@@ -126,6 +129,7 @@ from torchvision.models import _api
 real = _api.load_state_dict_from_url
 _api.load_state_dict_from_url = lambda url, *args, **kwargs: real(sys.argv[1], *args, **kwargs)
 from deploy.cli import main
+
 sys.exit(main(sys.argv[2:]))
 """
 

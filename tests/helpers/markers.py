@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-FIXTURE_MARKERS = {"stack": "integration", "isolated": "integration", "spark": "spark"}
+FIXTURE_MARKERS = {"stack": "integration", "isolated": "integration", "spark": "spark",
+                   "gcs_server": "integration"}  # test_classify's own fake-gcs-server
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
