@@ -55,11 +55,6 @@ class ModelHandler(Protocol):
 
     def load_model(self) -> torch.nn.Module: ...
 
-    @property
-    def has_linear_head(self) -> bool:
-        """Whether the model ends in a Linear layer (the one a trained head replaces)."""
-        return isinstance(self.model.head, torch.nn.Linear)
-
     def preprocess(self, data: bytes) -> torch.Tensor: ...
 
     def run_inference(self, batch: Sequence[bytes]) -> list[Prediction]: ...
@@ -182,6 +177,11 @@ class TorchModelHandler:
             if self._model is None:
                 self._model = self.load_model()
             return self._model
+
+    @property
+    def has_linear_head(self) -> bool:
+        """Whether the model ends in a Linear layer (the one a trained head replaces)."""
+        return isinstance(self.model.head, torch.nn.Linear)
 
     def preprocess(self, data: bytes) -> torch.Tensor:
         """Bytes → model input (3, crop, crop); raises :class:`images.ImageError`."""
