@@ -82,7 +82,7 @@ def job_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_the_virtualenv_imports_the_wheel_and_nothing_from_the_checkout(job_env: Path) -> None:
-    probe = ("import pipeline, schemas, pyspark; from pipeline import catalog; "
+    probe = ("import pipeline, schemas, pyspark; from pipeline.bigquery import catalog; "
              "print(pipeline.__file__, schemas.__file__, pyspark.__version__, "
              "len(catalog.view_templates()))")
     out = subprocess.run([str(job_env / "bin" / "python"), "-c", probe], cwd=job_env,
