@@ -6,8 +6,9 @@ PY     := $(VENV)/bin/python
 EXTRAS ?= local,offline,samples,dashboard,dev
 PYTEST_ARGS ?=
 # pytest-xdist workers for the main suite, each with its own emulator stack and Spark session.
-# Most of a test's time is waiting (emulators, triggers, leases), so 2 on 2 cores pays (3 starve Spark's Python workers past their 10 s connect-back); files
-# stay whole on one worker (--dist loadfile) so a module's fixtures start once.
+# Most of a test's time is waiting (emulators, triggers, leases), so 2 on 2 cores pays; 3 beside
+# the compat run starved Spark's Python workers past their 10 s connect-back. Files stay whole
+# on one worker (--dist loadfile) so a module's fixtures start once.
 WORKERS ?= 2
 # The Spark versions users deploy on besides the newest: Dataproc image 3.0.0-RC1 and Serverless
 # runtime 3.0 run Spark 4.0.0; images 3.0.0–3.0.2 run 4.1.1/4.1.2. Each gets its own virtualenv
