@@ -167,5 +167,5 @@ def test_ten_percent_503s_on_gcs_and_bigquery_lose_and_duplicate_nothing(stack, 
         stop_proxy(bq)
     injected = {name: sum(1 for s in p.seen if s[2] == 503) for name, p in
                 (("gcs", gcs), ("bigquery", bq))}
-    assert injected["gcs"] >= 3 and injected["bigquery"] >= 1, (injected, bq.seen)
+    assert injected["gcs"] >= 3 and injected["bigquery"] >= 1, (injected, bq.seen, pipe.tail())
     assert counts(isolated) == (60, 60, 0), pipe.tail()

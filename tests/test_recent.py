@@ -40,6 +40,20 @@ def test_warm_up_verifies_every_key_then_only_redelivered_or_unmarked_ones() -> 
     assert recent.to_verify({"fresh": 1}) == set()  # the steady state: no query
 
 
+def test_past_the_warm_up_a_message_from_the_backlog_is_looked_up() -> None:
+    """A message that waited longer than the warm-up span (a backfill had time to write its
+    key) or whose age is unknown is verified; a fresh one is not."""
+    clock = Clock()
+    recent = Recent(ack_deadline_seconds=10, trigger_seconds=1, clock=clock)
+    assert recent.to_verify({}) == set() and recent.started is None  # an empty batch: no clock
+    recent.to_verify({"first": 1})
+    clock.now += 22.1
+    attempts = {"fresh": 1, "old": 1, "unknown": 1, "again": 2}
+    ages = {"fresh": 3.0, "old": 22.5, "unknown": None, "again": 1.0}
+    assert recent.to_verify(attempts, ages) == {"old", "unknown", "again"}
+    assert recent.to_verify({"fresh": 1}, {"fresh": 21.9}) == set()
+
+
 def test_memory_is_bounded_and_forgets_the_oldest_first() -> None:
     recent = Recent(60, capacity=3)
     recent.remember(["a", "b", "c"])

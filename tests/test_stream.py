@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -16,6 +17,7 @@ from pipeline import clients
 from pipeline.bigquery.views import create_views
 from pipeline.stream import executor
 from pipeline.stream import job as stream
+from pipeline.times import to_micros
 from producer.datasets import discover, sample_dataset
 from producer.replay import replay
 from tests.helpers.stream import drained, keys, publish, rows_of, upload_samples, wait_rows
@@ -205,19 +207,22 @@ def test_a_micro_batch_is_one_spark_job(spark, isolated) -> None:
 
 def test_a_steady_batch_asks_bigquery_nothing(spark, isolated) -> None:
     """Past the warm-up, the driver's memory replaces the key lookup: no query job for fresh
-    or repeated keys, one for redelivered messages; a restarted run looks everything up."""
+    or repeated keys, one for redelivered messages or messages from the backlog (another
+    writer, a backfill, had time to write them); a restarted run looks everything up."""
     from pipeline.stream.source import SCHEMA
 
-    items = discover(sample_dataset())[:4]
-    objects = replay(items, isolated, rate=50, limit=4, progress=False).objects
+    items = discover(sample_dataset())[:5]
+    objects = replay(items, isolated, rate=50, limit=5, progress=False).objects
 
-    def batch(objs, attempt: int | None, prefix: str, poison: bool = False):
-        msgs = [(f"{prefix}{i}", None, {"eventType": "OBJECT_FINALIZE",
-                                        "bucketId": isolated.bucket, "objectId": name,
-                                        "objectGeneration": str(gen)}, b"", attempt)
+    def batch(objs, attempt: int | None, prefix: str, poison: bool = False,
+              waited: float = 0.0):
+        published = to_micros(datetime.now(UTC) - timedelta(seconds=waited))
+        msgs = [(f"{prefix}{i}", published, {"eventType": "OBJECT_FINALIZE",
+                                             "bucketId": isolated.bucket, "objectId": name,
+                                             "objectGeneration": str(gen)}, b"", attempt)
                 for i, (name, gen) in enumerate(objs)]
         if poison:
-            msgs.append(("poison", None, {"eventType": "OBJECT_FINALIZE"}, b"\x00", attempt))
+            msgs.append(("poison", published, {"eventType": "OBJECT_FINALIZE"}, b"\x00", attempt))
         return spark.createDataFrame(msgs, SCHEMA)
 
     processor = stream.BatchProcessor(isolated)
@@ -227,16 +232,19 @@ def test_a_steady_batch_asks_bigquery_nothing(spark, isolated) -> None:
     assert (first.inserted, first.poison, calls["query"]) == (2, 1, 0)
     again = processor.process(batch(objects[:2], 1, "b", poison=True), 2)  # republished copies
     assert (again.inserted, again.already_done, calls["query"]) == (0, 2, 0)
-    redelivered = processor.process(batch(objects[2:], 2, "c"), 3)
+    redelivered = processor.process(batch(objects[2:4], 2, "c"), 3)
     # only BigQuery can vouch for these: looked up, and again right before the append
     assert (redelivered.inserted, calls["query"]) == (2, 2)
     unmarked = processor.process(batch(objects[:1], None, "d"), 4)  # no dead-letter policy
     assert (unmarked.inserted, unmarked.already_done, calls["query"]) == (0, 1, 2)  # memory
+    backlog = processor.process(
+        batch(objects[4:], 1, "f", waited=processor.recent.warmup_seconds + 5), 5)
+    assert (backlog.inserted, calls["query"]) == (1, 4)  # first delivery, but an old message
     assert processor.sink.writer.connections == 2  # predictions, dead letters: kept open
 
     restarted = stream.BatchProcessor(isolated)  # warming up: a predecessor may have written
-    late = restarted.process(batch(objects, 1, "e", poison=True), 5)
-    assert (late.inserted, late.already_done) == (0, 4)
+    late = restarted.process(batch(objects, 1, "e", poison=True), 6)
+    assert (late.inserted, late.already_done) == (0, 5)
     assert restarted.sink.calls["query"] == 2  # predictions and dead letters, looked up once
-    assert len(rows_of(isolated)) == 4
+    assert len(rows_of(isolated)) == 5
     assert len(rows_of(isolated, table=isolated.dead_letter_table)) == 1

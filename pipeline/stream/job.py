@@ -50,6 +50,7 @@ from pipeline.stream.executor import (
     work_row,
 )
 from pipeline.stream.recent import Recent
+from pipeline.times import utc
 
 log = logging.getLogger("bucketlens.stream")
 
@@ -213,7 +214,9 @@ class BatchProcessor:
             attempts = dict.fromkeys(attempts)  # a redelivered copy of some key: verify all
         known = [n for n in todo if n.key in self.recent]
         todo = [n for n in todo if n.key not in self.recent]
-        verify = self.recent.to_verify({n.key: attempts[n.key] for n in todo})
+        now = datetime.now(UTC)
+        verify = self.recent.to_verify({n.key: attempts[n.key] for n in todo},
+                                       {n.key: waited(n, now) for n in todo})
         done = self.sink.existing_keys([n for n in todo if n.key in verify]) if verify else set()
         report.already_done = len(known) + len(done)
         found = [n for n in todo if n.key in done]  # written before: by a predecessor?
@@ -259,6 +262,13 @@ class BatchProcessor:
         verify = self.recent.to_verify(attempts)
         getattr(self.sink, write)([r for _, r, _ in fresh], batch_id, verify=verify)
         self.recent.remember(("table", key, k) for k, _, _ in fresh)
+
+
+def waited(n: Notification, now: datetime) -> float | None:
+    """Seconds since the earliest time the notification carries (its object's creation, the
+    event, the publish): how long another writer may have known the object; None if none."""
+    times = [utc(t) for t in (n.created, n.event_time, n.publish_time) if t is not None]
+    return (now - min(times)).total_seconds() if times else None
 
 
 def _worst(a: int | None, b: int | None) -> int | None:

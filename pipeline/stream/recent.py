@@ -1,7 +1,7 @@
 """What this run has written: the driver's memory that spares a BigQuery query per batch.
 
     memory = Recent(ack_deadline_seconds=60, trigger_seconds=5)
-    check = memory.to_verify(keys, attempts)   # the keys only BigQuery can vouch for
+    check = memory.to_verify(attempts, ages)   # the keys only BigQuery can vouch for
     ...write, then memory.remember(keys)
 
 A key lookup is a query job: on real BigQuery ~0.5–2 s and at least 10 MB billed per table
@@ -16,10 +16,16 @@ this run's memory:
   run's first pull;
 * a message Pub/Sub marks as redelivered (``delivery_attempt`` > 1, set where the subscription
   has a dead-letter policy; without one it is unknown, and every key is looked up);
+* a message that waited in the backlog longer than the warm-up span (its object older than
+  that when the batch reads it): another writer had time to write its key — above all
+  ``bucketlens backfill``, which lists the bucket while the stream catches up, or a
+  predecessor whose run outlived a lease. A stream that keeps up reads messages seconds old,
+  so this costs a query only while it works through a backlog, once per batch, not per key;
 * a key this run forgot (the memory holds the newest ``capacity`` keys).
 
-What stays possible — GCS publishing one generation's notification twice far apart, two
-writers racing — is absorbed by the views (one row per key) and ``bucketlens compact``.
+What stays possible — GCS publishing one generation's notification twice far apart, a
+backfill and the stream writing an object within seconds of its upload — is absorbed by the
+views (one row per key) and ``bucketlens compact``.
 """
 
 from __future__ import annotations
@@ -41,7 +47,8 @@ class Recent:
         # Spark and the model, while a predecessor's leases keep running out
         self.started: float | None = None
         # a predecessor's leases run out within one ack deadline of its death; the second
-        # deadline and two triggers cover messages pulled at the end of that time
+        # deadline and two triggers cover messages pulled at the end of that time. A message
+        # older than this when read is "from the backlog" (see the module docstring).
         self.warmup_seconds = 2 * ack_deadline_seconds + 2 * trigger_seconds
         self._keys: dict[Hashable, None] = {}
 
@@ -63,11 +70,16 @@ class Recent:
         while len(self._keys) > self.capacity:
             del self._keys[next(iter(self._keys))]
 
-    def to_verify(self, attempts: dict[Hashable, int | None]) -> set[Hashable]:
-        """Of the keys (with their messages' highest delivery attempt), those only BigQuery can
-        vouch for: all of them while warming up, else the redelivered or unknown ones."""
-        if self.started is None:
-            self.started = self.clock()  # the first batch starts the warm-up
+    def to_verify(self, attempts: dict[Hashable, int | None],
+                  ages: dict[Hashable, float | None] | None = None) -> set[Hashable]:
+        """Of the keys (with their messages' highest delivery attempt and, where given, their
+        age in seconds), those only BigQuery can vouch for: all of them while warming up, else
+        the redelivered, unmarked, old or unknown-age ones. The first call with keys starts the
+        warm-up: a start whose first batches are empty (a replayed batch an earlier run
+        planned) has not read a predecessor's messages yet."""
+        if self.started is None and attempts:
+            self.started = self.clock()
         if self.warming_up:
             return set(attempts)
-        return {k for k, a in attempts.items() if a is None or a > 1}
+        stale = {k for k, a in (ages or {}).items() if a is None or a > self.warmup_seconds}
+        return {k for k, a in attempts.items() if a is None or a > 1} | (stale & set(attempts))
