@@ -44,7 +44,7 @@ test: venv compat chromium
 	$(VENV)/bin/ruff check .
 	@mkdir -p .bucketlens
 	@$(MAKE) --no-print-directory test-compat > .bucketlens/test-compat.log 2>&1 & compat=$$!; \
-	$(PY) -m pytest -ra -n $(WORKERS) --dist loadfile $(PYTEST_ARGS); main=$$?; \
+	$(PY) -m pytest -ra --durations=30 -n $(WORKERS) --dist loadfile $(PYTEST_ARGS); main=$$?; \
 	wait $$compat; other=$$?; cat .bucketlens/test-compat.log; \
 	echo "== main suite exit $$main, compat exit $$other"; \
 	test $$main -eq 0 && test $$other -eq 0
