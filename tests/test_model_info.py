@@ -25,6 +25,7 @@ from pipeline.model import bundles, cache, specs
 from pipeline.model import handler as model_handler
 from pipeline.model import weights as model_weights
 from pipeline.stream import job
+from tests.test_classify import gcs_server  # noqa: F401 - a fixture
 
 LITE0_FEATURES = 1280  # what efficientnet_lite0's backbone gives a bundle's head
 
@@ -173,31 +174,21 @@ def test_the_check_refuses_what_loading_would_in_the_same_sentence(
     assert "missing.pth" in said["missing"] and "--model efficientnet_lite0" in said["missing"]
 
 
-def test_a_missing_gs_object_is_refused_without_downloading(no_loading, monkeypatch) -> None:
-    class Blob:
-        def __init__(self, name: str) -> None:
-            self.name = name
+@pytest.mark.usefixtures("gcs_server")
+def test_a_missing_gs_object_is_refused_without_downloading(no_loading) -> None:
+    from pipeline.clients import storage_client
 
-        def exists(self) -> bool:
-            return self.name == "mnv2/there.pth"
-
-        def download_as_bytes(self, *args, **kwargs) -> bytes:
-            raise Loaded("downloaded the weights")
-
-    class Client:
-        def bucket(self, name: str):
-            assert name == "models"
-            return type("Bucket", (), {"blob": lambda _self, blob: Blob(blob)})()
-
-    monkeypatch.setattr("pipeline.clients.storage_client", lambda settings: Client())
+    client = storage_client(Settings())
+    client.create_bucket("models").blob("mnv2/there.pth").upload_from_string(b"not read")
     no_loading()
     there = Settings(model="mobilenet_v2", weights="gs://models/mnv2/there.pth")
     assert model_handler.check_model(there).version == "gs://models/mnv2/there.pth"
-    with pytest.raises(specs.ModelUnavailableError) as caught:
-        model_handler.check_model(there.replace(weights="gs://models/mnv2/gone.pth"))
-    message = str(caught.value)
-    assert message.startswith("Cannot load weights gs://models/mnv2/gone.pth (") and \
-        "--model efficientnet_lite0" in message and "\n" not in message
+    for gone in ("gs://models/mnv2/gone.pth", "gs://no-such-bucket/w.pth"):
+        with pytest.raises(specs.ModelUnavailableError) as caught:
+            model_handler.check_model(there.replace(weights=gone))
+        message = str(caught.value)
+        assert message.startswith(f"Cannot load weights {gone} (") and \
+            "--model efficientnet_lite0" in message and "\n" not in message
 
 
 # --------------------------------------------------------------------------- the driver
