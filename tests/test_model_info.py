@@ -40,14 +40,20 @@ def no_loading(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
     by ``monkeypatch.undo`` (or at the test's end)."""
 
     def forbid() -> None:
-        def refuse(*args, **kwargs):
-            raise Loaded(f"loaded a model: {args!r:.120}")
-
         for owner, name in [(cache, "shared_base"), (cache, "build_model"),
                             (model_weights, "build_model"), (model_weights, "read_state_dict"),
                             (torch, "load"), (torchvision.models, "get_model"),
                             (torch.hub, "load_state_dict_from_url")]:
-            monkeypatch.setattr(owner, name, refuse)
+            monkeypatch.setattr(owner, name, refusing(getattr(owner, name), name == "get_model"))
+
+    def refusing(real: Callable, architecture: bool) -> Callable:
+        def refuse(*args, **kwargs):
+            if architecture and torch.get_default_device().type == "meta" and \
+                    kwargs.get("weights") is None:
+                return real(*args, **kwargs)  # an architecture without parameters: no load
+            raise Loaded(f"loaded a model: {args!r:.120}")
+
+        return refuse
 
     return forbid
 
@@ -76,10 +82,11 @@ def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mobilenet_file: 
 
 
 def make_bundle(location: Path, *, bias: float = 0.0, labels=("cat", "dog", "fish"),
-                base: str = specs.EFFICIENTNET_LITE0, base_weights: str = "") -> str:
-    """A bundle (its head sized for efficientnet_lite0, as for mobilenet_v2); returns its
-    version URI."""
-    weight = torch.zeros(len(labels), LITE0_FEATURES)
+                base: str = specs.EFFICIENTNET_LITE0, base_weights: str = "",
+                features: int = LITE0_FEATURES) -> str:
+    """A bundle (its head sized for efficientnet_lite0, as for mobilenet_v2, by default);
+    returns its version URI."""
+    weight = torch.zeros(len(labels), features)
     head = bundles.head_bytes(weight, torch.full((len(labels),), bias))
     manifest = bundles.build_manifest(
         name="pets", base={"model": base, "weights": base_weights},
@@ -155,23 +162,35 @@ def test_the_check_refuses_what_loading_would_in_the_same_sentence(
     lite0_named = Settings(model=specs.EFFICIENTNET_LITE0, weights="IMAGENET1K_V1")
     no_bundle = Settings(model=str(tmp_path / "nothing-here"))
     (tmp_path / "nothing-here").mkdir()
+    misfit = Settings(model=make_bundle(tmp_path / "misfit", features=4))
+    refused = [("missing", missing), ("unknown", unknown), ("named", lite0_named),
+               ("bundle", no_bundle), ("misfit", misfit)]
     said = {}
     no_loading()
-    for name, settings in [("missing", missing), ("unknown", unknown), ("named", lite0_named),
-                           ("bundle", no_bundle)]:
+    for name, settings in refused:
         with pytest.raises((specs.ModelUnavailableError, bundles.BundleError)) as caught:
             model_handler.check_model(settings)
         said[name] = str(caught.value)
     assert model_handler.model_info(missing).version == str(tmp_path / "missing.pth")  # no check
     monkeypatch.undo()
     model_handler.forget_handlers()
-    for name, settings in [("missing", missing), ("unknown", unknown), ("named", lite0_named),
-                           ("bundle", no_bundle)]:
+    for name, settings in refused:
         with pytest.raises((specs.ModelUnavailableError, bundles.BundleError)) as caught:
             model_handler.get_handler(settings)
         assert said[name] == str(caught.value)  # word for word what loading says
         assert "\n" not in said[name]
     assert "missing.pth" in said["missing"] and "--model efficientnet_lite0" in said["missing"]
+    assert said["misfit"].endswith("its head takes 4 features but base model "
+                                   "efficientnet_lite0 gives 1280.")
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18", "vit_b_16", "efficientnet_lite0"])
+def test_feature_size_is_what_the_loaded_base_gives_its_head(name, no_loading) -> None:
+    base = cache.split_head(model_weights._lite0_class().from_name("efficientnet-lite0")
+                            if name == specs.EFFICIENTNET_LITE0
+                            else torchvision.models.get_model(name, weights=None))
+    no_loading()
+    assert model_weights.feature_size(name) == base.head.in_features
 
 
 @pytest.mark.usefixtures("gcs_server")
@@ -200,6 +219,7 @@ def test_model_choice_and_its_watcher_never_load_a_network(tmp_path, no_loading)
     second = make_bundle(location, bias=1.0)
     broken = make_bundle(location, bias=2.0)
     (Path(broken) / "head.safetensors").write_bytes(b"\0" * 64)
+    misfit = make_bundle(location, features=4)  # loads, but fits no efficientnet_lite0
     no_loading()
     plain = job.ModelChoice(Settings(model=specs.EFFICIENTNET_LITE0))
     assert plain.for_batch() == (plain.settings, model_handler.model_info(plain.settings))
@@ -213,7 +233,9 @@ def test_model_choice_and_its_watcher_never_load_a_network(tmp_path, no_loading)
     bundles.write_bytes(bundles.join(str(location), bundles.POINTER),  # promote would refuse it
                         f"{Path(broken).name}\n".encode(), Settings())
     assert choice.for_batch()[0].model == second  # a broken version is refused, as before
-    assert broken in choice.watcher.refused
+    bundles.promote(str(location), Path(misfit).name, Settings())
+    assert choice.for_batch()[0].model == second  # so is a head that does not fit the base
+    assert {broken, misfit} <= choice.watcher.refused
 
 
 def test_a_model_choice_refuses_missing_weights_at_once(tmp_path, no_loading) -> None:

@@ -153,11 +153,23 @@ def model_info(settings: Settings) -> ModelInfo:
 
 def check_model(settings: Settings) -> ModelInfo:
     """:func:`model_info`, after refusing in one sentence what is certainly missing (a weights
-    file or object, the offline model's package), without reading any weights: the driver's
-    fail-fast before executors load the model."""
+    file or object, the offline model's package) or wrong (a bundle's head that does not fit
+    its base), without reading any weights: the driver's fail-fast before executors load."""
     described = describe_model(settings)
     weights.check_available(described.base_name, described.source, settings)
+    if described.bundle is not None:
+        check_head_fits(described.bundle, described.base_name,
+                        weights.feature_size(described.base_name))
     return described.info
+
+
+def check_head_fits(bundle: bundles.Bundle, base_name: str, features: int | None) -> None:
+    """Refuse a bundle whose head does not take the ``features`` its base gives (None: the
+    base ends in no Linear layer, so no head fits)."""
+    if features != bundle.weight.shape[1]:
+        raise bundles.BundleError(
+            f"{bundle.uri}: its head takes {bundle.weight.shape[1]} features but "
+            f"base model {base_name} gives {'no' if features is None else features}.")
 
 
 # --------------------------------------------------------------------------- the handler
@@ -203,11 +215,8 @@ class TorchModelHandler:
         base = cache.shared_base(self.base_name, self.source, self.settings, self.device)
         if self.bundle is None:
             return Classifier(base.backbone, base.head or torch.nn.Identity())
-        if base.head is None or base.head.in_features != self.bundle.weight.shape[1]:
-            size = base.head.in_features if base.head is not None else "no"
-            raise bundles.BundleError(
-                f"{self.bundle.uri}: its head takes {self.bundle.weight.shape[1]} features but "
-                f"base model {self.base_name} gives {size}.")
+        check_head_fits(self.bundle, self.base_name,
+                        base.head.in_features if base.head is not None else None)
         head = torch.nn.Linear(*reversed(self.bundle.weight.shape))
         with torch.no_grad():
             head.weight.copy_(self.bundle.weight)

@@ -96,6 +96,19 @@ def check_available(name: str, source: WeightsSource, settings: Settings) -> Non
             raise _unavailable(f"weights {source.value}", FileNotFoundError("no such object"))
 
 
+def feature_size(name: str) -> int | None:
+    """How many features ``name``'s last Linear layer takes (what a bundle's head replaces it
+    with must take); None without one. From the architecture alone: built on the meta device,
+    so no parameter is allocated, initialised or read (milliseconds)."""
+    with torch.device("meta"):
+        if name == EFFICIENTNET_LITE0:
+            model = _lite0_class().from_name("efficientnet-lite0")
+        else:
+            model = torchvision.models.get_model(name, weights=None)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    return linears[-1].in_features if linears else None
+
+
 def build_model(name: str, source: WeightsSource, settings: Settings) -> torch.nn.Module:
     """Construct ``name`` with its parameters loaded; download errors become one sentence."""
     if name == EFFICIENTNET_LITE0:
