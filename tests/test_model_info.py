@@ -7,8 +7,12 @@ paths (``ModelChoice``, the location watcher, ``run``'s fail-fast) must never bu
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import http.server
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
 from urllib.parse import urlparse
@@ -25,7 +29,10 @@ from pipeline.model import bundles, cache, specs
 from pipeline.model import handler as model_handler
 from pipeline.model import weights as model_weights
 from pipeline.stream import job
-from tests.test_classify import gcs_server  # noqa: F401 - a fixture
+from tests.test_classify import (
+    free_port,
+    gcs_server,  # noqa: F401 - a fixture
+)
 
 LITE0_FEATURES = 1280  # what efficientnet_lite0's backbone gives a bundle's head
 
@@ -208,6 +215,92 @@ def test_a_missing_gs_object_is_refused_without_downloading(no_loading) -> None:
         message = str(caught.value)
         assert message.startswith(f"Cannot load weights {gone} (") and \
             "--model efficientnet_lite0" in message and "\n" not in message
+
+
+# --------------------------------------------------------------------------- torchvision's weights
+
+
+def point_weights_at(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    """Every torchvision weights entry's URL becomes ``url``, for the check and loading alike
+    (both read ``WeightsEnum.url``)."""
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "url", property(lambda _: url))
+
+
+@pytest.fixture
+def served(tmp_path: Path, mobilenet_file: Path) -> Iterator[str]:
+    """The URL of the random MobileNetV2 state dict on a loopback server, under the name whose
+    hash prefix torch.hub checks."""
+    root = tmp_path / "served"
+    root.mkdir()
+    name = f"mobilenet_v2-{hashlib.sha256(mobilenet_file.read_bytes()).hexdigest()[:8]}.pth"
+    (root / name).write_bytes(mobilenet_file.read_bytes())
+    quiet = type("Quiet", (http.server.SimpleHTTPRequestHandler,), {"log_message": lambda *_: None})
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(quiet, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/{name}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("weights", ["", "IMAGENET1K_V1"])
+def test_cached_torchvision_weights_are_neither_downloaded_nor_read(
+        weights, torch_home, no_loading, monkeypatch) -> None:
+    before = {p.name: p.read_bytes() for p in torch_home.iterdir()}
+    no_loading()
+    monkeypatch.setattr(torch.hub, "download_url_to_file",
+                        lambda *args, **kwargs: pytest.fail(f"downloaded {args!r:.120}"))
+    settings = Settings(model="mobilenet_v2", weights=weights)
+    assert model_handler.check_model(settings) == model_handler.model_info(settings)
+    assert {p.name: p.read_bytes() for p in torch_home.iterdir()} == before
+
+
+def test_uncached_torchvision_weights_are_downloaded_where_loading_finds_them(
+        tmp_path, served, mobilenet_file, no_loading, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    point_weights_at(monkeypatch, served)
+    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / os.path.basename(served)
+    no_loading()
+    settings = Settings(model="mobilenet_v2")
+    assert model_handler.check_model(settings) == model_handler.model_info(settings)
+    assert cached.read_bytes() == mobilenet_file.read_bytes()
+    assert capsys.readouterr().out == ""  # stdout may be a command's data
+    monkeypatch.undo()  # an executor on this machine: loads from the cache, the server gone
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    point_weights_at(monkeypatch, f"http://127.0.0.1:{free_port()}/{cached.name}")
+    model_handler.forget_handlers()
+    loaded = model_handler.get_handler(settings)
+    served_model = torchvision.models.mobilenet_v2(weights=None)
+    served_model.load_state_dict(torch.load(mobilenet_file, weights_only=True))
+    x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():  # the executor's network is the served file's
+        torch.testing.assert_close(loaded.model(x), served_model.eval()(x))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("weights", ["", "IMAGENET1K_V1"])
+def test_unreachable_torchvision_weights_are_refused_in_loadings_sentence(
+        weights, tmp_path, no_loading, monkeypatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    url = f"http://127.0.0.1:{free_port()}/mobilenet_v2-7ebf99e0.pth"  # nothing listens
+    point_weights_at(monkeypatch, url)
+    settings = Settings(model="mobilenet_v2", weights=weights)
+    no_loading()
+    with pytest.raises(specs.ModelUnavailableError) as checked:
+        model_handler.check_model(settings)
+    said = str(checked.value)
+    monkeypatch.undo()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    point_weights_at(monkeypatch, url)
+    model_handler.forget_handlers()
+    with pytest.raises(specs.ModelUnavailableError) as loading:
+        model_handler.get_handler(settings)
+    assert said == str(loading.value)  # word for word
+    assert said.startswith("Cannot load the MobileNet_V2_Weights.IMAGENET1K_V") and \
+        "--model efficientnet_lite0" in said and "\n" not in said
+    assert not list((tmp_path / "torch_home").rglob("*.pth*"))  # no partial file left
 
 
 # --------------------------------------------------------------------------- the driver

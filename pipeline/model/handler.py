@@ -153,7 +153,8 @@ def model_info(settings: Settings) -> ModelInfo:
 
 def check_model(settings: Settings) -> ModelInfo:
     """:func:`model_info`, after refusing in one sentence what is certainly missing (a weights
-    file or object, the offline model's package) or wrong (a bundle's head that does not fit
+    file or object, the offline model's package, torchvision weights neither cached nor
+    downloadable: fetched into torch.hub's cache) or wrong (a bundle's head that does not fit
     its base), without reading any weights: the driver's fail-fast before executors load."""
     described = describe_model(settings)
     weights.check_available(described.base_name, described.source, settings)

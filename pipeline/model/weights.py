@@ -8,8 +8,10 @@ from __future__ import annotations
 import errno
 import io
 import os
+import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 import torchvision
@@ -70,13 +72,45 @@ def _lite0_class() -> Any:
     return EfficientNet
 
 
+def _torchvision_weights(name: str, entry: torchvision.models.WeightsEnum) -> str:
+    return f"the {entry} weights of {name}"
+
+
+def hub_checkpoint(entry: torchvision.models.WeightsEnum) -> Path:
+    """Where torchvision's loader (``torch.hub.load_state_dict_from_url``) looks for, and
+    downloads, ``entry``'s file: torch.hub's cache, under the URL's basename."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(entry.url).path)
+
+
+def fetch_checkpoint(name: str, entry: torchvision.models.WeightsEnum) -> Path:
+    """``entry``'s file in torch.hub's cache, downloaded there first if missing (hash-checked,
+    as torchvision's loader does), so that loading on this machine reads it from the cache; a
+    failed download is refused in loading's sentence. The file is not read."""
+    path = hub_checkpoint(entry)
+    if path.exists():  # what load_state_dict_from_url checks before downloading
+        return path
+    # check_hash=True, as every torchvision builder passes: the name's "-<hex>." prefix
+    digest = torch.hub.HASH_REGEX.search(path.name)
+    print(f"Downloading {entry.url} to {path}", file=sys.stderr)  # stdout may be data
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(entry.url, str(path), digest.group(1) if digest else None,
+                                       progress=False)
+    except Exception as exc:
+        raise _unavailable(_torchvision_weights(name, entry), exc) from exc
+    return path
+
+
 def check_available(name: str, source: WeightsSource, settings: Settings) -> None:
     """Refuse, in the sentence loading would, weights that are certainly not there (a missing
     file or ``gs://`` object, EfficientNet-Lite0 without its packages), reading none of them.
 
-    torchvision's own weights are not checked: where the model is built they come from its
-    cache or a download, which only loading can tell.
+    torchvision's own weights are fetched into torch.hub's cache if they are not there yet:
+    an unreachable download fails here, once, rather than in every executor's task.
     """
+    if name != EFFICIENTNET_LITE0 and source.kind in ("default", "named"):
+        fetch_checkpoint(name, weights_enum(name, source))
+        return
     if name == EFFICIENTNET_LITE0:
         _lite0_class()
         if source.kind == "default":
@@ -125,7 +159,7 @@ def build_model(name: str, source: WeightsSource, settings: Settings) -> torch.n
         try:  # torchvision's own path: TORCH_HOME cache, else download with hash check
             return torchvision.models.get_model(name, weights=weights)
         except Exception as exc:
-            raise _unavailable(f"the {weights} weights of {name}", exc) from exc
+            raise _unavailable(_torchvision_weights(name, weights), exc) from exc
     model = torchvision.models.get_model(name, weights=None)
     _load_into(model, read_state_dict(source, settings), source.value)
     return model
