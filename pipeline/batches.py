@@ -22,7 +22,7 @@ class BatchReport:
     classified: int = 0
     inserted: int = 0
     errors: int = 0
-    alerts: int = 0  # messages published to the alert topic (pipeline.alerts)
+    alerts: int = 0  # messages published to the alert topic (pipeline.stream.alerts)
     seconds: float = 0.0
     statuses: dict[str, int] = field(default_factory=dict)
     workers: dict[int, int] = field(default_factory=dict)  # worker pid → model loads there

@@ -13,9 +13,9 @@ uploads began, is rarely whole — or the one holding ``drift_baseline``):
 * ``embedding_shift``: cosine distance between the window's and the baseline's mean embedding.
 
 The stream runs the same SQL (``window_sql``) for a window once it sees an upload from a later
-window (``Watch``), and publishes what a drift rule (``pipeline.alerts``) says crossed its
+window (``Watch``), and publishes what a drift rule (``pipeline.stream.alerts``) says crossed its
 threshold. Uploads of a window that arrive after it was judged count in the views, not in its
-alert. Pure: ``pipeline.alerts.judge`` runs the SQL.
+alert. Pure: ``pipeline.stream.alerts.judge`` runs the SQL.
 """
 
 from __future__ import annotations

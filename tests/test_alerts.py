@@ -8,10 +8,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from pipeline import alerts, drift
-from pipeline.alerts import BadRules, parse_rules
+from pipeline import drift
 from pipeline.config import Settings
 from pipeline.names import InvalidSetting
+from pipeline.stream import alerts
+from pipeline.stream.alerts import BadRules, parse_rules
 
 
 def row(label: str = "tabby", prob: float = 0.9, status: str = "ok", name: str = "up/a.jpg",

@@ -10,9 +10,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from pipeline import alerts, clients
+from pipeline import clients
 from pipeline.config import Settings
 from pipeline.model import handler
+from pipeline.stream import alerts
 from producer.datasets import discover, sample_dataset
 from producer.replay import schedule
 from tests.helpers.drift import RULES, drifted_dataset

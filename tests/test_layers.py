@@ -21,6 +21,17 @@ ALLOWED = {  # package -> project packages it may import
     "deploy": {"pipeline", "producer", "deploy", "schemas"},
 }
 DYNAMIC_IMPORTERS = {"__import__", "import_module", "add_lazy_command"}
+# Inside ``pipeline``: the flat core modules (config, names, times, notifications, ...) at the
+# bottom; ``model`` (the only room with torch) and ``bigquery`` on the core alone; ``stream``
+# on those; ``commands`` on top. Each room's ``__init__`` says the same in words.
+ROOMS = ("model", "bigquery", "stream", "commands")
+ROOM_ALLOWED = {
+    "core": {"core"},
+    "model": {"core", "model"},
+    "bigquery": {"core", "bigquery"},
+    "stream": {"core", "model", "bigquery", "stream"},
+    "commands": {"core", "model", "bigquery", "stream", "commands"},
+}
 
 
 def module_name(path: Path) -> str:
@@ -71,6 +82,29 @@ def test_each_layer_imports_only_the_layers_below_it(package: str) -> None:
            for name, path in project_modules().items() if name.split(".")[0] == package
            for imp in imports_of(path) if imp.split(".")[0] not in ALLOWED[package]}
     assert not bad, sorted(bad)
+
+
+def room(module: str) -> str:
+    """The room of a ``pipeline`` module: ``pipeline.stream.job`` → stream, ``pipeline.names`` →
+    core (the package marker ``pipeline`` itself too)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in ROOMS else "core"
+
+
+def test_rooms_of_pipeline_import_only_the_rooms_below_them() -> None:
+    modules = project_modules()
+    assert {room(m) for m in modules if m.startswith("pipeline.")} == set(ROOM_ALLOWED)
+    bad = {f"{name} ({room(name)}) imports {imp} ({room(imp)})"
+           for name, path in modules.items() if name.split(".")[0] == "pipeline"
+           for imp in imports_of(path)
+           if imp.split(".")[0] == "pipeline" and room(imp) not in ROOM_ALLOWED[room(name)]}
+    assert not bad, sorted(bad)
+
+
+def test_room_of() -> None:
+    assert [room(m) for m in ("pipeline", "pipeline.names", "pipeline.stream",
+                              "pipeline.stream.job.BatchProcessor", "pipeline.commands.cli")] \
+        == ["core", "core", "stream", "stream", "commands"]
 
 
 def test_the_check_sees_a_late_and_a_by_name_import(tmp_path: Path) -> None:

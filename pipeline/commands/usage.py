@@ -82,7 +82,7 @@ def check_run(args: argparse.Namespace) -> None:
     check_model(settings.model)
     check_weights(settings.weights)
     if settings.alerts and not settings.alerts.startswith("gs://"):
-        from pipeline.alerts import check_fits, load_rules
+        from pipeline.stream.alerts import check_fits, load_rules
 
         check_fits(load_rules(settings.alerts), settings)
 

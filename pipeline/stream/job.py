@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
-from pipeline.alerts import Alerter
 from pipeline.batches import BatchReport
 from pipeline.bigquery.catalog import DEAD_LETTER_KEY, EVENT_KEY
 from pipeline.bigquery.rows import event_record
@@ -35,6 +34,7 @@ from pipeline.model import bundles, handler
 from pipeline.names import printable
 from pipeline.notifications import Notification, ObjectKey, dedupe
 from pipeline.status import CLASSIFIED
+from pipeline.stream.alerts import Alerter
 from pipeline.stream.executor import (
     BATCH_SCHEMA,
     DEAD,
@@ -237,7 +237,7 @@ class BatchProcessor:
             (k.bucket, k.name, k.generation) for k in done}
         write_results(todo, results, settings, self.sink, batch_id, model, report, verify=keys)
         self.recent.remember([*done, *(n.key for n in todo)])
-        if self.alerter is not None:  # after the write, before the commit (pipeline.alerts);
+        if self.alerter is not None:  # after the write, before the commit (pipeline.stream.alerts);
             # a failure here fails the query, and with it this run's memory of the keys
             by_key = {ObjectKey(r.bucket, r.name, r.generation): r for r in results}
             now = datetime.now(UTC)
