@@ -161,9 +161,9 @@ def prefix_condition(uri: str) -> dict[str, str]:
 
     The prefix lands inside a CEL string literal: ``names.object_prefix`` refuses the quote or
     backslash that would end it (a configured ``jsonl_uri`` is refused earlier, by Settings)."""
-    from pipeline.names import object_prefix
+    from pipeline.names import object_prefix, split_gs
 
-    bucket, _, prefix = uri.removeprefix("gs://").partition("/")
+    bucket, prefix = split_gs(uri)
     object_prefix(prefix)
     under = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
     return {"title": JSONL_OUTPUT_CONDITION_TITLE, "description": f"objects under {uri}",
@@ -279,7 +279,9 @@ class BucketPolicy(_BindingsPolicy):
 
 def prefix_policy(storage: Any, uri: str) -> BucketPolicy:
     """The policy of ``uri``'s bucket, its grants limited to the objects under ``uri``."""
-    return BucketPolicy(storage.bucket(uri.removeprefix("gs://").partition("/")[0]),
+    from pipeline.names import split_gs
+
+    return BucketPolicy(storage.bucket(split_gs(uri)[0]),
                         prefix_condition(uri))
 
 

@@ -161,11 +161,29 @@ def object_prefix(prefix: str, kind: str = "object prefix") -> str:
     return prefix
 
 
+GS = "gs://"
+
+
+def split_gs(uri: str, kind: str = "", *, object_name: bool = False) -> tuple[str, str]:
+    """``gs://BUCKET/PATH`` → ``("BUCKET", "PATH")``: the one reading of a GCS URI.
+
+    ``PATH`` comes back as written (empty, or ending in "/", for a prefix); with ``object_name``
+    it must name something below the bucket. Another scheme or no bucket is refused in one
+    sentence, as a setting (``kind`` given: "jsonl_uri '…' is invalid: …") or as an argument.
+    """
+    name, _, path = uri.removeprefix(GS).partition("/")
+    if uri.startswith(GS) and name and (path.strip("/") or not object_name):
+        return name, path
+    shape = "gs://BUCKET/NAME" if object_name else "gs://BUCKET/PREFIX"
+    if kind:
+        raise _fail(kind, uri, f"it must be {shape}", noun="")
+    what = "an object URI" if object_name else "a gs:// URI"
+    raise InvalidSetting(f"{printable(uri)} is not {what}: give {shape}.")
+
+
 def gcs_uri(uri: str, kind: str = "jsonl_uri") -> str:
     """``gs://BUCKET/PREFIX`` with a valid bucket name and a prefix :func:`object_prefix` allows."""
-    name, _, prefix = uri.removeprefix("gs://").partition("/")
-    if not uri.startswith("gs://"):
-        raise _fail(kind, uri, "it must be gs://BUCKET/PREFIX", noun="")
+    name, prefix = split_gs(uri, kind)
     bucket(name)
     object_prefix(prefix, f"{kind}'s prefix")
     return uri

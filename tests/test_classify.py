@@ -30,7 +30,6 @@ from pipeline.config import Settings
 from pipeline.model import cache as model_cache
 from pipeline.model import handler as model_handler
 from pipeline.model import images, specs
-from pipeline.model import weights as model_weights
 from pipeline.status import DECODE_ERRORS
 
 CATS = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat", "lynx"}
@@ -161,9 +160,6 @@ def test_parse_weights() -> None:
     )
     assert specs.parse_weights("gs://b/m.pth").kind == "gcs"
     assert specs.parse_weights("models/m.pth") == specs.WeightsSource("file", "models/m.pth")
-    assert model_weights.split_gs_uri("gs://bucket/a/b.pth") == ("bucket", "a/b.pth")
-    with pytest.raises(ValueError):
-        model_weights.split_gs_uri("gs://bucket")
 
 
 def test_torch_threads() -> None:

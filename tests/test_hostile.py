@@ -349,6 +349,43 @@ def test_the_choices_are_the_sinks_own() -> None:
     assert names.CHOICES["sink"] == tuple(sinks.SINKS) and names.CHOICES["sink_mode"] == sinks.SINK_MODES
 
 
+# (URI, object name required, (bucket, path) or a part of the one sentence refusing it): every
+# gs:// location a command or setting names is read by names.split_gs, and only there.
+GS_URIS: list[tuple[str, bool, tuple[str, str] | str]] = [
+    ("gs://b/a/x.jpg", True, ("b", "a/x.jpg")),
+    ("gs://b/a/", False, ("b", "a/")),  # a prefix keeps its trailing slash; callers decide
+    ("gs://b", False, ("b", "")),  # a whole bucket is a prefix
+    ("gs://b/", False, ("b", "")),
+    ("gs://b/ a//c", True, ("b", " a//c")),  # object names are taken as written
+    ("gs://b", True, "gs://b is not an object URI: give gs://BUCKET/NAME."),
+    ("gs://b/", True, "is not an object URI"),
+    ("gs://b//", True, "is not an object URI"),
+    ("gs:///x.jpg", True, "is not an object URI"),  # no bucket
+    ("gs://", False, "gs:// is not a gs:// URI: give gs://BUCKET/PREFIX."),
+    ("gs:///p", False, "is not a gs:// URI"),
+    ("s3://b/x", False, "is not a gs:// URI"),
+    ("GS://b/x", True, "is not an object URI"),
+    ("b/x.jpg", True, "b/x.jpg is not an object URI"),
+    ("", False, "is not a gs:// URI"),
+    ("gs:/b/x\n", True, "gs:/b/x\\n is not"),  # shown literally, on one line
+]
+
+
+@pytest.mark.parametrize(("uri", "object_name", "expected"), GS_URIS,
+                         ids=[f"{u!r}{'-object' if o else ''}" for u, o, _ in GS_URIS])
+def test_one_gs_uri_parser(uri: str, object_name: bool, expected: tuple[str, str] | str) -> None:
+    from pipeline.names import split_gs
+
+    if isinstance(expected, tuple):
+        assert split_gs(uri, object_name=object_name) == expected
+        return
+    with pytest.raises(InvalidSetting) as caught:  # a UserError and a ValueError both
+        split_gs(uri, object_name=object_name)
+    assert expected in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
+    with pytest.raises(InvalidSetting, match=r"^jsonl_uri '.*' is invalid: it must be gs://BUCKET/"):
+        split_gs(uri, "jsonl_uri", object_name=object_name)
+
+
 def test_the_iam_condition_never_takes_a_quote_even_from_a_derived_uri() -> None:
     from deploy.iam import prefix_condition
 

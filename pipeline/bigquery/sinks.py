@@ -55,6 +55,7 @@ from pipeline.bigquery.sql import (
     staging_table_id,
 )
 from pipeline.config import RESULTS_PREFIX, Settings
+from pipeline.names import split_gs
 from pipeline.notifications import Notification, ObjectKey
 from pipeline.retry import call_with_retries
 from pipeline.status import CLASSIFIED, sql_list
@@ -302,9 +303,7 @@ class JsonLinesSink(Sink):
     def __init__(self, settings: Settings, client: storage.Client | None = None) -> None:
         uri = getattr(settings, "jsonl_uri", "") or (
             f"gs://{settings.bucket}/{RESULTS_PREFIX}/{settings.table}")
-        if not uri.startswith("gs://"):
-            raise ValueError(f"jsonl_uri must be gs://<bucket>/<prefix>, not {uri!r}")
-        self.bucket_name, _, prefix = uri[len("gs://"):].partition("/")
+        self.bucket_name, prefix = split_gs(uri, "jsonl_uri")
         self.prefix = prefix.strip("/")
         self.settings = settings
         self._client = client

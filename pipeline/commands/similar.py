@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.config import Settings
 from pipeline.errors import UserError
-from pipeline.names import printable
+from pipeline.names import printable, split_gs
 from pipeline.status import CLASSIFIED
 
 if TYPE_CHECKING:
@@ -77,14 +77,6 @@ class Neighbour:
 
 
 # --- pure -------------------------------------------------------------------------------------
-
-def parse_uri(uri: str) -> tuple[str, str]:
-    """``gs://bucket/a/b.jpg`` → ``("bucket", "a/b.jpg")``; anything else is a UserError."""
-    bucket, _, name = uri.removeprefix("gs://").partition("/")
-    if not uri.startswith("gs://") or not bucket or not name:
-        raise UserError(f"{printable(uri)} is not gs://BUCKET/NAME")
-    return bucket, name
-
 
 def _ref(settings: Settings, name: str) -> str:
     return f"`{settings.project}.{settings.dataset}.{name}`"
@@ -194,7 +186,7 @@ def choose_form(settings: Settings, requested: str = "auto") -> str:
 def no_embedding_reason(uri: str, status: Mapping[str, Any] | None) -> str:
     """One sentence: why the object has no embedding to compare (``status``: its newest
     generation's predictions row, or None when there is none)."""
-    bucket = uri.removeprefix("gs://").partition("/")[0]
+    bucket = split_gs(uri)[0]
     if status is None:
         return (f"{uri} has no embedding: bucketlens has no row for it (not uploaded, outside "
                 f"the watched prefix, or not classified yet; `bucketlens backfill --bucket "
@@ -333,7 +325,7 @@ def find_target(client: bigquery.Client, settings: Settings, uri: str,
     that says in one sentence why there is nothing to compare."""
     from google.cloud import bigquery
 
-    bucket, name = parse_uri(uri)
+    bucket, name = split_gs(uri, object_name=True)
     where = [bigquery.ScalarQueryParameter("bucket", "STRING", bucket),
              bigquery.ScalarQueryParameter("name", "STRING", name)]
     target = pick_target(bucket, name, _query(client, target_sql(settings), where), model_version)
@@ -374,7 +366,7 @@ def run_similar(args: argparse.Namespace) -> int:
     from pipeline import clients
 
     settings = Settings.from_env(dataset=getattr(args, "dataset", None))
-    parse_uri(args.uri)  # a malformed URI fails before any client is made
+    split_gs(args.uri, object_name=True)  # a malformed URI fails before any client is made
     client = clients.bigquery_client(settings)
     form = choose_form(settings, getattr(args, "sql", "auto"))
     try:

@@ -31,7 +31,7 @@ from pipeline.model import bundles, heads
 from pipeline.model.classfolders import DatasetError, list_images
 from pipeline.model.handler import Prediction, get_handler
 from pipeline.model.specs import EFFICIENTNET_LITE0
-from pipeline.names import describe
+from pipeline.names import describe, split_gs
 
 FEATURES_SCHEMA = "i long, status string, reason string, features array<float>"
 
@@ -94,7 +94,7 @@ def _read(example: tuple[str, int | None], settings: Settings, client) -> bytes 
     from pipeline.notifications import ObjectKey
     from pipeline.stream.fetch import fetch_one
 
-    bucket, _, name = location.removeprefix("gs://").partition("/")
+    bucket, name = split_gs(location, object_name=True)
     got = fetch_one(client, ObjectKey(bucket, name, generation or 0), settings.max_bytes)
     return got.data if got.ok else f"{got.status}: {got.reason}"
 

@@ -19,7 +19,7 @@ from pipeline.config import Settings
 from pipeline.errors import UserError
 from pipeline.model.bundles import is_reference
 from pipeline.model.classfolders import discover, is_image
-from pipeline.names import printable
+from pipeline.names import printable, split_gs
 
 EFFICIENTNET_LITE0 = "efficientnet_lite0"  # pipeline.model.specs's name; that module imports torch
 _REGISTERED = re.compile(r"@register_model\([^)]*\)\s*(?:@[^\n]*\n\s*)*def\s+(\w+)")
@@ -124,8 +124,7 @@ def check_models(args: argparse.Namespace) -> None:
 
 
 def check_similar(args: argparse.Namespace) -> None:
-    if not args.uri.startswith("gs://") or "/" not in args.uri[5:].strip("/"):
-        raise UserError(f"{printable(args.uri)} is not an object URI: give gs://BUCKET/NAME.")
+    split_gs(args.uri, object_name=True)
 
 
 # command → check, run by pipeline.commands.cli before the command's module is imported

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import UserError
-from pipeline.names import printable
+from pipeline.names import printable, split_gs
 
 if TYPE_CHECKING:
     import torch
@@ -91,7 +91,7 @@ def join(base: str, *parts: str) -> str:
 def _gs(uri: str, settings: Settings):
     from pipeline.clients import storage_client
 
-    bucket, _, name = uri.removeprefix("gs://").partition("/")
+    bucket, name = split_gs(uri, object_name=True)
     return storage_client(settings).bucket(bucket).blob(name)
 
 
@@ -137,7 +137,7 @@ def list_versions(location: str, settings: Settings) -> list[str]:
     if location.startswith("gs://"):
         from pipeline.clients import storage_client
 
-        bucket, _, prefix = location.removeprefix("gs://").partition("/")
+        bucket, prefix = split_gs(location)
         prefix = prefix.rstrip("/") + "/" if prefix else ""
         blobs = storage_client(settings).list_blobs(bucket, prefix=prefix)
         return sorted({b.name[len(prefix):].split("/")[0] for b in blobs

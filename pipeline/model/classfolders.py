@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.names import printable
+from pipeline.names import printable, split_gs
 
 if TYPE_CHECKING:
     from pipeline.config import Settings
@@ -77,7 +77,7 @@ def list_images(root: str, settings: Settings) -> list[tuple[str, str, int | Non
         return [(str(item.path), item.class_name, None) for item in discover(root)]
     from pipeline.clients import storage_client
 
-    bucket, _, prefix = root.removeprefix("gs://").partition("/")
+    bucket, prefix = split_gs(root)
     prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
     found = []
     for blob in storage_client(settings).list_blobs(bucket, prefix=prefix):

@@ -24,14 +24,7 @@ from pipeline.model.specs import (
     WeightsSource,
     weights_enum,
 )
-
-
-def split_gs_uri(uri: str) -> tuple[str, str]:
-    """``gs://bucket/a/b`` → ``("bucket", "a/b")``."""
-    bucket, _, name = uri.removeprefix("gs://").partition("/")
-    if not bucket or not name:
-        raise ValueError(f"{uri!r} is not gs://BUCKET/OBJECT")
-    return bucket, name
+from pipeline.names import split_gs
 
 
 def _unavailable(what: str, exc: BaseException) -> ModelUnavailableError:
@@ -46,7 +39,7 @@ def read_state_dict(source: WeightsSource, settings: Settings) -> dict[str, Any]
         if source.kind == "gcs":
             from pipeline.clients import storage_client
 
-            bucket, name = split_gs_uri(source.value)
+            bucket, name = split_gs(source.value, object_name=True)
             blob = storage_client(settings).bucket(bucket).blob(name)
             payload: Any = io.BytesIO(blob.download_as_bytes())
         else:

@@ -40,7 +40,7 @@ from pipeline import drift
 from pipeline.config import Settings
 from pipeline.drift import METRICS, Watch, window_seconds
 from pipeline.errors import UserError
-from pipeline.names import printable
+from pipeline.names import printable, split_gs
 from pipeline.status import Status
 from pipeline.stream.recent import Recent
 
@@ -182,7 +182,7 @@ def load_rules(location: str, settings: Settings | None = None) -> Rules:
     if location.startswith("gs://"):
         from pipeline import clients
 
-        bucket, _, name = location[5:].partition("/")
+        bucket, name = split_gs(location, object_name=True)
         client = clients.storage_client(settings or Settings.from_env())
         text = client.bucket(bucket).blob(name).download_as_text()
     else:

@@ -15,16 +15,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pipeline.config import RESULTS_PREFIX, Settings
-from pipeline.names import describe
+from pipeline.names import GS, describe, split_gs
 from pipeline.notifications import Notification, PoisonMessage, dedupe, parse, wanted
 
 
 def own_prefixes(settings: Settings) -> tuple[str, ...]:
     """Where bucketlens writes into the watched bucket itself: never input to classify."""
     prefixes = [f"{RESULTS_PREFIX}/"]
-    bucket, _, prefix = settings.jsonl_uri.removeprefix("gs://").partition("/")
-    if settings.jsonl_uri.startswith("gs://") and bucket == settings.bucket and prefix.strip("/"):
-        prefixes.append(prefix.strip("/") + "/")
+    if settings.jsonl_uri.startswith(GS):
+        bucket, prefix = split_gs(settings.jsonl_uri, "jsonl_uri")
+        if bucket == settings.bucket and prefix.strip("/"):
+            prefixes.append(prefix.strip("/") + "/")
     return tuple(prefixes)
 
 
