@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from pipeline.times import iso_time
+
 METRICS = ("class_mix", "confidence_drop", "low_margin_rise", "embedding_shift")
 WINDOWS = {"minute": 60, "hour": 3600, "day": 86400}
 LOW_MARGIN = 0.1  # top-1 minus top-2 probability below this: the model could not decide
@@ -51,11 +53,10 @@ def parse_baseline(text: str) -> datetime | None:
     if not text:
         return None
     try:
-        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
+        return iso_time(text)
+    except (ValueError, OverflowError):
         raise ValueError(f"drift_baseline {text!r} is invalid: give an ISO 8601 time inside "
                          "the baseline window, or nothing for the first window") from None
-    return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 def window_start(t: datetime, seconds: int) -> datetime:

@@ -123,6 +123,19 @@ def test_tables_format_and_escape() -> None:
         0, 50, 90, 95, 99, 100]
 
 
+def test_a_naive_time_is_shown_as_utc_in_any_local_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        assert report.format_value(datetime(2024, 1, 2, 3, 4)) == "2024-01-02 03:04"
+        assert report.format_value(datetime(2024, 1, 2, 3, 4, tzinfo=UTC)) == "2024-01-02 03:04"
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
 def test_markdown_cells_escape_what_a_renderer_would_act_on() -> None:
     assert display.markdown("no_imagenet_class") == "no_imagenet_class"  # inside a word: literal
     assert display.markdown("_it_ *b* `c` a|b") == "\\_it\\_ \\*b\\* \\`c\\` a\\|b"

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import Settings
@@ -32,6 +32,7 @@ from pipeline.names import printable
 from pipeline.notifications import FINALIZE, Notification, ObjectKey, wanted
 from pipeline.stream.job import ModelChoice, classify_and_write
 from pipeline.stream.triage import own_prefixes
+from pipeline.times import utc
 
 if TYPE_CHECKING:
     from google.cloud import storage
@@ -116,8 +117,7 @@ def backfill(settings: Settings, spark: SparkSession | None = None, *, prefix: s
     from pipeline import clients
     from pipeline.bigquery.sinks import make_sink
 
-    if since is not None and since.tzinfo is None:
-        since = since.replace(tzinfo=UTC)
+    since = utc(since) if since is not None else None
     sink = sink if sink is not None else make_sink("bigquery", settings)
     client = client or clients.storage_client(settings)
     prefix = prefix or settings.prefix

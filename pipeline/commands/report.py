@@ -28,6 +28,7 @@ from pipeline.bigquery import catalog
 from pipeline.config import Settings
 from pipeline.display import literal_figure, markdown, plot_label, terminal
 from pipeline.labels import normalize_label
+from pipeline.times import utc
 
 if TYPE_CHECKING:
     from google.cloud import bigquery
@@ -572,7 +573,7 @@ def format_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
     if isinstance(value, datetime):
-        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M")
+        return utc(value).strftime("%Y-%m-%d %H:%M")  # naive = UTC, not local
     return str(value)
 
 

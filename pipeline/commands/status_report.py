@@ -30,6 +30,7 @@ from pipeline.bigquery.sql import REDELIVERY_WINDOW, since_filter, ts_literal
 from pipeline.config import Settings
 from pipeline.errors import UserError
 from pipeline.names import printable
+from pipeline.times import utc
 
 if TYPE_CHECKING:
     from google.cloud import bigquery
@@ -179,8 +180,7 @@ def peek_backlog(settings: Settings, cap: int = PEEK_CAP, wait_s: float = 3.0) -
                 break
             for m in resp.received_messages:
                 ack_ids.append(m.ack_id)
-                t = m.message.publish_time
-                t = t if t.tzinfo else t.replace(tzinfo=UTC)
+                t = utc(m.message.publish_time)
                 oldest = t if oldest is None or t < oldest else oldest
     except gexc.NotFound:
         raise UserError(f"subscription {settings.subscription_path} does not exist: provision it "
@@ -222,7 +222,7 @@ def collect(settings: Settings, now: datetime | None = None) -> StreamStatus:
         oldest_unacked_s=max(0.0, (now - backlog.oldest_publish).total_seconds())
         if backlog.oldest_publish else 0.0,
         last_batch_id=int(b["batch_id"]) if b else None,
-        last_batch_at=(at if at.tzinfo else at.replace(tzinfo=UTC)) if at else None,
+        last_batch_at=utc(at) if at else None,
         last_batch_rows=int(b["rows_"]) if b else 0,
         rows_last_minute=int(c["minute_"] or 0), rows_last_hour=int(c["hour_"] or 0),
         dead_letters_last_minute=int(d["minute_"] or 0), dead_letters_last_hour=int(d["hour_"] or 0),

@@ -43,6 +43,7 @@ from pipeline.errors import UserError
 from pipeline.names import printable, split_gs
 from pipeline.status import Status
 from pipeline.stream.recent import Recent
+from pipeline.times import as_utc
 
 log = logging.getLogger("bucketlens.alerts")
 
@@ -234,8 +235,7 @@ def drift_message(rule: DriftRule, window: Mapping[str, Any]) -> Message:
 
 
 def _created(row: Mapping[str, Any]) -> datetime:
-    value = row["object_created"]
-    return value if isinstance(value, datetime) else datetime.fromisoformat(value)
+    return as_utc(row["object_created"])  # naive = UTC: window starts count from the epoch
 
 
 def check_fits(rules: Rules, settings: Settings) -> None:
