@@ -16,10 +16,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
-from pipeline.config import Settings
+from pipeline.commands.flags import add_settings_flags, settings_from_args
 from pipeline.names import printable
 
 PROG = "bucketlens produce"
+PRODUCE_SETTINGS = {"bucket": "target bucket", "prefix": "object name prefix"}
 
 
 def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
@@ -43,8 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a set that ships with the installed packages (works offline): "
                              "photos (default: 10 real photos) or digits (scikit-learn's 1,797 "
                              "handwritten digit scans as PNGs, 10 classes)")
-    parser.add_argument("--bucket", help="target bucket (default: BUCKETLENS_BUCKET)")
-    parser.add_argument("--prefix", help="object name prefix (default: BUCKETLENS_PREFIX)")
+    add_settings_flags(parser, PRODUCE_SETTINGS)
     parser.add_argument("--rate", type=_positive(float), default=5.0,
                         help="images per second (default: 5)")
     parser.add_argument("--burst", type=_positive(float),
@@ -115,7 +115,7 @@ def run_produce(args: argparse.Namespace) -> int:
 
     if args.dry_run and args.loop and args.limit is None:
         return fail("--dry-run with --loop needs --limit.")
-    settings = Settings.from_env(bucket=args.bucket, prefix=args.prefix)
+    settings = settings_from_args(args, PRODUCE_SETTINGS)
     try:
         root = _dataset_root(args, say)
         items = datasets.discover(root)

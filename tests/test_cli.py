@@ -52,15 +52,61 @@ def test_a_runner_loads_its_module_only_when_called() -> None:
 
 
 def test_run_flags_are_the_settings_fields_they_set() -> None:
+    from pipeline.commands.flags import RUN_SETTINGS
     from pipeline.config import Settings
 
     args = job_cli.build_parser().parse_args(
         ["run", "--max-messages-per-batch", "7", "--sink-mode", "merge", "--master", "local[1]",
          "--min-confidence", "0.5"])
-    fields = {f: getattr(args, f) for f in job_cli.RUN_SETTINGS}
+    fields = {f: getattr(args, f) for f in RUN_SETTINGS}
     assert {k: v for k, v in fields.items() if v is not None} == {
         "max_messages_per_batch": 7, "sink_mode": "merge", "spark_master": "local[1]",
         "min_confidence": 0.5}
-    assert set(job_cli.RUN_SETTINGS) <= set(Settings.__dataclass_fields__)
+    assert set(RUN_SETTINGS) <= set(Settings.__dataclass_fields__)
     with pytest.raises(SystemExit):
         job_cli.build_parser().parse_args(["run", "--batch-size", "many"])
+
+
+def _commands() -> dict[str, object]:
+    return app_cli.build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+
+
+def test_every_commands_settings_flags_are_generated_from_the_fields(monkeypatch) -> None:
+    from typing import get_type_hints
+
+    from pipeline.commands import flags
+    from pipeline.config import ENV_PREFIX, Settings
+    from pipeline.names import CHOICES
+    from producer.cli import PRODUCE_SETTINGS
+
+    tables = {"run": flags.RUN_SETTINGS, "classify": flags.CLASSIFY_SETTINGS,
+              "backfill": flags.BACKFILL_SETTINGS, "report": flags.REPORT_SETTINGS,
+              "similar": flags.SIMILAR_SETTINGS, "train": flags.TRAIN_SETTINGS,
+              "produce": PRODUCE_SETTINGS}
+    hints = get_type_hints(Settings)
+    for command, parser in _commands().items():
+        table = tables.get(command, {})
+        assert set(table) <= set(hints), command
+        by_dest = {a.dest: a for a in parser._actions}  # type: ignore[attr-defined]
+        for field in table:
+            action = by_dest[field]
+            assert action.type == (hints[field] if hints[field] in (int, float) else None)
+            assert action.choices == CHOICES.get(field)
+            assert action.required or f"({ENV_PREFIX}{field.upper()}" in action.help, action.help
+        # a flag that says it defaults to a Settings variable is one of the generated ones
+        written = {a.dest for a in parser._actions  # type: ignore[attr-defined]
+                   if a.dest in hints and f"({ENV_PREFIX}{a.dest.upper()}" in (a.help or "")}
+        assert written <= set(table), (command, written - set(table))
+
+    for name in ("BUCKETLENS_PREFIX", "BUCKETLENS_EMBEDDINGS", "BUCKETLENS_MODEL"):
+        monkeypatch.delenv(name, raising=False)
+    args = job_cli.build_parser().parse_args(
+        ["backfill", "--bucket", "my-images", "--prefix", "cats/", "--embeddings"])
+    settings = flags.settings_from_args(args, flags.BACKFILL_SETTINGS)
+    assert (settings.bucket, settings.prefix, settings.embeddings) == ("my-images", "cats/", True)
+    args = job_cli.build_parser().parse_args(["train", "--out", "m", "--base", "resnet18"])
+    assert flags.settings_from_args(args, flags.TRAIN_SETTINGS).model == "resnet18"
+    monkeypatch.setenv("BUCKETLENS_MODEL", "resnet50")  # a flag not given is its variable
+    args = job_cli.build_parser().parse_args(["classify", "x.jpg", "--batch-size", "3"])
+    settings = flags.settings_from_args(args, flags.CLASSIFY_SETTINGS)
+    assert (settings.model, settings.batch_size) == ("resnet50", 3)

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from pipeline.commands.flags import BACKFILL_SETTINGS, settings_from_args
 from pipeline.config import Settings
 from pipeline.names import printable
 from pipeline.notifications import FINALIZE, Notification, ObjectKey, wanted
@@ -198,13 +199,13 @@ def _progress(title: str, *, enabled: bool) -> Iterator[Callable[[BackfillSummar
 
 def run_backfill(args: argparse.Namespace, spark: SparkSession | None = None) -> int:
     """Print the summary as the last stdout line; 0 = every object classified, 1 = error rows."""
-    settings = Settings.from_env(bucket=args.bucket, embeddings=getattr(args, "embeddings", None),
-                                 spark_log="" if getattr(args, "verbose", False) else None)
+    settings = settings_from_args(args, BACKFILL_SETTINGS,
+                                  spark_log="" if getattr(args, "verbose", False) else None)
     if not args.dry_run:
         from pipeline.model import handler
 
         handler.check_model(settings)  # fail fast, in one sentence; executors load it
-    summary = backfill(settings, spark, prefix=args.prefix, since=args.since, batch=args.batch,
+    summary = backfill(settings, spark, since=args.since, batch=args.batch,
                        progress=True, dry_run=args.dry_run)
     print(json.dumps(summary.as_json()), flush=True)
     return 1 if summary.errors else 0

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline.config import Settings
+from pipeline.commands.flags import CLASSIFY_SETTINGS, settings_from_args
 from pipeline.model.handler import Prediction, get_handler
 from pipeline.model.specs import ModelUnavailableError
 
@@ -49,12 +49,7 @@ def prediction_row(path: str, prediction: Prediction) -> dict[str, Any]:
 
 def run_classify(args: argparse.Namespace) -> int:
     """0 when every file was read, 1 when some could not be, 2 when the model is unavailable."""
-    settings = Settings.from_env(
-        model=args.model,
-        weights=args.weights,
-        batch_size=args.batch_size,
-        min_confidence=args.min_confidence,
-    )
+    settings = settings_from_args(args, CLASSIFY_SETTINGS)
     rows: list[dict[str, Any]] = []
     exit_code = 0
     # Under --json stdout carries our JSON lines only: whatever a library prints while the

@@ -20,17 +20,26 @@ import sys
 import threading
 from collections.abc import Callable, Mapping
 from datetime import date, datetime
-from typing import NoReturn, get_type_hints
+from typing import NoReturn
 
-from pipeline.config import ENV_PREFIX, Settings
+from pipeline.commands.flags import (
+    BACKFILL_SETTINGS,
+    CLASSIFY_SETTINGS,
+    REPORT_SETTINGS,
+    RUN_SETTINGS,
+    SIMILAR_SETTINGS,
+    TRAIN_SETTINGS,
+    add_settings_flags,
+    settings_from_args,
+)
+from pipeline.config import Settings
 from pipeline.errors import UserError
 from pipeline.names import printable
 from pipeline.times import parse_since
 
 
 def run_stream(args: argparse.Namespace) -> int:
-    settings = Settings.from_env(**{name: getattr(args, name) for name in RUN_SETTINGS},
-                                 spark_log="" if args.verbose else None)
+    settings = settings_from_args(args, RUN_SETTINGS, spark_log="" if args.verbose else None)
     from pipeline.model import handler as model_handler  # heavy: only once the names are known good
     from pipeline.stream import job as stream
 
@@ -164,73 +173,18 @@ def add_global_flags(parser: argparse.ArgumentParser) -> None:
 EXIT_CODES = ("exit status: 0 done; 1 the stream failed, or some objects got error rows; "
               "2 a usage or configuration error (one line on stderr); 130 interrupted")
 
-# The `run` flags that set one Settings field each: field → (help, choices). Flag names, types
-# and the BUCKETLENS_* variable in the help are generated from the field.
-RUN_SETTINGS: dict[str, tuple[str, tuple[str, ...] | None]] = {
-    "subscription": ("Pub/Sub subscription", None),
-    "table": ("BigQuery table in the dataset", None),
-    "checkpoint": ("Spark checkpoint directory", None),
-    "model": ("torchvision model name, efficientnet_lite0, or a bundle / model location "
-              "(path or gs:// URI)", None),
-    "model_refresh_seconds": ("how often to look for a newly promoted version of a model "
-                              "location", None),
-    "weights": ("weights file or gs:// URI", None),
-    "trigger_seconds": ("micro-batch interval", None),
-    "max_messages_per_batch": ("admission control per batch", None),
-    "batch_size": ("images per inference batch", None),
-    "min_confidence": ("mark rows whose top-1 probability is lower", None),
-    "prefix": ("only classify objects under this prefix", None),
-    "spark_master": ("Spark master (default local[2]; spark-submit's wins)", None),
-    "sink": ("where rows go (jsonl writes to BUCKETLENS_JSONL_URI)",
-             ("bigquery", "jsonl", "console")),
-    "sink_mode": ("BigQuery write path", ("append", "merge")),
-    "metrics_port": ("serve Prometheus metrics on 127.0.0.1:PORT/metrics", None),
-    "embeddings": ("also store each image's embedding, from the same forward pass, for "
-                   "`similar` and the report's map", None),
-    "alerts": ("alert rule file (JSON, path or gs:// URI): matching rows and drift go to "
-               "the alert topic", None),
-    "alert_topic": ("Pub/Sub topic alerts are published to", None),
-    "drift_window": ("drift window: minute, hour, day or seconds", None),
-    "drift_baseline": ("a time inside the drift baseline window (default: the second "
-                       "window)", None),
-}
-FLAG_ALIASES = {"spark_master": ("--master",)}
-
-
-def add_settings_flags(parser: argparse.ArgumentParser,
-                       fields: dict[str, tuple[str, tuple[str, ...] | None]]) -> None:
-    """One ``--field-name`` per Settings field, typed like the field; unset = the variable."""
-    hints = get_type_hints(Settings)
-    for name, (help_, choices) in fields.items():
-        kind = hints[name]
-        if kind is bool:  # a switch: given = True, absent = the variable
-            parser.add_argument(f"--{name.replace('_', '-')}", dest=name, action="store_const",
-                                const=True, help=f"{help_} ({ENV_PREFIX}{name.upper()}=1)")
-            continue
-        parser.add_argument(f"--{name.replace('_', '-')}", *FLAG_ALIASES.get(name, ()), dest=name,
-                            type=kind if kind in (int, float) else None, choices=choices,
-                            help=f"{help_} ({ENV_PREFIX}{name.upper()})")
-
-
 def add_run_arguments(run: argparse.ArgumentParser) -> None:
     add_settings_flags(run, RUN_SETTINGS)
 
 
 def add_classify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or directories")
-    p.add_argument("--model", help="torchvision model, efficientnet_lite0, or a bundle / model "
-                                   "location (path or gs:// URI)")
-    p.add_argument("--weights",
-                   help="torchvision weights name (IMAGENET1K_V1), state-dict PATH, or gs://...")
-    p.add_argument("--batch-size", type=int, help="images per forward pass")
-    p.add_argument("--min-confidence", type=float, help="mark top-1 below this")
+    add_settings_flags(p, CLASSIFY_SETTINGS)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
 
 
 def add_backfill_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bucket", required=True, help="the bucket whose objects to classify")
-    p.add_argument("--prefix", default="", help="only objects under this prefix "
-                   "(default: BUCKETLENS_PREFIX)")
+    add_settings_flags(p, BACKFILL_SETTINGS, required=("bucket",))
     p.add_argument("--since", type=since, metavar="TIME",
                    help="only objects created or updated since TIME: ISO 8601 "
                         "(naive = UTC) or an age like 90m, 6h, 2d")
@@ -239,15 +193,11 @@ def add_backfill_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     p.add_argument("--dry-run", action="store_true",
                    help="list and check BigQuery only: classify and write nothing")
-    p.add_argument("--embeddings", action="store_const", const=True,
-                   help="also store each image's embedding (BUCKETLENS_EMBEDDINGS=1); objects "
-                        "classified without one are classified again to add it")
 
 
 def add_report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="report", help="output directory (default: %(default)s)")
-    p.add_argument("--dataset", help="BigQuery dataset (BUCKETLENS_DATASET)")
-    p.add_argument("--table", help="predictions table the views read (BUCKETLENS_TABLE)")
+    add_settings_flags(p, REPORT_SETTINGS)
     p.add_argument("--top", type=int, default=15, help="classes in the top-1 ranking (default %(default)s)")
     p.add_argument("--max-rows", type=int, default=30, help="rows per terminal table (report.md has all)")
     p.add_argument("--create-views", action="store_true",
@@ -269,7 +219,7 @@ def add_similar_arguments(p: argparse.ArgumentParser) -> None:
                    help="VECTOR_SEARCH (real BigQuery) or portable COSINE_DISTANCE SQL (any); "
                         "auto: portable on an emulator (BUCKETLENS_BQ_ENDPOINT), else "
                         "VECTOR_SEARCH")
-    p.add_argument("--dataset", help="BigQuery dataset (BUCKETLENS_DATASET)")
+    add_settings_flags(p, SIMILAR_SETTINGS)
 
 
 def add_compact_arguments(p: argparse.ArgumentParser) -> None:
@@ -284,8 +234,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR|gs://BUCKET/PREFIX",
                    help="model location: the bundle is written to OUT/<version>/ and OUT/CURRENT "
                         "names it if OUT has no current version yet")
-    p.add_argument("--base", metavar="MODEL",
-                   help="base model whose penultimate features are used (BUCKETLENS_MODEL)")
+    add_settings_flags(p, TRAIN_SETTINGS, flag_names={"model": "--base"})
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="share of each class held out for validation (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="split and training seed (default 0)")

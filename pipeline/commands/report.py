@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.bigquery import catalog
+from pipeline.commands.flags import REPORT_SETTINGS, settings_from_args
 from pipeline.config import Settings
 from pipeline.display import literal_figure, markdown, plot_label, terminal
 from pipeline.labels import normalize_label
@@ -689,8 +690,7 @@ def run_report(args: argparse.Namespace) -> int:
     from pipeline import clients
     from pipeline.bigquery.views import create_views
 
-    settings = Settings.from_env(dataset=getattr(args, "dataset", None),
-                                 table=getattr(args, "table", None))
+    settings = settings_from_args(args, REPORT_SETTINGS)
     client = clients.bigquery_client(settings)
     if getattr(args, "create_views", False):
         create_views(settings, client)

@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from pipeline.commands.flags import SIMILAR_SETTINGS, settings_from_args
 from pipeline.config import Settings
 from pipeline.errors import UserError
 from pipeline.names import printable, split_gs
@@ -365,7 +366,7 @@ def run_similar(args: argparse.Namespace) -> int:
 
     from pipeline import clients
 
-    settings = Settings.from_env(dataset=getattr(args, "dataset", None))
+    settings = settings_from_args(args, SIMILAR_SETTINGS)
     split_gs(args.uri, object_name=True)  # a malformed URI fails before any client is made
     client = clients.bigquery_client(settings)
     form = choose_form(settings, getattr(args, "sql", "auto"))

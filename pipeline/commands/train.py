@@ -25,6 +25,7 @@ from typing import Any
 
 import pandas as pd
 
+from pipeline.commands.flags import TRAIN_SETTINGS, settings_from_args
 from pipeline.config import Settings
 from pipeline.errors import UserError
 from pipeline.model import bundles, heads
@@ -231,7 +232,7 @@ def run_train(args: argparse.Namespace) -> int:
     """0 trained; 2 unusable input (one sentence on stderr)."""
     if not args.dataset:
         raise UserError("Say which images to train on: --dataset DIR|gs://BUCKET/PREFIX.")
-    settings = Settings.from_env(model=args.base, spark_log="" if args.verbose else None)
+    settings = settings_from_args(args, TRAIN_SETTINGS, spark_log="" if args.verbose else None)
 
     def say(line: str) -> None:
         print(f"bucketlens train: {line}", file=sys.stderr, flush=True)

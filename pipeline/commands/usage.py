@@ -15,7 +15,13 @@ import importlib.util
 import re
 from pathlib import Path
 
-from pipeline.config import Settings
+from pipeline.commands.flags import (
+    BACKFILL_SETTINGS,
+    CLASSIFY_SETTINGS,
+    RUN_SETTINGS,
+    TRAIN_SETTINGS,
+    settings_from_args,
+)
 from pipeline.errors import UserError
 from pipeline.model.bundles import is_reference
 from pipeline.model.classfolders import discover, is_image
@@ -70,15 +76,13 @@ def check_classify(args: argparse.Namespace) -> None:
                             "image files or folders).")
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be 1 or more, got {args.batch_size}.")
-    settings = Settings.from_env(model=args.model, weights=args.weights)
+    settings = settings_from_args(args, CLASSIFY_SETTINGS)
     check_model(settings.model)
     check_weights(settings.weights)
 
 
 def check_run(args: argparse.Namespace) -> None:
-    settings = Settings.from_env(model=args.model, weights=args.weights, **{
-        name: getattr(args, name, None) for name in (
-            "alerts", "alert_topic", "sink", "embeddings", "drift_window", "drift_baseline")})
+    settings = settings_from_args(args, RUN_SETTINGS)
     check_model(settings.model)
     check_weights(settings.weights)
     if settings.alerts and not settings.alerts.startswith("gs://"):
@@ -88,7 +92,7 @@ def check_run(args: argparse.Namespace) -> None:
 
 
 def check_backfill(args: argparse.Namespace) -> None:
-    settings = Settings.from_env(bucket=args.bucket)  # the bucket name, by GCS's rules
+    settings = settings_from_args(args, BACKFILL_SETTINGS)  # the bucket name, by GCS's rules
     check_model(settings.model)
 
 
@@ -98,7 +102,7 @@ def check_train(args: argparse.Namespace) -> None:
                         "(images in <dataset>/<class>/).")
     if not 0 < args.val_fraction < 1:
         raise UserError(f"--val-fraction must be between 0 and 1, got {args.val_fraction}.")
-    check_model(Settings.from_env(model=args.base).model)
+    check_model(settings_from_args(args, TRAIN_SETTINGS).model)
     if args.dataset.startswith("gs://"):
         return
     root = Path(args.dataset)
