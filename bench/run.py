@@ -238,7 +238,8 @@ def sample_blobs(mix: Path | None = None) -> tuple[list, list[bytes]]:
     """The bundled sample photos — or, with ``mix`` (a directory to write), the field mix: those
     photos and as many camera-sized JPEGs made from them — as replay items and their JPEG bytes
     (what GCS will serve)."""
-    from producer.datasets import discover, sample_dataset
+    from pipeline.model.classfolders import discover
+    from producer.datasets import sample_dataset
 
     items = discover(rehearsal.field_mix(mix, sample_dataset()) if mix else sample_dataset())
     return items, [i.path.read_bytes() for i in items]

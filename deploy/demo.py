@@ -84,8 +84,9 @@ def _stream_samples(settings: Settings, images: int, rate: float, timeout: float
     """Stream, replay the sample photos, and wait until every upload is a row."""
     from pipeline import clients
     from pipeline.model import handler
+    from pipeline.model.classfolders import discover
     from pipeline.stream import job as stream
-    from producer.datasets import discover, sample_dataset
+    from producer.datasets import sample_dataset
     from producer.replay import replay
 
     console.print(f"loading model {settings.model} …")

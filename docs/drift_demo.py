@@ -22,8 +22,9 @@ from pipeline import clients  # noqa: E402
 from pipeline.bigquery.views import create_views  # noqa: E402
 from pipeline.commands import report  # noqa: E402
 from pipeline.config import Settings  # noqa: E402
+from pipeline.model.classfolders import discover  # noqa: E402
 from pipeline.stream import job  # noqa: E402
-from producer.datasets import discover, sample_dataset  # noqa: E402
+from producer.datasets import sample_dataset  # noqa: E402
 from producer.replay import replay  # noqa: E402
 from tests.helpers.drift import drifted_dataset  # noqa: E402
 

@@ -102,6 +102,7 @@ def _dataset_root(args: argparse.Namespace, say: Callable[[str], None]) -> Path:
 
 def run_produce(args: argparse.Namespace) -> int:
     """Exit status: 0 all uploaded, 1 some failed, 2 unusable input, 130 interrupted."""
+    from pipeline.model.classfolders import discover
     from producer import datasets
     from producer.replay import preview, replay
 
@@ -118,7 +119,7 @@ def run_produce(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, PRODUCE_SETTINGS)
     try:
         root = _dataset_root(args, say)
-        items = datasets.discover(root)
+        items = discover(root)
     except datasets.DatasetError as exc:
         return fail(str(exc))
     if not items:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from pipeline.model.classfolders import DatasetError, Item, discover, is_image  # noqa: F401 (re-exported)
+from pipeline.model.classfolders import DatasetError
 from pipeline.names import describe
 
 FLOWERS_URL = (

@@ -37,8 +37,8 @@ from tenacity import (
 
 from pipeline import clients
 from pipeline.config import Settings
+from pipeline.model.classfolders import Item
 from pipeline.retry import is_transient
-from producer.datasets import Item
 
 if TYPE_CHECKING:
     from google.cloud import storage

@@ -23,9 +23,10 @@ import pytest
 
 from deploy import provision
 from pipeline import clients
+from pipeline.model.classfolders import discover
 from pipeline.stream import job as stream
 from pipeline.stream.source import SCHEMA
-from producer.datasets import discover, sample_dataset
+from producer.datasets import sample_dataset
 from producer.replay import replay
 from tests.helpers.drift import RULES, drifted_dataset
 from tests.helpers.stream import publish, rows_of

@@ -18,9 +18,10 @@ from pipeline.bigquery import sinks
 from pipeline.commands import backfill as bf
 from pipeline.commands import cli
 from pipeline.config import Settings
+from pipeline.model.classfolders import Item, discover
 from pipeline.notifications import FINALIZE, Notification, ObjectKey
 from pipeline.times import parse_since
-from producer.datasets import Item, discover, sample_dataset
+from producer.datasets import sample_dataset
 from producer.replay import replay
 
 NOW = datetime(2024, 5, 6, 12, 0, tzinfo=UTC)

@@ -122,8 +122,9 @@ def _cards(browser) -> dict[str, dict]:
 def test_uploads_appear_with_names_labels_and_thumbnails_and_a_new_one_without_reload(
         spark, isolated, served) -> None:
     from pipeline import clients
+    from pipeline.model.classfolders import discover
     from pipeline.stream import job as stream
-    from producer.datasets import discover, sample_dataset
+    from producer.datasets import sample_dataset
     from tests.helpers.stream import rows_of, upload_samples, wait_rows
     from tests.helpers.wait import wait_until
 

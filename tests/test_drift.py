@@ -13,8 +13,9 @@ import pytest
 from pipeline import clients
 from pipeline.config import Settings
 from pipeline.model import handler
+from pipeline.model.classfolders import discover
 from pipeline.stream import alerts
-from producer.datasets import discover, sample_dataset
+from producer.datasets import sample_dataset
 from producer.replay import schedule
 from tests.helpers.drift import RULES, drifted_dataset
 from tests.helpers.views import load

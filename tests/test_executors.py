@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from producer.datasets import discover, sample_dataset
+from pipeline.model.classfolders import discover
+from producer.datasets import sample_dataset
 from producer.replay import replay
 
 pytestmark = [pytest.mark.integration, pytest.mark.spark]

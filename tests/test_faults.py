@@ -21,7 +21,8 @@ import pytest
 from deploy.localstack import free_port
 from pipeline import clients
 from pipeline.config import Settings
-from producer.datasets import discover, sample_dataset
+from pipeline.model.classfolders import discover
+from producer.datasets import sample_dataset
 from producer.replay import replay
 from tests.helpers.faultproxy import sometimes, start_proxy, stop_proxy
 from tests.helpers.tables import counts

@@ -28,9 +28,9 @@ from PIL import Image
 
 from pipeline import clients
 from pipeline.config import Settings
+from pipeline.model.classfolders import DatasetError, Item, discover
 from pipeline.retry import is_transient
 from producer import cli, datasets
-from producer.datasets import DatasetError, Item, discover
 from producer.replay import (
     Result,
     TokenBucket,

@@ -15,10 +15,11 @@ import pytest
 
 from pipeline import clients
 from pipeline.bigquery.views import create_views
+from pipeline.model.classfolders import discover
 from pipeline.stream import executor
 from pipeline.stream import job as stream
 from pipeline.times import to_micros
-from producer.datasets import discover, sample_dataset
+from producer.datasets import sample_dataset
 from producer.replay import replay
 from tests.helpers.stream import drained, keys, publish, rows_of, upload_samples, wait_rows
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from pipeline.bigquery.catalog import TableSpec
 from pipeline.labels import ModelInfo
-from pipeline.notifications import Notification, ObjectKey
+from pipeline.notifications import Notification
 from pipeline.times import as_utc, utc
 
 # An AppendRows request carries at most 10 MB (https://cloud.google.com/bigquery/quotas#write-api-limits);
@@ -115,10 +115,6 @@ def dead_letter_record(message_id: str, reason: str, attributes: Mapping[str, st
         "recorded_at": _ts(recorded_at or datetime.now(UTC)),
         "batch_id": batch_id,
     }
-
-
-def row_key(row: Mapping[str, Any]) -> ObjectKey:
-    return ObjectKey(row["bucket"], row["name"], int(row["generation"]))
 
 
 def to_ndjson(rows: Sequence[Mapping[str, Any]]) -> bytes:

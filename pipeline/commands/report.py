@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 MAPPING_BEGIN = ("-- BEGIN rows generated from schemas/class_mapping.json by "
                  "pipeline.commands.report.mapping_rows_sql")
 MAPPING_END = "-- END generated rows"
-DEFAULT_OUT = "report"
 MAX_CONFUSION_COLUMNS = 20  # predicted classes shown in the heatmap (at least each shown true
 # label's own class, so the diagonal is complete); the rest become "(other)"
 MAX_PLOT_LABELS = 30  # true labels in the heatmap's rows and the accuracy bars: the labels come

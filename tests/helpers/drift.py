@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from producer.datasets import discover, sample_dataset
+from pipeline.model.classfolders import discover
+from producer.datasets import sample_dataset
 
 DROPPED = "coffee"
 DARKNESS = 0.15  # brightness factor: changes 7 of the 10 sample photos' top-1 (efficientnet_lite0)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pipeline import clients
 from pipeline.config import Settings
-from producer.datasets import discover, sample_dataset
+from pipeline.model.classfolders import discover
+from producer.datasets import sample_dataset
 from producer.replay import replay
 from tests.helpers.tables import query
 from tests.helpers.wait import wait_until
