@@ -115,7 +115,7 @@ def check_available(name: str, source: WeightsSource, settings: Settings) -> Non
         from pipeline.clients import storage_client
 
         try:
-            bucket, blob_name = split_gs_uri(source.value)
+            bucket, blob_name = split_gs(source.value, object_name=True)
             found = storage_client(settings).bucket(bucket).blob(blob_name).exists()
         except Exception as exc:
             raise _unavailable(f"weights {source.value}", exc) from exc
