@@ -7,11 +7,7 @@ paths (``ModelChoice``, the location watcher, ``run``'s fail-fast) must never bu
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import http.server
 import os
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
@@ -29,6 +25,7 @@ from pipeline.model import bundles, cache, specs
 from pipeline.model import handler as model_handler
 from pipeline.model import weights as model_weights
 from pipeline.stream import job
+from tests.helpers.checkpoints import serve_checkpoint
 from tests.test_classify import (
     free_port,
     gcs_server,  # noqa: F401 - a fixture
@@ -230,19 +227,8 @@ def point_weights_at(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
 def served(tmp_path: Path, mobilenet_file: Path) -> Iterator[str]:
     """The URL of the random MobileNetV2 state dict on a loopback server, under the name whose
     hash prefix torch.hub checks."""
-    root = tmp_path / "served"
-    root.mkdir()
-    name = f"mobilenet_v2-{hashlib.sha256(mobilenet_file.read_bytes()).hexdigest()[:8]}.pth"
-    (root / name).write_bytes(mobilenet_file.read_bytes())
-    quiet = type("Quiet", (http.server.SimpleHTTPRequestHandler,), {"log_message": lambda *_: None})
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(quiet, directory=str(root)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/{name}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_checkpoint(mobilenet_file, tmp_path / "served") as url:
+        yield url
 
 
 @pytest.mark.parametrize("weights", ["", "IMAGENET1K_V1"])

@@ -7,21 +7,18 @@ BUCKETLENS_* variables, as a new user's shell would run them.
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import http.server
 import json
 import re
 import shlex
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from deploy import cli as app_cli
+from tests.helpers.checkpoints import serve_checkpoint
 from tests.test_cli_usage import ROOT, clean_env
 
 # every test here starts a fresh interpreter or shell, as a user would: `make test`, not `make check`
@@ -144,17 +141,8 @@ def weights_server(tmp_path) -> Iterator[str]:
     torch.manual_seed(0)
     path = tmp_path / "mnv2.pth"
     torch.save(torchvision.models.mobilenet_v2(weights=None).state_dict(), path)
-    name = f"mobilenet_v2-{hashlib.sha256(path.read_bytes()).hexdigest()[:8]}.pth"
-    path.rename(tmp_path / name)
-    quiet = type("Quiet", (http.server.SimpleHTTPRequestHandler,), {"log_message": lambda *_: None})
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(quiet, directory=str(tmp_path)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/{name}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_checkpoint(path, tmp_path / "served") as url:
+        yield url
 
 
 def test_classify_json_stdout_is_only_json_while_weights_download(photo_dir, weights_server,
