@@ -33,3 +33,25 @@ def test_two_executors_load_the_model_once_each(isolated) -> None:
     # and each loaded the model exactly once.
     assert len(report["loads"]) == 2, report
     assert set(report["loads"].values()) == {1}, report
+
+
+def test_workers_fork_from_a_daemon_that_imported_torch_already(spark) -> None:
+    """Each Python worker starts with torch in memory: its parent is pipeline.stream.daemon."""
+    import pandas as pd
+
+    def probe(frames):
+        import os
+        import sys
+
+        warm = "torch" in sys.modules  # before this task imported anything of ours
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as fh:
+            parent = fh.read().replace(b"\0", b" ").decode()
+        for _ in frames:
+            pass
+        yield pd.DataFrame({"warm": [warm], "parent": [parent]})
+
+    rows = spark.range(4, numPartitions=2).mapInPandas(probe, "warm boolean, parent string") \
+        .collect()
+    assert rows and all(r.warm for r in rows), rows
+    assert all("-m pipeline.stream.daemon pyspark.worker" in r.parent for r in rows), rows
+

@@ -69,3 +69,10 @@ def test_a_quiet_session_logs_to_its_file_not_the_console(tmp_path) -> None:
     # the JVM's launch chatter goes to the log too; what the command itself says still shows
     assert out.stderr.strip() == "ours", out.stderr[-2000:]
     assert "Setting default log level" in log.read_text()
+
+
+def test_only_the_classifying_workers_daemon_preloads() -> None:
+    from pipeline.stream.daemon import preloads
+
+    assert preloads(["daemon.py", "pyspark.worker"]) and preloads(["daemon.py"])
+    assert not preloads(["daemon.py", "pyspark.sql.worker.lookup_data_sources"])

@@ -59,6 +59,8 @@ def session(master: str = "local[2]", app: str = "bucketlens", conf: dict | None
         .config("spark.sql.shuffle.partitions", "2")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.python.worker.reuse", "true")
+        # workers fork from a daemon that imported torch already (pipeline.stream.daemon)
+        .config("spark.python.daemon.module", "pipeline.stream.daemon")
         .config("spark.sql.streaming.stopTimeout", "30s")
     )
     # SPARK_LOCAL_IP is Spark's own variable (spark-env.sh, "Environment Variables" in Spark's
