@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,7 @@ from pipeline.config import Settings
 from tests.helpers.markers import pytest_collection_modifyitems  # noqa: F401 - a pytest hook
 
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+PARENT_STACK = "BUCKETLENS_TEST_PARENT_STACK"  # run directory of the stack a child pytest shares
 # Test JVMs live a minute, not a day: the C1 compiler alone and the serial collector roughly halve
 # a Spark driver's CPU here (15 -> 8 CPU-s for a session and two small jobs, measured), and the
 # suite is CPU-bound on 2 cores. spark-submit's launcher adds SPARK_SUBMIT_OPTS to the driver
@@ -29,8 +31,11 @@ os.environ.setdefault("SPARK_SUBMIT_OPTS", "-XX:TieredStopAtLevel=1 -XX:+UseSeri
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[localstack.StackState]:
     """The Pub/Sub emulator, fake-gcs-server and bqemulator, started once on free ports."""
-    run_dir = tmp_path_factory.mktemp("stack")
-    state = localstack.up(run_dir, Settings())
+    # A pytest started by a test (test_hostile_stream's run in another time zone) uses the stack
+    # of the test that started it, which stops it; starting another costs ~15 s and a JVM.
+    parent = os.environ.get(PARENT_STACK)
+    run_dir = Path(parent) if parent else tmp_path_factory.mktemp("stack")
+    state = localstack.StackState.load(run_dir) if parent else localstack.up(run_dir, Settings())
     mp = pytest.MonkeyPatch()
     for k, v in state.env().items():
         mp.setenv(k, v)
@@ -38,12 +43,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[localstack.Stack
         yield state
     finally:
         mp.undo()
-        localstack.down(run_dir)
+        if not parent:
+            localstack.down(run_dir)
 
 
 @pytest.fixture
-def isolated(stack: localstack.StackState, tmp_path) -> Settings:
-    """Settings with a bucket, subscription, dead-letter topic and dataset of this test's own."""
+def isolated(stack: localstack.StackState, tmp_path, request: pytest.FixtureRequest) -> Settings:
+    """Settings with a bucket, subscription, dead-letter topic and dataset of this test's own.
+
+    Everything ``bucketlens deploy apply`` makes, but the analytics views only for tests marked
+    ``views``: bqemulator spends about 3 CPU-s analysing the 19 of them, and the stream, the
+    sink and the producer never read one (the stream renders the drift SQL itself)."""
     uid = uuid.uuid4().hex[:8]
     settings = stack.settings(Settings()).replace(
         bucket=f"test-{uid}",
@@ -56,7 +66,10 @@ def isolated(stack: localstack.StackState, tmp_path) -> Settings:
         # 10 s, not the default 60 (the stream's own warm-up shrinks with it)
         ack_deadline_seconds=10,
     )
-    provision.apply(settings)
+    wanted = provision.resources(settings)
+    if request.node.get_closest_marker("views") is None:
+        wanted = [r for r in wanted if r.kind != "views"]
+    provision.apply_resources(wanted)
     return settings
 
 

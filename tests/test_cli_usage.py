@@ -55,6 +55,10 @@ def workdir(tmp_path_factory) -> Path:
     (d / "rules.json").write_text('{"rules": [{"name": "cats", "label": ["tabby"]}]}')
     (d / "drift.json").write_text('{"rules": [{"name": "d", "drift": "class_mix", "threshold": 0.2}]}')
     (d / "flat").mkdir()
+    for cls, n in (("one/cat", 3), ("few/cat", 3), ("few/dog", 1)):  # untrainable datasets
+        (d / cls).mkdir(parents=True)
+        for i in range(n):
+            (d / cls / f"{i}.png").write_bytes(b"x")
     for i in range(3):
         (d / "flat" / f"{i}.jpg").write_bytes(b"\xff\xd8\xff")
     return d
@@ -75,6 +79,9 @@ MISTAKES = [
      "flat has no images in class folders (its images lie directly in it): put them in "
      "flat/<class>/"),
     (["train", "--dataset", "nowhere", "--out", "models"], "no dataset folder at nowhere"),
+    (["train", "--dataset", "one", "--out", "models"],
+     "Training needs at least two classes; the dataset has only class 'cat'"),
+    (["train", "--dataset", "few", "--out", "models"], "'dog' have fewer than 2 images"),
     (["backfill"], "the following arguments are required: --bucket"),
     (["backfill", "--bucket", "Bad_Bucket!"], "bucket name 'Bad_Bucket!' is invalid"),
     (["backfill", "--bucket", "b1b", "--since", "yesterday"], "an age like 90m, 6h, 2d"),

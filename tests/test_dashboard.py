@@ -15,6 +15,9 @@ import pytest
 from pipeline.commands import dashboard
 from pipeline.config import Settings
 
+# the isolated dataset gets the analytics views (conftest)
+pytestmark = pytest.mark.views
+
 W = dashboard.Window(datetime(2024, 5, 6, 12, 0, tzinfo=UTC), datetime(2024, 5, 5, 12, 0, tzinfo=UTC))
 
 

@@ -20,7 +20,7 @@ from producer.replay import schedule
 from tests.helpers.drift import RULES, drifted_dataset
 from tests.helpers.views import load
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.views]
 
 WINDOW = 2  # seconds
 RATE = 10  # uploads per second: 20 a window

@@ -37,6 +37,9 @@ from producer.datasets import sample_dataset
 from tests.helpers.tables import query
 from tests.helpers.vector_search import brute_force
 
+# the isolated dataset gets the analytics views (conftest)
+pytestmark = pytest.mark.views
+
 CAT = "samples/cat/chelsea.jpg"
 DUP = "copies/cat/dup.jpg"  # CAT's bytes under another name
 SMALL = "copies/cat/small.jpg"  # CAT resized to 50 % and re-encoded at quality 70

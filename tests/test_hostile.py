@@ -38,6 +38,9 @@ from tests.helpers import hostile_images as hi
 from tests.helpers.hostile import BUCKET, NOTIFICATIONS
 from tests.helpers.views import T0
 
+# the isolated dataset gets the analytics views (conftest)
+pytestmark = pytest.mark.views
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

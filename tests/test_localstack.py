@@ -13,6 +13,9 @@ from pipeline import clients
 from pipeline.bigquery.catalog import tables
 from pipeline.config import Settings
 
+# the isolated dataset gets the analytics views (conftest)
+pytestmark = pytest.mark.views
+
 
 @pytest.mark.integration
 def test_upload_produces_object_finalize_notification(isolated: Settings) -> None:

@@ -36,7 +36,7 @@ from tests.helpers.stream import upload_samples
 from tests.helpers.tables import counts
 from tests.helpers.wait import read_through
 
-pytestmark = [pytest.mark.integration, pytest.mark.spark, pytest.mark.rehearsal]
+pytestmark = [pytest.mark.integration, pytest.mark.spark, pytest.mark.rehearsal, pytest.mark.views]
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_GCLOUD_DIR = Path(__file__).resolve().parent / "fake_gcloud"
 DATAPROC_SPARK = "4.1.2"  # Dataproc images 3.0.0-3.0.2 (3.0.0-RC2: 4.1.1)

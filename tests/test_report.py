@@ -14,6 +14,9 @@ from pipeline.commands import cli, report
 from pipeline.config import Settings
 from tests.helpers.views import T0, load, model_rows, quality_rows, select, timing_rows
 
+# the isolated dataset gets the analytics views (conftest)
+pytestmark = pytest.mark.views
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

@@ -12,6 +12,9 @@ from deploy import cli
 from pipeline.commands import sqlcmd
 from tests.helpers.views import load, prediction
 
+# the isolated dataset gets the analytics views (conftest)
+pytestmark = pytest.mark.views
+
 
 def test_cells_are_escaped_json_for_records_and_null_for_none() -> None:
     assert sqlcmd.cell(None) == "NULL"

@@ -15,6 +15,9 @@ from pipeline.stream import job as stream
 from tests.helpers.stream import upload_samples, wait_rows
 from tests.helpers.wait import wait_until
 
+# the isolated dataset gets the analytics views (conftest)
+pytestmark = pytest.mark.views
+
 NOW = datetime(2024, 5, 6, 12, 0, tzinfo=UTC)
 
 

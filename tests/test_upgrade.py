@@ -14,7 +14,7 @@ from pipeline.labels import ModelInfo
 from pipeline.notifications import Notification, ObjectKey
 from tests.helpers.tables import query
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.views]
 
 NEW = ("model_version", "label_set", "true_model_label")  # added with model bundles
 

@@ -28,6 +28,9 @@ from tests.helpers.views import (
     timing_rows,
 )
 
+# the isolated dataset gets the analytics views (conftest)
+pytestmark = pytest.mark.views
+
 REPORT_VIEWS = {"class_mapping", "distinct_predictions", "latest_predictions",
                 "processing_latency", "scored_predictions", "accuracy_by_label",
                 "accuracy_by_model_version",

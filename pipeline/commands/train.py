@@ -29,7 +29,7 @@ from pipeline.commands.flags import TRAIN_SETTINGS, settings_from_args
 from pipeline.config import Settings
 from pipeline.errors import UserError
 from pipeline.model import bundles, heads
-from pipeline.model.classfolders import DatasetError, list_images
+from pipeline.model.classfolders import DatasetError, check_classes, list_images
 from pipeline.model.handler import Prediction, get_handler
 from pipeline.model.specs import EFFICIENTNET_LITE0
 from pipeline.names import describe, split_gs
@@ -45,20 +45,6 @@ class Example:
 
 
 # --------------------------------------------------------------------------- pure core
-
-
-def check_classes(examples: Sequence[Example], min_per_class: int = 2) -> list[str]:
-    """The labels, sorted; a dataset that cannot train a classifier is one sentence."""
-    counts = Counter(e.label for e in examples)
-    if len(counts) < 2:
-        found = f"only class {next(iter(counts))!r}" if counts else "no images"
-        raise DatasetError(f"Training needs at least two classes; the dataset has {found}.")
-    small = sorted(label for label, n in counts.items() if n < min_per_class)
-    if small:
-        raise DatasetError(
-            f"Class folder(s) {', '.join(repr(s) for s in small)} have fewer than "
-            f"{min_per_class} images: each class needs one to train on and one to validate.")
-    return sorted(counts)
 
 
 def stratified_split(labels: Sequence[str], val_fraction: float, seed: int
@@ -168,7 +154,7 @@ def train(dataset: str, out: str, settings: Settings, *, val_fraction: float = 0
         raise UserError(f"--base must be a model name (e.g. {EFFICIENTNET_LITE0}), "
                         f"not a bundle: {settings.model}.")
     examples = [Example(loc, label, gen) for loc, label, gen in list_images(dataset, settings)]
-    check_classes(examples)
+    check_classes(e.label for e in examples)
     handler = get_handler(settings)  # the base loads here, or fails in one sentence
     if not handler.has_linear_head:
         raise UserError(f"Base model {settings.model} has no final Linear layer to train a head for.")
@@ -185,7 +171,7 @@ def train(dataset: str, out: str, settings: Settings, *, val_fraction: float = 0
     for s in skipped:
         say(f"skipped {s['path']}: {s['status']} ({s['reason']})")
     kept = [examples[i] for i in usable]
-    labels = check_classes(kept)
+    labels = check_classes(e.label for e in kept)
     index = {label: c for c, label in enumerate(labels)}
     train_at, val_at = stratified_split([e.label for e in kept], val_fraction, seed)
     say(f"fitting the head on {len(train_at)} images, validating on {len(val_at)}")

@@ -24,7 +24,7 @@ from pipeline.commands.flags import (
 )
 from pipeline.errors import UserError
 from pipeline.model.bundles import is_reference
-from pipeline.model.classfolders import discover, is_image
+from pipeline.model.classfolders import DatasetError, check_classes, discover, is_image
 from pipeline.names import printable, split_gs
 
 EFFICIENTNET_LITE0 = "efficientnet_lite0"  # pipeline.model.specs's name; that module imports torch
@@ -109,7 +109,12 @@ def check_train(args: argparse.Namespace) -> None:
     if not root.is_dir():
         raise UserError(f"no dataset folder at {printable(args.dataset)}: train reads "
                         "<dataset>/<class>/<image> from a folder or gs:// prefix.")
-    if discover(root):
+    items = discover(root)
+    if items:
+        try:  # the same sentence training would say, before torch loads
+            check_classes(item.class_name for item in items)
+        except DatasetError as exc:
+            raise UserError(str(exc)) from None
         return
     loose = any(is_image(p) for p in root.iterdir() if p.is_file())
     raise UserError(f"{printable(args.dataset)} has no images in class folders"

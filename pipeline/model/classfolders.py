@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import mimetypes
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,21 @@ def discover(root: Path | str) -> list[Item]:
             if path.is_file() and _member(class_dir.name, rel.as_posix()):
                 items.append(Item(class_dir.name, path, rel.as_posix()))
     return items
+
+
+def check_classes(labels: Iterable[str], min_per_class: int = 2) -> list[str]:
+    """The labels, sorted; a dataset that cannot train a classifier is one sentence (checked
+    by ``bucketlens train`` before it loads torch, and again by training itself)."""
+    counts = Counter(labels)
+    if len(counts) < 2:
+        found = f"only class {next(iter(counts))!r}" if counts else "no images"
+        raise DatasetError(f"Training needs at least two classes; the dataset has {found}.")
+    small = sorted(label for label, n in counts.items() if n < min_per_class)
+    if small:
+        raise DatasetError(
+            f"Class folder(s) {', '.join(repr(s) for s in small)} have fewer than "
+            f"{min_per_class} images: each class needs one to train on and one to validate.")
+    return sorted(counts)
 
 
 def _member(class_name: str, relative: str) -> bool:
