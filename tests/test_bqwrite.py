@@ -18,9 +18,6 @@ from pipeline.bigquery import views as bigquery_views
 from pipeline.config import Settings
 from pipeline.notifications import Notification, ObjectKey
 
-# the isolated dataset gets the analytics views (conftest)
-pytestmark = pytest.mark.views
-
 T0 = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
 FIELDS = catalog.schema_json("predictions")
 

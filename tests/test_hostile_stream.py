@@ -24,6 +24,7 @@ import pytest
 from pipeline import clients
 from pipeline.config import Settings
 from pipeline.stream import job as stream
+from tests.conftest import PARENT_STACK
 from tests.helpers.hostile import ATTRS, BUCKET, NOTIFICATIONS
 from tests.helpers.hostile_images import STREAM_UPLOADS
 from tests.helpers.stream import drained, keys, publish, rows_of, upload_samples, wait_rows
@@ -60,12 +61,15 @@ def upload_hostile_objects(settings: Settings) -> dict[tuple, str]:
     return expected
 
 
-def run_in_zone(nodeid: str, zone: str) -> None:
+def run_in_zone(nodeid: str, zone: str, stack_dir: str) -> None:
     """This test again, in a fresh pytest with ``TZ=zone``: a JVM takes its zone at start-up
-    and Python workers inherit the driver's environment, so only a new process has it all."""
+    and Python workers inherit the driver's environment, so only a new process has it all.
+    The emulators stand for Google's services, which run in no user's zone: the child uses
+    this pytest's (conftest's PARENT_STACK)."""
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "", nodeid],
-        cwd=ROOT, env={**os.environ, "TZ": zone}, capture_output=True, text=True, timeout=840)
+        cwd=ROOT, env={**os.environ, "TZ": zone, PARENT_STACK: stack_dir},
+        capture_output=True, text=True, timeout=840)
     assert proc.returncode == 0, f"TZ={zone}:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
 
 
@@ -80,8 +84,8 @@ def assert_job_sees(spark, zone: str) -> None:
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("zone", ZONES)
 def test_hostile_input_among_real_uploads(zone: str, request: pytest.FixtureRequest) -> None:
-    if os.environ.get("TZ") != zone:  # the fixtures start in the child, not here
-        run_in_zone(request.node.nodeid, zone)
+    if os.environ.get("TZ") != zone:  # Spark and the stream start in the child, not here
+        run_in_zone(request.node.nodeid, zone, request.getfixturevalue("stack").run_dir)
         return
     spark, isolated = request.getfixturevalue("spark"), request.getfixturevalue("isolated")
     assert_job_sees(spark, zone)

@@ -20,9 +20,6 @@ from pipeline.config import Settings
 from pipeline.labels import ModelInfo
 from pipeline.notifications import Notification, ObjectKey, PoisonMessage, parse
 
-# the isolated dataset gets the analytics views (conftest)
-pytestmark = pytest.mark.views
-
 T0 = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
 
 
