@@ -33,7 +33,8 @@ from tests.helpers.stream import publish, rows_of
 from tests.helpers.tables import query
 from tests.test_faults import Pipeline, wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.spark]
+# the drift judge's SQL reads the distinct_predictions view
+pytestmark = [pytest.mark.integration, pytest.mark.spark, pytest.mark.views]
 CATS = set(RULES["rules"][0]["labels"])
 
 
