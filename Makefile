@@ -15,6 +15,18 @@ WORKERS ?= 2
 # in which the Spark-facing tests that carry the delivery guarantees run again.
 COMPAT_SPARK ?= 4.0.0 4.1.2
 COMPAT_VENVS := $(foreach v,$(COMPAT_SPARK),.venv-spark$(v))
+# pyspark ships only as a 400 MB sdist. Where the index's file response is not cacheable (this
+# machine's registry proxy), uv builds it again for every environment it installs: 20 CPU-s and
+# a new 1.4 GB revision in uv's cache each time, four per `make test` (main, two compat, the
+# rehearsal), which filled this machine's disk within a day of CI runs. So each version is built
+# once, with pip, into a wheelhouse that every uv install finds first (UV_FIND_LINKS reaches the
+# rehearsal's uv through the environment).
+WHEELHOUSE ?= $(HOME)/.cache/bucketlens/wheels
+SPARK_RANGE := $(shell grep -o '"pyspark[^"]*"' pyproject.toml | tr -d '"')
+export UV_FIND_LINKS := $(WHEELHOUSE)
+# $(call spark-wheel,REQUIREMENT): a no-op when the wheelhouse already holds the version it picks.
+spark-wheel = $(PY) -m pip wheel -qq --disable-pip-version-check --no-cache-dir --no-deps \
+	--find-links $(WHEELHOUSE) --wheel-dir $(WHEELHOUSE) "$(1)"
 
 .PHONY: venv compat demo test test-compat check lint bench clean chromium
 
@@ -23,11 +35,13 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check uv
+	$(call spark-wheel,$(SPARK_RANGE))
 	$(VENV)/bin/uv pip install --quiet --python $(PY) -e ".[$(EXTRAS)]"
 	touch $@
 
 # Same project and extras, another pyspark: uv links everything from its cache (about 1 s).
 .venv-spark%/.installed: $(VENV)/.installed
+	$(call spark-wheel,pyspark==$*)
 	$(VENV)/bin/uv venv --quiet --allow-existing --python $(PY) .venv-spark$*
 	$(VENV)/bin/uv pip install --quiet --python .venv-spark$*/bin/python \
 		-e ".[$(EXTRAS)]" "pyspark==$*"
