@@ -32,9 +32,11 @@ os.environ.setdefault("SPARK_SUBMIT_OPTS", jvm.submit_opts(JVM_ARCHIVE))
 
 def pytest_configure(config: pytest.Config) -> None:
     """The first run in a virtualenv dumps the drivers' class-data archive in the background
-    (~30 CPU-s, repaid after ~6 drivers); a run that starts no Spark (`make check`) does not."""
+    (~30 CPU-s, repaid after ~6 drivers); a run that starts no Spark (`make check`) does not,
+    nor the compat reruns (their 5 tests start about as many drivers as would repay it)."""
     markexpr = config.getoption("markexpr", "") or ""
     if (not hasattr(config, "workerinput") and "not spark" not in markexpr
+            and markexpr.strip() != "compat"
             and jvm.is_ours(os.environ.get("SPARK_SUBMIT_OPTS"))):
         jvm.start_dump(JVM_ARCHIVE, root=Path(__file__).resolve().parent.parent)
 
