@@ -46,11 +46,11 @@ def run_bench(*args: str) -> dict:
 @pytest.mark.integration
 @pytest.mark.spark
 def test_bench_run_prints_every_figure_as_json() -> None:
-    out = run_bench("--images", "20",
+    out = run_bench("--images", "12",
                     "--ceiling-seconds", "2", "--latency-seconds", "6", "--rss-images", "64",
                     "--baseline-rounds", "1", "--pipeline-rounds", "1", "--camera-images", "2",
                     "--timeout", "240", "--sustain-seconds", "5", "--sustain-probes", "1",
-                    "--drain-images", "30", "--seed-drain-images", "10")
+                    "--drain-images", "16", "--seed-drain-images", "4")
 
     for key in POSITIVE:
         assert isinstance(out[key], int | float) and out[key] > 0, (key, out[key])
@@ -62,7 +62,7 @@ def test_bench_run_prints_every_figure_as_json() -> None:
     assert probes[0]["rate"] == pytest.approx(0.85 * out["drain_img_s"], rel=0.01, abs=0.01)
     assert out["max_sustained_img_s"] == pytest.approx(
         probes[0]["rate"] if probes[0]["kept_up"] else 0, abs=0.01)
-    assert out["drain_images"] == 30 and out["seed_style_drain_images"] == 10
+    assert out["drain_images"] == 16 and out["seed_style_drain_images"] == 4
     assert out["ratio_to_ceiling"] == pytest.approx(
         out["max_sustained_img_s"] / out["ceiling_img_s"], rel=0.01, abs=0.002)
     assert out["burst_ratio_to_ceiling"] == pytest.approx(
@@ -71,7 +71,7 @@ def test_bench_run_prints_every_figure_as_json() -> None:
         assert out["ratio_to_seed_style"] == pytest.approx(
             out["max_sustained_img_s"] / out["seed_style_max_sustained_img_s"], rel=0.01)
         assert out["cpu_s_per_image"] > 0
-    assert out["images"] == 20 and out["model"] == "efficientnet_lite0"
+    assert out["images"] == 12 and out["model"] == "efficientnet_lite0"
     assert out["latency_images"] >= 6  # ~12 uploads at 2/s for 6 s
     assert out["rss_images"] == 64 and out["model_loads"] and all(
         v == 1 for v in out["model_loads"].values()), "one model load per Python worker"
@@ -93,7 +93,7 @@ FIELD_KEYS = ("field_max_sustained_img_s", "field_seed_style_max_sustained_img_s
 def test_bench_field_rehearsal_reports_field_figures_counted_at_the_proxy() -> None:
     out = run_bench("--field", "--ceiling-seconds", "2", "--latency-seconds", "6",
                     "--timeout", "240", "--sustain-seconds", "6", "--sustain-probes", "1",
-                    "--drain-images", "20", "--seed-drain-images", "6")
+                    "--drain-images", "12", "--seed-drain-images", "4")
     assert out["field"] is True and out["model"] == "efficientnet_lite0"
     for key in FIELD_KEYS:
         assert key in out, key
