@@ -14,10 +14,11 @@ import sys
 
 from pipeline.config import Settings
 from pipeline.stream.spark import session
+from tests.helpers import jvm
 
 
 def main(subscription: str, checkpoint: str, out: str) -> None:
-    spark = session("local[2]", app="consume")
+    spark = session("local[2]", app="consume", conf=jvm.PLAIN_DAEMON)  # it classifies nothing
 
     def handle(df, batch_id: int) -> None:
         rows = df.select("attributes").collect()

@@ -28,12 +28,14 @@ BASE_OPTS = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
 QUIET = "-Xlog:cds=off -Xlog:cds+dynamic=off"  # a stale or missing archive says nothing
 DUMP_TIMEOUT_S = 300
 STALE_LOCK_S = DUMP_TIMEOUT_S + 60  # a dump killed with its pytest leaves its lock behind
+# For a test session that never classifies: pyspark's own daemon, whose workers do not import
+# torch, torchvision and the storage client first (pipeline.stream.daemon's ~13 CPU-s per start).
+PLAIN_DAEMON = {"spark.python.daemon.module": "pyspark.daemon"}
 # What one driver does: a session, a query with a shuffle, a Python UDF's round trip, stop.
-_DUMP_JOB = """
+_DUMP_JOB = f"""
 import sys
 from pipeline.stream.spark import session
-# the plain daemon: its workers need not import torch to load the JVM's side of a Python UDF
-s = session("local[1]", app="bucketlens-cds", conf={"spark.python.daemon.module": "pyspark.daemon"})
+s = session("local[1]", app="bucketlens-cds", conf={PLAIN_DAEMON!r})
 s.range(50).selectExpr("id % 5 as k").groupBy("k").count().collect()
 s.range(4).rdd.map(lambda r: r.id).collect()
 proc = s.sparkContext._gateway.proc
