@@ -7,8 +7,8 @@ start-up here, both for JVMs that live a minute, not a day (production keeps the
 defaults; C2 and a shared archive of its own pay off differently in a long-running driver):
 - the C1 compiler alone and the serial collector (15 -> 8 CPU-s for a session and two jobs);
 - AppCDS (JDK 13+, JEP 350): the classes one driver loaded are dumped once into an archive that
-  every later driver maps instead of parsing and verifying ~9,000 classes again (a driver's
-  start, measured: 9-10 s -> 6 s wall). The archive belongs to one JDK and one classpath (this
+  every later driver maps instead of parsing and verifying its classes again (a session and
+  two small jobs, measured: 13-15 -> 8-9 CPU-s). The archive belongs to one JDK and one classpath (this
   virtualenv's pyspark jars), so it lives in the virtualenv, keyed by both; a JVM that cannot
   use it (another JDK, a changed classpath) runs as without it, silently (``-Xlog:cds=off``).
 """
@@ -66,12 +66,16 @@ def is_ours(opts: str | None) -> bool:
     return opts is not None and opts.startswith(BASE_OPTS)
 
 
+def _dumping(lock: Path) -> bool:
+    """Whether another run holds the dump's lock (a lock older than any dump is left over)."""
+    return lock.exists() and time.time() - lock.stat().st_mtime < STALE_LOCK_S
+
+
 def start_dump(archive: Path | None = None, root: Path | None = None) -> subprocess.Popen | None:
-    """Dump the archive in the background (~25 s, once per virtualenv); None when it exists
+    """Dump the archive in the background (~30 CPU-s, once per virtualenv); None when it exists
     or another run is dumping it. Drivers started before it lands run without it."""
     archive = archive or archive_path()
-    lock = archive.with_suffix(".lock")
-    if archive.is_file() or (lock.exists() and time.time() - lock.stat().st_mtime < STALE_LOCK_S):
+    if archive.is_file() or _dumping(archive.with_suffix(".lock")):
         return None
     return subprocess.Popen([sys.executable, "-m", "tests.helpers.jvm", str(archive)], cwd=root,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -83,7 +87,7 @@ def dump(archive: Path) -> int:
     (a partial file never has the archive's name). One dump at a time per archive (a lock)."""
     archive.parent.mkdir(parents=True, exist_ok=True)
     lock, partial = archive.with_suffix(".lock"), archive.with_suffix(f".{os.getpid()}.partial")
-    if lock.exists() and time.time() - lock.stat().st_mtime >= STALE_LOCK_S:
+    if not _dumping(lock):
         lock.unlink(missing_ok=True)
     try:
         os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
