@@ -51,11 +51,15 @@ class Pipeline:
                 start_new_session=True)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
+        """``sig`` to the driver's whole group (its JVM too), unless the driver was reaped
+        already (``terminate``, ``alive``): its pid, the group's id, may be another's by now
+        (pid_max is 32768 here, and the suite wraps it), and killpg would signal that group."""
         assert self.proc is not None
-        try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
+        if self.proc.returncode is None:  # alive or a zombie: the id is still ours
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
         self.proc.wait(60)
 
     def terminate(self, timeout: float = 90) -> int:
