@@ -8,6 +8,9 @@ dataset per test, all on the shared emulators.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +19,7 @@ import pytest
 
 from deploy import localstack, provision
 from pipeline.config import Settings
+from pipeline.stream import forkserver
 from tests.helpers import jvm
 from tests.helpers.markers import pytest_collection_modifyitems  # noqa: F401 - a pytest hook
 
@@ -28,17 +32,42 @@ PARENT_STACK = "BUCKETLENS_TEST_PARENT_STACK"  # run directory of the stack a ch
 # keeps the JVM's defaults. A user's own SPARK_SUBMIT_OPTS is left as it is.
 JVM_ARCHIVE = jvm.archive_path()
 os.environ.setdefault("SPARK_SUBMIT_OPTS", jvm.submit_opts(JVM_ARCHIVE))
+FORKSERVER = pytest.StashKey[subprocess.Popen]()
+
+
+def _starts_many_sparks(config: pytest.Config) -> bool:
+    """The main suite's controller: not its xdist workers, not a run without Spark (`make
+    check`), not the compat reruns (their 5 tests start too few drivers and daemons to repay
+    what follows)."""
+    markexpr = (config.getoption("markexpr", "") or "").strip()
+    return not hasattr(config, "workerinput") and "not spark" not in markexpr \
+        and markexpr != "compat"
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """The first run in a virtualenv dumps the drivers' class-data archive in the background
-    (~30 CPU-s, repaid after ~6 drivers); a run that starts no Spark (`make check`) does not,
-    nor the compat reruns (their 5 tests start about as many drivers as would repay it)."""
-    markexpr = config.getoption("markexpr", "") or ""
-    if (not hasattr(config, "workerinput") and "not spark" not in markexpr
-            and markexpr.strip() != "compat"
-            and jvm.is_ours(os.environ.get("SPARK_SUBMIT_OPTS"))):
+    """Two things started once, in the background, for every Spark a test starts:
+    - the first run in a virtualenv dumps the drivers' class-data archive (~30 CPU-s, repaid
+      after ~6 drivers);
+    - a fork server imports what Spark's Python daemon preloads (torch, torchvision, pandas,
+      the storage client: ~4 CPU-s), and every daemon started after it is up forks from it
+      instead of importing again (``pipeline.stream.forkserver``; a pytest started by a test
+      shares its parent's)."""
+    if not _starts_many_sparks(config):
+        return
+    if jvm.is_ours(os.environ.get("SPARK_SUBMIT_OPTS")):
         jvm.start_dump(JVM_ARCHIVE, root=Path(__file__).resolve().parent.parent)
+    if forkserver.supported() and not os.environ.get(forkserver.ENV):
+        path = Path(tempfile.mkdtemp(prefix="bucketlens-")) / "daemons.sock"
+        config.stash[FORKSERVER] = forkserver.start(path)
+        os.environ[forkserver.ENV] = str(path)  # the xdist workers start after this
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    server = config.stash.get(FORKSERVER, None)
+    if server is not None:
+        server.terminate()
+        server.wait(30)
+        shutil.rmtree(Path(os.environ.pop(forkserver.ENV)).parent, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -11,10 +11,13 @@ Only the classifying workers' daemon preloads: Spark 4 also starts daemons for d
 planning (``pyspark.sql.worker.*``), which never classify.
 
 Importing is fork-safe here: no thread pool, client or channel exists until a task runs.
+Where many short applications start on one machine (the test suite), ``pipeline.stream.forkserver``
+keeps one warm copy of these imports that each daemon is forked from instead.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 PRELOAD_FOR = "pyspark.worker"  # the worker module Spark passes for tasks (UDFs, mapInPandas)
@@ -26,9 +29,23 @@ def preloads(argv: list[str]) -> bool:
     return len(argv) < 2 or argv[1] == PRELOAD_FOR
 
 
-if __name__ == "__main__":
-    if preloads(sys.argv):
-        import pipeline.stream.executor  # noqa: F401 — torch, torchvision, the storage client
+def preload() -> None:
+    import pipeline.stream.executor  # noqa: F401 — torch, torchvision, the storage client
+
+
+def main(argv: list[str]) -> None:
+    if preloads(argv):
+        from pipeline.stream import forkserver
+
+        server = os.environ.get(forkserver.ENV)  # a warm process that imported all this already
+        code = forkserver.handoff(server, argv) if server else None
+        if code is not None:
+            sys.exit(code)
+        preload()
     from pyspark import daemon
 
     daemon.manager()
+
+
+if __name__ == "__main__":
+    main(sys.argv)
