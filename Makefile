@@ -46,7 +46,7 @@ $(VENV)/.installed: pyproject.toml
 	$(UV_INSTALL) --python $(PY) -e ".[$(EXTRAS)]"
 	touch $@
 
-# Same project and extras, another pyspark: uv links everything from its cache (about 1 s).
+# Same project and extras, another pyspark: uv links everything from its cache, then compiles.
 .venv-spark%/.installed: $(VENV)/.installed
 	$(call spark-wheel,pyspark==$*)
 	$(VENV)/bin/uv venv --quiet --allow-existing --python $(PY) .venv-spark$*
@@ -59,9 +59,9 @@ compat: $(foreach d,$(COMPAT_VENVS),$(d)/.installed)
 demo: venv
 	$(VENV)/bin/bucketlens demo --keep
 
-# The compat reruns go alongside the main suite (its log is printed after it): most of both is
-# waiting on emulators, triggers and leases, so together they take little more than the longer.
-test: venv compat chromium bytecode
+# The compat reruns go alongside the main suite (its log is printed after it), building their
+# virtualenvs there too: the main suite starts without waiting for them.
+test: venv chromium bytecode
 	$(VENV)/bin/ruff check .
 	@mkdir -p .bucketlens
 	@$(MAKE) --no-print-directory test-compat > .bucketlens/test-compat.log 2>&1 & compat=$$!; \
