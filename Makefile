@@ -27,8 +27,10 @@ export UV_FIND_LINKS := $(WHEELHOUSE)
 # Bytecode: uv writes none by default, and where PYTHONDONTWRITEBYTECODE is set (this machine's
 # environment) Python never writes it either, so every process compiled torch, torchvision,
 # pandas and the Google clients from source on each import: the executor's imports took 15 CPU-s
-# instead of 4.4, in each of the suite's ~300 Python processes. uv compiles at install (~45 CPU-s
-# per virtualenv, once); `bytecode` compiles the project's own files before each run.
+# instead of 4.4, in each of the suite's ~300 Python processes. uv compiles the main virtualenv
+# at install (~45 CPU-s, once); the compat reruns, which import a fraction of it, let Python
+# write what they import as they go; `bytecode` compiles the project's own files before each
+# run, and tests/helpers/pysparkzip.py the pyspark.zip that Spark's Python processes import.
 UV_INSTALL = $(VENV)/bin/uv pip install --quiet --compile-bytecode
 SOURCES := pipeline producer deploy schemas tests bench
 # $(call spark-wheel,REQUIREMENT): a no-op when the wheelhouse already holds the version it picks.
@@ -44,14 +46,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check uv
 	$(call spark-wheel,$(SPARK_RANGE))
 	$(UV_INSTALL) --python $(PY) -e ".[$(EXTRAS)]"
+	$(PY) -m tests.helpers.pysparkzip
 	touch $@
 
 # Same project and extras, another pyspark: uv links everything from its cache, then compiles.
 .venv-spark%/.installed: $(VENV)/.installed
 	$(call spark-wheel,pyspark==$*)
 	$(VENV)/bin/uv venv --quiet --allow-existing --python $(PY) .venv-spark$*
-	$(UV_INSTALL) --python .venv-spark$*/bin/python \
+	$(VENV)/bin/uv pip install --quiet --python .venv-spark$*/bin/python \
 		-e ".[$(EXTRAS)]" "pyspark==$*"
+	.venv-spark$*/bin/python -m tests.helpers.pysparkzip
 	touch $@
 
 compat: $(foreach d,$(COMPAT_VENVS),$(d)/.installed)
@@ -74,7 +78,8 @@ test: venv chromium bytecode
 test-compat: compat
 	@for d in $(COMPAT_VENVS); do \
 		echo "== $$d: pytest -m compat"; \
-		$$d/bin/python -m pytest -ra -m compat -p no:cacheprovider $(PYTEST_ARGS) || exit 1; \
+		PYTHONDONTWRITEBYTECODE= $$d/bin/python -m pytest -ra -m compat -p no:cacheprovider \
+			$(PYTEST_ARGS) || exit 1; \
 	done
 
 # The dashboard's test drives a real headless Chromium (and its WebDriver) from the

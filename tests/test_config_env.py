@@ -35,6 +35,9 @@ ALLOWED = {
     ("pipeline/__init__.py", "<module>"):
         "GRPC_ENABLE_FORK_SUPPORT: grpc reads it once, when it is first imported, before any "
         "Settings exist (Spark forks Python workers from a process that imported grpc)",
+    ("pipeline/stream/forkserver.py", "_become_daemon"):
+        "a daemon forked from the fork server takes the environment Spark gave the daemon it "
+        "stands in for (worker secret, PYTHONPATH, the stack's variables), as its own",
     ("deploy/localstack.py", "find_pubsub_emulator"):
         "BUCKETLENS_PUBSUB_EMULATOR: where the emulator's start script lives, for spawning it",
     ("deploy/localstack.py", "environment"):

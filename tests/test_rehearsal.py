@@ -76,10 +76,7 @@ def job_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert set(SHIPPED_DATA) <= names, f"missing from the wheel: {set(SHIPPED_DATA) - names}"
     venv = base / "venv"
     subprocess.run([uv(), "venv", "--quiet", "--python", sys.executable, str(venv)], check=True)
-    # compiled at install, as pip does on the cluster (uv does not unless asked): else each of the
-    # job's processes compiles torch from source again where PYTHONDONTWRITEBYTECODE is set
-    subprocess.run([uv(), "pip", "install", "--quiet", "--compile-bytecode",
-                    "--python", str(venv / "bin" / "python"),
+    subprocess.run([uv(), "pip", "install", "--quiet", "--python", str(venv / "bin" / "python"),
                     f"{wheel}[offline]", f"pyspark=={DATAPROC_SPARK}"], check=True, timeout=900)
     return venv
 

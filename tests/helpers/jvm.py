@@ -29,7 +29,7 @@ QUIET = "-Xlog:cds=off -Xlog:cds+dynamic=off"  # a stale or missing archive says
 DUMP_TIMEOUT_S = 300
 STALE_LOCK_S = DUMP_TIMEOUT_S + 60  # a dump killed with its pytest leaves its lock behind
 # For a test session that never classifies: pyspark's own daemon, whose workers do not import
-# torch, torchvision and the storage client first (pipeline.stream.daemon's ~13 CPU-s per start).
+# torch, torchvision and the storage client first (pipeline.stream.daemon's ~4 CPU-s per start).
 PLAIN_DAEMON = {"spark.python.daemon.module": "pyspark.daemon"}
 # What one driver does: a session, a query with a shuffle, a Python UDF's round trip, stop.
 _DUMP_JOB = f"""

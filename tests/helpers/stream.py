@@ -33,11 +33,20 @@ def rows_of(settings: Settings, table: str | None = None) -> list[dict]:
 
 def wait_rows(settings: Settings, n: int, query, timeout: float = 180,
               table: str | None = None) -> list[dict]:
-    """At least ``n`` rows, failing early with the stream's own error if it died."""
+    """At least ``n`` rows, failing early with the stream's own error if it died.
+
+    Rows land only inside a batch, so the table is read again only once another batch has
+    committed: bqemulator parses every query in Python (~50 ms of its CPU), and a poll each
+    second of an idle stream was a large share of the suite's emulator time."""
+    read_after: list = [object()]  # the batch id of the last read (none yet)
 
     def enough() -> list[dict]:
         if query.exception():
             raise AssertionError(f"stream failed: {query.exception()}")
+        batch = (query.lastProgress or {}).get("batchId")
+        if batch == read_after[0]:
+            return []
+        read_after[0] = batch
         rows = rows_of(settings, table)
         return rows if len(rows) >= n else []
 
