@@ -8,7 +8,10 @@ PYTEST_ARGS ?=
 # pytest-xdist workers for the main suite, each with its own emulator stack and Spark session.
 # Most of a test's time is waiting (emulators, triggers, leases), so 2 on 2 cores pays; 3 beside
 # the compat run starved Spark's Python workers past their 10 s connect-back. Files stay whole
-# on one worker (--dist loadfile) so a module's fixtures start once.
+# on one worker (--dist loadfile) so a module's fixtures start once, handed out in collection
+# order (--no-loadscope-reorder; xdist would otherwise start the files with most tests first and
+# the benchmarks' 2 tests, ~6 min of one worker, last): tests/helpers/markers.py puts the
+# slowest first.
 WORKERS ?= 2
 # The Spark versions users deploy on besides the newest: Dataproc image 3.0.0-RC1 and Serverless
 # runtime 3.0 run Spark 4.0.0; images 3.0.0–3.0.2 run 4.1.1/4.1.2. Each gets its own virtualenv
@@ -69,7 +72,8 @@ test: venv chromium bytecode
 	$(VENV)/bin/ruff check .
 	@mkdir -p .bucketlens
 	@$(MAKE) --no-print-directory test-compat > .bucketlens/test-compat.log 2>&1 & compat=$$!; \
-	$(PY) -m pytest -ra --durations=30 -n $(WORKERS) --dist loadfile $(PYTEST_ARGS); main=$$?; \
+	$(PY) -m pytest -ra --durations=30 -n $(WORKERS) --dist loadfile --no-loadscope-reorder \
+		$(PYTEST_ARGS); main=$$?; \
 	wait $$compat; other=$$?; cat .bucketlens/test-compat.log; \
 	echo "== main suite exit $$main, compat exit $$other"; \
 	test $$main -eq 0 && test $$other -eq 0

@@ -80,10 +80,13 @@ def handoff(path: str, argv: list[str]) -> int | None:
     pending: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
-        if served:
-            os.kill(served[0], signum)
-        else:
+        if not served:
             pending.append(signum)
+            return
+        try:
+            os.kill(served[0], signum)
+        except ProcessLookupError:  # gone already: _wait returns
+            pass
 
     previous = {s: signal.signal(s, forward) for s in FORWARDED}
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
