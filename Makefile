@@ -32,10 +32,10 @@ export UV_FIND_LINKS := $(WHEELHOUSE)
 # pandas and the Google clients from source on each import: the executor's imports took 15 CPU-s
 # instead of 4.4, in each of the suite's ~300 Python processes. uv compiles the main virtualenv
 # at install (~45 CPU-s, once); the compat reruns, which import a fraction of it, let Python
-# write what they import as they go; `bytecode` compiles the project's own files before each
+# write what they import as they go, into their own virtualenv (PYTHONPYCACHEPREFIX); `bytecode` compiles the project's own files before each
 # run, and tests/helpers/pysparkzip.py the pyspark.zip that Spark's Python processes import.
 UV_INSTALL = $(VENV)/bin/uv pip install --quiet --compile-bytecode
-SOURCES := pipeline producer deploy schemas tests bench
+SOURCES := pipeline producer deploy tests bench  # schemas/ ships as data files: nothing beside them
 # $(call spark-wheel,REQUIREMENT): a no-op when the wheelhouse already holds the version it picks.
 spark-wheel = $(PY) -m pip wheel -qq --disable-pip-version-check --no-cache-dir --no-deps \
 	--find-links $(WHEELHOUSE) --wheel-dir $(WHEELHOUSE) "$(1)"
@@ -82,7 +82,8 @@ test: venv chromium bytecode
 test-compat: compat
 	@for d in $(COMPAT_VENVS); do \
 		echo "== $$d: pytest -m compat"; \
-		PYTHONDONTWRITEBYTECODE= $$d/bin/python -m pytest -ra -m compat -p no:cacheprovider \
+		PYTHONDONTWRITEBYTECODE= PYTHONPYCACHEPREFIX=$$d/pycache \
+			$$d/bin/python -m pytest -ra -m compat -p no:cacheprovider \
 			$(PYTEST_ARGS) || exit 1; \
 	done
 

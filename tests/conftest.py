@@ -35,12 +35,6 @@ os.environ.setdefault("SPARK_SUBMIT_OPTS", jvm.submit_opts(JVM_ARCHIVE))
 FORKSERVER = pytest.StashKey[subprocess.Popen]()
 
 
-def _starts_sparks(config: pytest.Config) -> bool:
-    """A controller (not an xdist worker) of a run with Spark (not `make check`)."""
-    markexpr = (config.getoption("markexpr", "") or "").strip()
-    return not hasattr(config, "workerinput") and "not spark" not in markexpr
-
-
 def pytest_configure(config: pytest.Config) -> None:
     """Two things started once, in the background, for every Spark a test starts:
     - the first run in a virtualenv dumps the drivers' class-data archive (~30 CPU-s, repaid
@@ -49,10 +43,10 @@ def pytest_configure(config: pytest.Config) -> None:
       the storage client: ~4 CPU-s), and every daemon started after it is up forks from it
       instead of importing again (``pipeline.stream.forkserver``; a pytest started by a test
       shares its parent's)."""
-    if not _starts_sparks(config):
+    markexpr = (config.getoption("markexpr", "") or "").strip()
+    if hasattr(config, "workerinput") or "not spark" in markexpr:  # an xdist worker, make check
         return
-    compat = (config.getoption("markexpr", "") or "").strip() == "compat"
-    if not compat and jvm.is_ours(os.environ.get("SPARK_SUBMIT_OPTS")):
+    if markexpr != "compat" and jvm.is_ours(os.environ.get("SPARK_SUBMIT_OPTS")):
         jvm.start_dump(JVM_ARCHIVE, root=Path(__file__).resolve().parent.parent)
     if forkserver.supported() and not os.environ.get(forkserver.ENV):
         path = Path(tempfile.mkdtemp(prefix="bucketlens-")) / "daemons.sock"

@@ -38,15 +38,16 @@ def wait_rows(settings: Settings, n: int, query, timeout: float = 180,
     Rows land only inside a batch, so the table is read again only once another batch has
     committed: bqemulator parses every query in Python (~50 ms of its CPU), and a poll each
     second of an idle stream was a large share of the suite's emulator time."""
-    read_after: list = [object()]  # the batch id of the last read (none yet)
+    read_after: object = object()  # the batch id of the last read (none yet)
 
     def enough() -> list[dict]:
+        nonlocal read_after
         if query.exception():
             raise AssertionError(f"stream failed: {query.exception()}")
         batch = (query.lastProgress or {}).get("batchId")
-        if batch == read_after[0]:
+        if batch == read_after:
             return []
-        read_after[0] = batch
+        read_after = batch
         rows = rows_of(settings, table)
         return rows if len(rows) >= n else []
 
