@@ -1,8 +1,9 @@
-"""Figures behind the classify stage's defaults: batch size, memory format and JPEG decoder.
+"""Figures behind the classify stage's defaults: batch size, memory format, JPEG decoder, malloc.
 
 Prints model-only throughput by batch size (random-init torchvision weights time the same as
 trained ones, so nothing is downloaded) and decode + preprocess cost per image for each
-decoder, on package-shipped photos and on a camera-sized (12 MP) JPEG. Not a test.
+decoder, on package-shipped photos and on a camera-sized (12 MP) JPEG, and the handler's CPU per
+image with glibc's malloc defaults against ``malloc_keep_mb`` (one process each). Not a test.
 
     .venv/bin/python bench/classify_bench.py [--seconds 2] [--models mobilenet_v2,...]
 """
@@ -11,8 +12,12 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import platform
+import resource
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -119,12 +124,53 @@ def bench_end_to_end(seconds: float) -> None:
           f"{rate:.1f} images/s")  # fmt: skip
 
 
+def allocator_child(mb: int, seconds: float) -> None:
+    """One process: the handler on one thread with ``malloc_keep_mb=mb``; CPU and faults per image."""
+    handler = model_handler.TorchModelHandler(
+        Settings(model=specs.EFFICIENTNET_LITE0, torch_threads=1, malloc_keep_mb=mb))
+    blobs = [jpeg(img) for img in sample_jpegs()["photos (~450x300)"]] * 16  # 3 batches
+    for _ in range(2):
+        handler.run_inference(blobs)  # the model loads, the heap grows to a batch's peak
+    before, started, images = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(), 0
+    while time.perf_counter() - started < seconds:
+        handler.run_inference(blobs)
+        images += len(blobs)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    with open("/proc/self/status") as status:  # resident between batches, and at the peak
+        kb = dict(line.split()[:2] for line in status if line.startswith(("VmRSS", "VmHWM")))
+    print(json.dumps({"cpu_ms": 1000 * cpu / images, "faults": (after.ru_minflt - before.ru_minflt) / images,
+                      "sys_ms": 1000 * (after.ru_stime - before.ru_stime) / images,
+                      "rss_mb": int(kb["VmRSS:"]) / 1024, "peak_mb": int(kb["VmHWM:"]) / 1024}))
+
+
+def bench_allocator(seconds: float) -> None:
+    """glibc's defaults against the handler's kept memory (pipeline/model/allocator.py)."""
+    figures = {}
+    for mb in (0, Settings().malloc_keep_mb):
+        done = subprocess.run([sys.executable, __file__, "--allocator-child", str(mb),
+                               "--seconds", str(max(seconds, 3.0))],
+                              capture_output=True, text=True, check=True)
+        figures[mb] = json.loads(done.stdout.strip().splitlines()[-1])
+    print("\nhandler on 1 thread, per image: CPU ms, of it in the kernel, minor page faults; "
+          "resident MB between batches and at the peak")
+    for mb, f in figures.items():
+        label = "glibc defaults" if mb == 0 else f"malloc_keep_mb={mb}"
+        print(f"{label:<22}{f['cpu_ms']:>8.1f}{f['sys_ms']:>8.1f}{f['faults']:>10.0f}"
+              f"{f['rss_mb']:>8.0f}{f['peak_mb']:>8.0f}")
+    default, kept = figures[0]["cpu_ms"], figures[Settings().malloc_keep_mb]["cpu_ms"]
+    print(f"images per CPU-second, kept / defaults: {default / kept:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=1.0, help="time per measurement")
     parser.add_argument("--models", default=f"mobilenet_v2,{specs.EFFICIENTNET_LITE0}")
     parser.add_argument("--threads", type=int, help="torch threads (default: as the pipeline)")
+    parser.add_argument("--allocator-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.allocator_child is not None:
+        return allocator_child(args.allocator_child, args.seconds)
     if args.threads:
         os.environ[model_handler.THREADS_ENV] = str(args.threads)  # the handler honours it too
     torch.set_num_threads(model_handler.torch_threads(os.environ, os.cpu_count()))
@@ -133,6 +179,7 @@ def main() -> None:
     bench_models(args.models.split(","), args.seconds)
     bench_decoders(args.seconds)
     bench_end_to_end(args.seconds)
+    bench_allocator(args.seconds)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,9 @@ class Settings:
     embeddings: bool = False  # also store each image's embedding (README "Similar images")
     batch_size: int = 16
     torch_threads: int = 0  # 0 = 1 inside a Spark worker, all cores elsewhere
+    # freed memory a process running the model keeps for its next batch, in MiB (glibc only;
+    # 0 = glibc's defaults): pipeline/model/allocator.py
+    malloc_keep_mb: int = 512
     top_k: int = 5
     min_confidence: float = 0.0
     checkpoint: str = ".bucketlens/checkpoints/predictions"

@@ -231,6 +231,7 @@ RANGES: dict[str, Range] = {
     "num_partitions": Range(0, why="0 = Spark's default parallelism"),
     "batch_size": Range(1),
     "torch_threads": Range(0, why="0 = one per Spark worker, all cores elsewhere"),
+    "malloc_keep_mb": Range(0, why="0 = the C library's defaults"),
     "top_k": Range(1),
     "min_confidence": Range(0, 1, "a probability"),
     "fetch_threads": Range(1),

@@ -23,7 +23,7 @@ import torch
 
 from pipeline.config import Settings
 from pipeline.labels import IMAGENET, OWN_LABELS, ModelInfo
-from pipeline.model import bundles, cache, images, weights
+from pipeline.model import allocator, bundles, cache, images, weights
 from pipeline.model.specs import (
     ModelSpec,
     WeightsSource,
@@ -213,6 +213,7 @@ class TorchModelHandler:
         explicit = {THREADS_ENV: str(self.settings.torch_threads)} if self.settings.torch_threads else {}
         torch.set_num_threads(torch_threads({**spark_markers, **explicit}, os.cpu_count(),
                                             _spark_task_cpus()))
+        allocator.keep_freed_memory(self.settings.malloc_keep_mb)  # 1.5x the images per CPU-s
         base = cache.shared_base(self.base_name, self.source, self.settings, self.device)
         if self.bundle is None:
             return Classifier(base.backbone, base.head or torch.nn.Identity())
