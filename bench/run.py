@@ -2,8 +2,10 @@
 
     .venv/bin/python bench/run.py [--images 400] [--json]
 
-Starts its own local stack (``deploy.localstack.up`` in a temporary run directory) and one
-Spark session, then measures on the same images (the bundled sample photos, replayed with
+Starts its own local stack (``deploy.localstack.up`` in a temporary run directory; or, with
+``--stack DIR``, uses the one already running there, e.g. ``bucketlens local up``'s, with a
+bucket, subscription and dataset of its own) and one Spark session, then measures on the same
+images (the bundled sample photos, replayed with
 ``loop`` until N uploads):
 
 a. ceiling   decode + preprocess + model in a tight loop on the same JPEG bytes, one process
@@ -943,9 +945,43 @@ class Figures:
     seed_probes: list[dict[str, Any]] = field(default_factory=list)
 
 
+def running_stack(run_dir: Path) -> Any:
+    """The local stack running in ``run_dir``; one sentence when there is none."""
+    from deploy import localstack
+
+    stack = localstack.StackState.load(run_dir)
+    dead = [name for name, info in localstack.status(run_dir).items() if not info["alive"]]
+    if dead:
+        raise SystemExit(f"--stack {run_dir}: {', '.join(dead)} not running "
+                         f"(`bucketlens local up --run-dir {run_dir}` starts them)")
+    return stack
+
+
+def own_resources(work_dir: Path) -> dict[str, str]:
+    """Variables naming a bucket, subscription, topics and dataset of this run's own, and its
+    checkpoints under ``work_dir``: on a shared stack the defaults may hold another's data."""
+    uid = os.urandom(4).hex()
+    return {"BUCKETLENS_BUCKET": f"bench-{uid}", "BUCKETLENS_SUBSCRIPTION": f"bench-{uid}",
+            "BUCKETLENS_DEAD_LETTER_TOPIC": f"bench-dlq-{uid}",
+            "BUCKETLENS_ALERT_TOPIC": f"bench-alerts-{uid}", "BUCKETLENS_DATASET": f"bench_{uid}",
+            "BUCKETLENS_CHECKPOINT": str(work_dir / "checkpoints" / "predictions")}
+
+
+def drop_subscription(settings: Settings) -> None:
+    """Delete the run's subscription from a stack that keeps running (best effort)."""
+    from pipeline import clients
+
+    try:
+        clients.subscriber_client(settings).delete_subscription(
+            subscription=settings.subscription_path)
+    except Exception as exc:  # noqa: BLE001 — the figures are taken; say so and go on
+        console.log(f"could not delete {settings.subscription_path}: {exc!r}")
+
+
 class Bench:
     """What the phases share: the local stack, the ceiling's processes, Spark and the stream.
-    Leaving the ``with`` block stops all of them and removes what the run made."""
+    Leaving the ``with`` block stops all of them (a ``--stack`` stack runs on) and removes
+    what the run made."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         from deploy import localstack
@@ -955,6 +991,9 @@ class Bench:
                                   "images": args.images}
         self.own_dir = not args.run_dir  # a temporary directory of ours is removed at the end
         self.run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="bucketlens-bench-"))
+        # the stack's directory: ours (started and stopped here), or --stack's running one
+        self.own_stack = not args.stack
+        self.stack_dir = Path(args.stack).resolve() if args.stack else self.run_dir
         console.rule("[bold]bucketlens bench")
         console.log(f"machine: {self.o['machine']}; load {self.o['loadavg_start']}")
         self.items, self.blobs = sample_blobs(self.run_dir / "field-mix" if args.field else None)
@@ -995,7 +1034,10 @@ class Bench:
         for helper in (self.producer, self.proxy):
             if helper is not None:
                 helper.close()
-        localstack.down(self.run_dir)
+        if self.own_stack:
+            localstack.down(self.stack_dir)
+        elif self.cpu is not None:  # the stack runs on: stop fanning its uploads out to us
+            drop_subscription(self.settings)
         if self.own_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
         self.environment.close()
@@ -1008,12 +1050,24 @@ class Bench:
     def start_stack(self) -> None:
         from deploy import localstack
 
-        console.log(f"starting the local stack in {self.run_dir} …")
         t = time.monotonic()
-        stack = localstack.up(self.run_dir, self.settings)  # stops what it started if it fails
-        self.cpu = CpuShare({svc.pid for svc in stack.services.values()}, os.cpu_count() or 1)
-        self.environment.enter_context(localstack.environment(stack.env()))
+        if self.own_stack:
+            console.log(f"starting the local stack in {self.stack_dir} …")
+            stack = localstack.up(self.stack_dir, self.settings)  # stops what it started if it fails
+            env = stack.env()
+        else:
+            stack = running_stack(self.stack_dir)
+            console.log(f"using the local stack running in {self.stack_dir}")
+            env = {**stack.env(), **own_resources(self.run_dir)}
+        self.environment.enter_context(localstack.environment(env))
         self.settings = self.stream_settings = Settings.from_env()
+        if not self.own_stack:
+            from deploy import provision
+
+            # what `local up` provisions, but the analytics views: the bench reads none
+            provision.apply_resources([r for r in provision.resources(self.settings)
+                                       if r.kind != "views"])
+        self.cpu = CpuShare({svc.pid for svc in stack.services.values()}, os.cpu_count() or 1)
         if self.args.field:
             self.start_field()
         self.r.phase("stack", t)
@@ -1624,7 +1678,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="(f) backlog bucketlens drains (the flower set's size)")
     p.add_argument("--seed-drain-images", type=int, default=300,
                    help="(f) backlog the seed-style stream drains (its probes start from it)")
-    p.add_argument("--run-dir", help="local stack directory (default: a new temporary one)")
+    p.add_argument("--run-dir", help="the run's directory, and its local stack's "
+                                      "(default: a new temporary one)")
+    p.add_argument("--stack", metavar="DIR",
+                   help="use the local stack already running in DIR (`bucketlens local up "
+                        "--run-dir DIR`) with resources of the run's own, and leave it running")
     p.add_argument("--field", action="store_true",
                    help="the field rehearsal instead: the stream behind a latency-injecting "
                         "proxy, on photos + camera-sized JPEGs; shorter (f) defaults: "

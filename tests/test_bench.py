@@ -1,9 +1,12 @@
 """Smoke test of the benchmark harness: every stage runs at tiny sizes and reports its figures.
 
 No timing thresholds: the figures depend on the machine and on what else runs on it
-(bench/README.md has the real ones). This only proves that `bench/run.py` starts its own stack,
-measures (a)-(e) — and, with `--field`, the rehearsal behind the latency proxy — and ends with
-one well-formed JSON line. The proxy's parsing and the cost model are unit-tested here too.
+(bench/README.md has the real ones). This only proves that `bench/run.py` measures (a)-(e) —
+and, with `--field`, the rehearsal behind the latency proxy — and ends with one well-formed JSON
+line. Both runs use the test worker's running stack (`--stack`, a bucket, subscription and
+dataset of their own), which saves each a stack start; the default, a stack of its own, is
+`deploy.localstack.up`/`down` (tests/test_localstack.py). The proxy's parsing and the cost model
+are unit-tested here too.
 """
 
 from __future__ import annotations
@@ -29,14 +32,14 @@ POSITIVE = ("ceiling_img_s", "pipeline_img_s", "baseline_img_s", "ratio_to_basel
             "seed_style_drain_img_s")
 
 
-def run_bench(*args: str) -> dict:
-    """``bench/run.py --json ARGS`` on its own stack: the JSON line, the only stdout line."""
+def run_bench(stack, *args: str) -> dict:
+    """``bench/run.py --json --stack DIR ARGS``: the JSON line, the only stdout line."""
     env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1"}
-    for name in list(env):  # the bench starts its own stack; a caller's must not leak in
+    for name in list(env):  # the bench reads the stack from --stack alone, not from the caller
         if name.startswith("BUCKETLENS_") or name.endswith("_EMULATOR_HOST"):
             env.pop(name)
-    done = subprocess.run([sys.executable, "bench/run.py", "--json", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=840)
+    done = subprocess.run([sys.executable, "bench/run.py", "--json", "--stack", stack.run_dir,
+                           *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=840)
     assert done.returncode == 0, done.stderr[-4000:]
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 1, "--json: the JSON line is the only stdout line"
@@ -45,8 +48,8 @@ def run_bench(*args: str) -> dict:
 
 @pytest.mark.integration
 @pytest.mark.spark
-def test_bench_run_prints_every_figure_as_json() -> None:
-    out = run_bench("--images", "12",
+def test_bench_run_prints_every_figure_as_json(stack) -> None:
+    out = run_bench(stack, "--images", "12",
                     "--ceiling-seconds", "2", "--latency-seconds", "6", "--rss-images", "64",
                     "--baseline-rounds", "1", "--pipeline-rounds", "1", "--camera-images", "2",
                     "--timeout", "240", "--sustain-seconds", "5", "--sustain-probes", "1",
@@ -90,8 +93,8 @@ FIELD_KEYS = ("field_max_sustained_img_s", "field_seed_style_max_sustained_img_s
 
 @pytest.mark.integration
 @pytest.mark.spark
-def test_bench_field_rehearsal_reports_field_figures_counted_at_the_proxy() -> None:
-    out = run_bench("--field", "--ceiling-seconds", "2", "--latency-seconds", "6",
+def test_bench_field_rehearsal_reports_field_figures_counted_at_the_proxy(stack) -> None:
+    out = run_bench(stack, "--field", "--ceiling-seconds", "2", "--latency-seconds", "6",
                     "--timeout", "240", "--sustain-seconds", "6", "--sustain-probes", "1",
                     "--drain-images", "12", "--seed-drain-images", "4")
     assert out["field"] is True and out["model"] == "efficientnet_lite0"

@@ -31,6 +31,7 @@ from pipeline import clients
 from pipeline.bigquery import catalog, sinks
 from pipeline.bigquery import views as bigquery_views
 from pipeline.config import Settings
+from tests.helpers import wheel as wheels
 from tests.helpers.scripts import ABSENT, CLUSTER_SHAPE, DATAPROC, FAKE_GCLOUD_DIR, ROOT, run_script
 
 # every test here starts a fresh interpreter or shell, as a user would: `make test`, not `make check`
@@ -1104,18 +1105,8 @@ def dockerfile() -> tuple[list[tuple[str, str]], dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def built_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The wheel as a user builds it, from a copy of the checkout's tracked and new files."""
-    base = tmp_path_factory.mktemp("wheel")
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
-                            capture_output=True, check=True).stdout.decode().split("\0")
-    for f in (f for f in listed if f and (ROOT / f).is_file()):
-        (base / "src" / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / f, base / "src" / f)
-    uv = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
-    subprocess.run([uv, "build", "--wheel", "--quiet", "--out-dir", str(base / "dist"),
-                    str(base / "src")], check=True, timeout=600)
-    (wheel,) = (base / "dist").glob("bucketlens-*.whl")
-    return wheel
+    """The wheel as a user builds it (tests/helpers/wheel.py: one build per test run)."""
+    return wheels.built_wheel(tmp_path_factory)
 
 
 def test_the_serverless_image_holds_the_wheel_its_dependencies_and_the_weights(built_wheel) -> None:

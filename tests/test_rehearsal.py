@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from pipeline.config import Settings
 from tests.helpers.stream import upload_samples
 from tests.helpers.tables import counts
 from tests.helpers.wait import read_through
+from tests.helpers.wheel import built_wheel, uv
 
 pytestmark = [pytest.mark.integration, pytest.mark.spark, pytest.mark.rehearsal, pytest.mark.views]
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,31 +47,11 @@ EMULATOR_VARS = ("STORAGE_EMULATOR_HOST", "PUBSUB_EMULATOR_HOST", "BUCKETLENS_BQ
                  "BUCKETLENS_BQ_STORAGE_ENDPOINT")
 
 
-def uv() -> str:
-    found = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
-    if not found:
-        pytest.fail("uv is missing: `make venv` installs it")
-    return found
-
-
-def checkout_files() -> list[str]:
-    """Tracked and new (not ignored) files: what a clean clone of this work would hold."""
-    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
-                         capture_output=True, check=True).stdout.decode()
-    return [f for f in out.split("\0") if f and (ROOT / f).is_file()]
-
-
 @pytest.fixture(scope="module")
 def job_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh virtualenv outside the checkout holding only the wheel and its dependencies."""
     base = tmp_path_factory.mktemp("rehearsal")
-    src = base / "src"
-    for f in checkout_files():
-        (src / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / f, src / f)
-    subprocess.run([uv(), "build", "--wheel", "--quiet", "--out-dir", str(base / "dist"), str(src)],
-                   check=True, timeout=600)
-    (wheel,) = (base / "dist").glob("bucketlens-*.whl")
+    wheel = built_wheel(tmp_path_factory)
     names = set(zipfile.ZipFile(wheel).namelist())
     assert set(SHIPPED_DATA) <= names, f"missing from the wheel: {set(SHIPPED_DATA) - names}"
     venv = base / "venv"
