@@ -93,7 +93,7 @@ def isolated(stack: localstack.StackState, tmp_path, request: pytest.FixtureRequ
     """Settings with a bucket, subscription, dead-letter topic and dataset of this test's own.
 
     Everything ``bucketlens deploy apply`` makes, but the analytics views only for tests marked
-    ``views``: bqemulator spends about 3 CPU-s analysing the 19 of them, and most tests read
+    ``views``: bqemulator spends about 1.3 CPU-s analysing the 19 of them, and most tests read
     none. What reads one: the report, status, sql, similar and dashboard commands, and the
     stream's drift judge (its SQL selects from ``distinct_predictions``)."""
     uid = uuid.uuid4().hex[:8]

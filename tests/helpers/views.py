@@ -8,7 +8,6 @@ from datetime import UTC, datetime, timedelta
 from pipeline import clients
 from pipeline.bigquery import rows as bigquery_rows
 from pipeline.bigquery import sinks
-from pipeline.bigquery import views as bigquery_views
 from pipeline.config import Settings
 from pipeline.labels import IMAGENET as IMAGENET_SET
 from pipeline.labels import OWN_LABELS, ModelInfo
@@ -104,9 +103,9 @@ def timing_rows(settings: Settings) -> list[dict]:
 
 
 def load(settings: Settings, rows: list[dict]) -> None:
-    """Write through the pipeline's sink, then (re)create the views."""
+    """Write through the pipeline's sink into a dataset provisioned with its views (the
+    ``views`` marker, or ``provision.apply``): views read their tables when queried."""
     assert sinks.BigQuerySink(settings).write(rows, batch_id=0) == len(rows)
-    bigquery_views.create_views(settings)
 
 
 def select(settings: Settings, view: str, order_by: str = "1") -> list[dict]:
