@@ -25,7 +25,7 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 
 _lock = threading.Lock()
-_kept_mb: int | None = None  # what this process set, once
+_first: tuple[int, bool] | None = None  # the first call's value, and whether glibc took it
 
 
 def keep_freed_memory(mb: int) -> bool:
@@ -34,16 +34,20 @@ def keep_freed_memory(mb: int) -> bool:
     False when ``mb`` is 0, when the C library is not glibc, or when glibc refuses the value.
     Once per process: the first call's value stands (the thresholds are process-wide).
     """
-    global _kept_mb
+    global _first
     with _lock:
-        if _kept_mb is not None:
-            return _kept_mb == mb and mb > 0
-        _kept_mb = mb
-        if mb <= 0 or platform.libc_ver()[0] != "glibc":
-            return False
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        except OSError:
-            return False
-        size = mb * 1024 * 1024
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, size)) and bool(libc.mallopt(M_TRIM_THRESHOLD, size))
+        if _first is None:
+            _first = (mb, _set_thresholds(mb))
+        first_mb, kept = _first
+        return kept and first_mb == mb
+
+
+def _set_thresholds(mb: int) -> bool:
+    if mb <= 0 or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return False
+    size = mb * 1024 * 1024
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, size)) and bool(libc.mallopt(M_TRIM_THRESHOLD, size))

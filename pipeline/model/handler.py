@@ -213,7 +213,7 @@ class TorchModelHandler:
         explicit = {THREADS_ENV: str(self.settings.torch_threads)} if self.settings.torch_threads else {}
         torch.set_num_threads(torch_threads({**spark_markers, **explicit}, os.cpu_count(),
                                             _spark_task_cpus()))
-        allocator.keep_freed_memory(self.settings.malloc_keep_mb)  # 1.5x the images per CPU-s
+        allocator.keep_freed_memory(self.settings.malloc_keep_mb)  # 1.67x the images per CPU-s
         base = cache.shared_base(self.base_name, self.source, self.settings, self.device)
         if self.bundle is None:
             return Classifier(base.backbone, base.head or torch.nn.Identity())
